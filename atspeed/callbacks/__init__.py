@@ -1,0 +1,1 @@
+"""Lightning callbacks: exporting trained models, writing predictions, reporting results."""

@@ -1,0 +1,80 @@
+"""The paper authors' processed layout: ``sequential_{train,valid,test}.txt``, already split by time.
+
+Each line is ``user_id item item ...`` (a user may have no items in a period). Every user has one
+line in each of the three files. A user's sequence is train + valid + test items, with ``periods``
+0 / 1 / 2 marking which file each came from; there are no timestamps, ratings or item text.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from atspeed.data.schema import Interactions
+from atspeed.data.sources.common import iter_lines, line_error, reject_option, require_dir, require_file, sort_ids
+
+if TYPE_CHECKING:
+    from atspeed.data.sources import LoadOptions
+
+PERIOD_FILES = ("sequential_train.txt", "sequential_valid.txt", "sequential_test.txt")
+"""The three files, in period order 0 / 1 / 2."""
+
+UserLines = dict[str, tuple[int, list[str]]]
+"""Per user id, the line number it was read from and its item ids."""
+
+
+def load_processed(options: LoadOptions) -> Interactions:
+    """Read a directory in the processed layout (any dataset, not only Beauty)."""
+    reject_option(options.min_rating, "data.min_rating", "processed")
+    reject_option(options.meta_path, "data.meta_path", "processed")
+    directory = require_dir(options.path, "data.path")
+    paths = [require_file(directory / f, "data.path") for f in PERIOD_FILES]
+    parts = [_read_period_file(p) for p in paths]
+    _check_same_users(paths, parts)
+    user_ids = sort_ids(parts[0])
+    item_ids = sort_ids(item for part in parts for _, items in part.values() for item in items)
+    item_index = {item: i for i, item in enumerate(item_ids)}
+    sequences: list[list[int]] = []
+    periods: list[list[int]] = []
+    for user in user_ids:
+        seq: list[int] = []
+        per: list[int] = []
+        for period, part in enumerate(parts):
+            items = part[user][1]
+            seq.extend(item_index[i] for i in items)
+            per.extend([period] * len(items))
+        sequences.append(seq)
+        periods.append(per)
+    return Interactions(
+        name=options.name or directory.name,
+        user_ids=user_ids,
+        item_ids=item_ids,
+        sequences=sequences,
+        periods=periods,
+    )
+
+
+def _read_period_file(path: Path) -> UserLines:
+    """Parse one period file; blank lines are skipped, a repeated user is an error."""
+    users: UserLines = {}
+    for lineno, line in iter_lines(path):
+        fields = line.split()
+        if not fields:
+            continue
+        user, items = fields[0], fields[1:]
+        if user in users:
+            raise line_error(path, lineno, f"user {user!r} already appeared on line {users[user][0]}")
+        users[user] = (lineno, items)
+    return users
+
+
+def _check_same_users(paths: list[Path], parts: list[UserLines]) -> None:
+    """Every user must have a line in all three files; name the first file and line that breaks this."""
+    reference_path, reference = paths[0], parts[0]
+    for path, part in zip(paths[1:], parts[1:], strict=True):
+        for user, (lineno, _) in part.items():
+            if user not in reference:
+                raise line_error(path, lineno, f"user {user!r} has no line in {reference_path.name}")
+        for user, (lineno, _) in reference.items():
+            if user not in part:
+                raise line_error(reference_path, lineno, f"user {user!r} has no line in {path.name}")

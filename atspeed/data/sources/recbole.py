@@ -1,0 +1,95 @@
+"""RecBole atomic files: ``{name}.inter`` (interactions) and optional ``{name}.item`` (item features).
+
+Both are tab-separated with a header of ``field:type`` names in any order, e.g.
+``user_id:token	item_id:token	rating:float	timestamp:float``; ``rating`` and ``timestamp`` are
+optional. The item text is the item's other ``.item`` fields, ``"field: value"`` joined by ``"; "``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from atspeed.data.schema import DataError, Interactions
+from atspeed.data.sources.common import (
+    Event,
+    assemble,
+    iter_lines,
+    line_error,
+    reject_option,
+    require_dir,
+    require_file,
+)
+
+if TYPE_CHECKING:
+    from atspeed.data.sources import LoadOptions
+
+Row = tuple[int, dict[str, str]]
+"""A data line: its line number and its values keyed by field name (type suffix dropped)."""
+
+
+def load_recbole(options: LoadOptions) -> Interactions:
+    """Read ``{name}.inter`` (and ``{name}.item`` if present) from the directory ``options.path``."""
+    reject_option(options.meta_path, "data.meta_path", "recbole")
+    directory = require_dir(options.path, "data.path")
+    name = options.name or directory.name
+    inter_path = require_file(directory / f"{name}.inter", "data.path (with data.name)")
+    fields, rows = _read_atomic(inter_path)
+    for required in ("user_id", "item_id"):
+        if required not in fields:
+            raise line_error(inter_path, 1, f"header has no {required} field (fields: {', '.join(fields)})")
+    if options.min_rating is not None and "rating" not in fields:
+        raise DataError(f"data.min_rating is set ({options.min_rating}) but {inter_path} has no rating field")
+    events = _events(inter_path, rows, options.min_rating, timed="timestamp" in fields)
+    item_path = directory / f"{name}.item"
+    return assemble(name, events, _item_text(item_path) if item_path.is_file() else None)
+
+
+def _read_atomic(path: Path) -> tuple[list[str], Iterator[Row]]:
+    """Header field names and an iterator over the data rows; blank lines are skipped."""
+    lines = iter_lines(path)
+    header = next((line for _, line in lines), None)
+    if header is None or not header.strip():
+        raise line_error(path, 1, "empty header (expected tab-separated field:type names)")
+    fields = [f.split(":", 1)[0].strip() for f in header.split("\t")]
+
+    def rows() -> Iterator[Row]:
+        for lineno, line in lines:
+            if not line.strip():
+                continue
+            values = line.split("\t")
+            if len(values) != len(fields):
+                raise line_error(path, lineno, f"{len(values)} tab-separated values, header has {len(fields)}")
+            yield lineno, dict(zip(fields, values, strict=True))
+
+    return fields, rows()
+
+
+def _number(path: Path, lineno: int, row: dict[str, str], field: str) -> float:
+    """The float value of ``row[field]``, or an error naming the line."""
+    try:
+        return float(row[field])
+    except ValueError:
+        raise line_error(path, lineno, f"{field} {row[field]!r} is not a number") from None
+
+
+def _events(path: Path, rows: Iterator[Row], min_rating: float | None, timed: bool) -> Iterator[Event]:
+    """Interactions kept by the rating filter, with timestamps when the file has them."""
+    for lineno, row in rows:
+        if min_rating is not None and _number(path, lineno, row, "rating") < min_rating:
+            continue
+        timestamp = _number(path, lineno, row, "timestamp") if timed else None
+        yield Event(row["user_id"], row["item_id"], timestamp)
+
+
+def _item_text(path: Path) -> dict[str, str]:
+    """Per item id, its non-id fields as ``"field: value; ..."`` (empty values left out; first row wins)."""
+    fields, rows = _read_atomic(path)
+    if "item_id" not in fields:
+        raise line_error(path, 1, f"header has no item_id field (fields: {', '.join(fields)})")
+    text: dict[str, str] = {}
+    for _, row in rows:
+        parts = [f"{k}: {v.strip()}" for k, v in row.items() if k != "item_id" and v.strip()]
+        text.setdefault(row["item_id"], "; ".join(parts))
+    return text

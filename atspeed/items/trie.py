@@ -1,0 +1,222 @@
+"""Prefix trie over identifier token ids: the decoding constraint, vectorised over beams.
+
+Decoding state is one int64 per beam: a trie node (0 = root, -1 = dead). Nodes are stored as tensors:
+
+- ``child_ptr [S+1]``, ``child_token [E]``, ``child_state [E]``: the children of node s are edges
+  ``child_ptr[s]:child_ptr[s+1]`` (CSR), sorted by token;
+- ``keys [E] = parent * V + token`` in the same (sorted) order, so a transition is one
+  ``torch.searchsorted`` for a whole batch of beams.
+
+Two rules: ``"exact"`` allows at depth t only tokens that extend a valid identifier prefix;
+``"per_position"`` (the paper's released code) allows at depth t every token seen at level t of
+any identifier, so its graph has one node per depth. ``lookup`` always uses the exact trie.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+Rule = Literal["exact", "per_position"]
+RULES: tuple[Rule, ...] = ("exact", "per_position")
+
+
+@dataclass(frozen=True)
+class _Graph:
+    """A layered token graph in CSR form, plus ``depth [S]`` and, for exact tries, ``item [S]``."""
+
+    depth: torch.Tensor
+    child_ptr: torch.Tensor
+    child_token: torch.Tensor
+    child_state: torch.Tensor
+    keys: torch.Tensor
+    item: torch.Tensor
+
+
+def _csr(
+    parent: torch.Tensor, token: torch.Tensor, child: torch.Tensor, depth: torch.Tensor, vocab_size: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Edge lists [E] sorted by (parent, token) -> ``(child_ptr, child_token, child_state, keys)``."""
+    counts = torch.bincount(parent, minlength=depth.numel())  # [S]
+    child_ptr = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])  # [S+1]
+    return child_ptr, token, child, parent * vocab_size + token
+
+
+def _exact_graph(identifiers: torch.Tensor, vocab_size: int) -> _Graph:
+    """The exact trie of ``identifiers`` [I, L]; node ids grow with depth, then lexicographically."""
+    num_items, levels = identifiers.shape
+    parents, tokens, depths = [], [], [torch.zeros(1, dtype=torch.long)]
+    parent_of_row = torch.zeros(num_items, dtype=torch.long)  # [I] node of each row's prefix so far
+    offset = 1
+    for t in range(levels):
+        # unique (parent node, token) pairs, sorted: parents ascend with their own lexicographic order
+        pair_keys = parent_of_row * vocab_size + identifiers[:, t]  # [I]
+        unique_keys, inverse = torch.unique(pair_keys, sorted=True, return_inverse=True)  # [N_t], [I]
+        parents.append(unique_keys // vocab_size)
+        tokens.append(unique_keys % vocab_size)
+        depths.append(torch.full((unique_keys.numel(),), t + 1, dtype=torch.long))
+        parent_of_row = offset + inverse
+        offset += unique_keys.numel()
+    parent, token, depth = torch.cat(parents), torch.cat(tokens), torch.cat(depths)
+    child = torch.arange(1, offset, dtype=torch.long)
+    item = torch.full((offset,), -1, dtype=torch.long)
+    item[parent_of_row] = torch.arange(num_items)
+    return _Graph(depth, *_csr(parent, token, child, depth, vocab_size), item)
+
+
+def _per_position_graph(identifiers: torch.Tensor, vocab_size: int) -> _Graph:
+    """One node per depth 0..L; node t links to node t+1 by every token seen at level t."""
+    levels = identifiers.shape[1]
+    per_level = [torch.unique(identifiers[:, t], sorted=True) for t in range(levels)]
+    parent = torch.cat([torch.full((u.numel(),), t, dtype=torch.long) for t, u in enumerate(per_level)])
+    token = torch.cat(per_level)
+    depth = torch.arange(levels + 1)
+    item = torch.full((levels + 1,), -1, dtype=torch.long)
+    return _Graph(depth, *_csr(parent, token, parent + 1, depth, vocab_size), item)
+
+
+def _step(
+    graph_keys: torch.Tensor, next_state: torch.Tensor, states: torch.Tensor, tokens: torch.Tensor, vocab: int
+) -> torch.Tensor:
+    """Follow edge ``(state, token)`` for each row of ``states``/``tokens`` [M]; -1 where there is none."""
+    alive = (states >= 0) & (tokens >= 0) & (tokens < vocab)
+    query = states.clamp(min=0) * vocab + tokens.clamp(0, vocab - 1)  # [M]
+    index = torch.searchsorted(graph_keys, query).clamp(max=max(graph_keys.numel() - 1, 0))  # [M]
+    found = alive & (graph_keys.numel() > 0) & (graph_keys[index] == query)
+    return torch.where(found, next_state[index], torch.full_like(states, -1))
+
+
+def _check_identifiers(identifiers: torch.Tensor, vocab_size: int, eos_token_id: int | None, rule: str) -> None:
+    if rule not in RULES:
+        raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
+    if vocab_size < 1:
+        raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
+    if identifiers.dim() != 2 or identifiers.shape[0] == 0 or identifiers.shape[1] == 0:
+        raise ValueError(f"identifiers must be a non-empty [I, L] tensor, got shape {tuple(identifiers.shape)}")
+    if identifiers.dtype.is_floating_point or identifiers.dtype == torch.bool:
+        raise ValueError(f"identifiers must hold integer token ids, got {identifiers.dtype}")
+    if identifiers.min() < 0 or identifiers.max() >= vocab_size:
+        raise ValueError(f"identifier token ids must lie in [0, vocab_size={vocab_size})")
+    if eos_token_id is not None:
+        if not 0 <= eos_token_id < vocab_size:
+            raise ValueError(f"eos_token_id must lie in [0, vocab_size={vocab_size}), got {eos_token_id}")
+        if (identifiers == eos_token_id).any():
+            raise ValueError(f"eos_token_id {eos_token_id} is also an identifier token")
+    if torch.unique(identifiers, dim=0).shape[0] != identifiers.shape[0]:
+        raise ValueError("identifiers must be distinct: resolve duplicate item identifiers first")
+
+
+@dataclass(frozen=True)
+class PrefixTrie:
+    """Constraint for decoding item identifiers, over token ids; build with :meth:`PrefixTrie.build`."""
+
+    vocab_size: int
+    levels: int
+    rule: Rule
+    eos_token_id: int | None
+    graph: _Graph
+    """The constraint graph (the exact trie, or the per-position layers)."""
+    exact: _Graph
+    """The exact trie (the same object as ``graph`` under the exact rule), used by :meth:`lookup`."""
+
+    @classmethod
+    def build(
+        cls, identifiers: torch.Tensor, vocab_size: int, rule: Rule = "exact", eos_token_id: int | None = None
+    ) -> PrefixTrie:
+        """Build from ``identifiers`` [I, L] (token ids, distinct rows; row i is item index i).
+
+        ``vocab_size`` V is the width of the masks (the model's vocabulary). With ``eos_token_id``, a complete
+        identifier allows exactly EOS next; without it, nothing.
+        """
+        _check_identifiers(identifiers, vocab_size, eos_token_id, rule)
+        identifiers = identifiers.detach().to("cpu", torch.long)
+        exact = _exact_graph(identifiers, vocab_size)
+        graph = exact if rule == "exact" else _per_position_graph(identifiers, vocab_size)
+        return cls(vocab_size, identifiers.shape[1], rule, eos_token_id, graph, exact)
+
+    @property
+    def device(self) -> torch.device:
+        return self.graph.keys.device
+
+    @property
+    def num_states(self) -> int:
+        return self.graph.depth.numel()
+
+    def to(self, device: str | torch.device) -> PrefixTrie:
+        """A copy with every tensor on ``device``."""
+
+        def move(graph: _Graph) -> _Graph:
+            return _Graph(*(getattr(graph, f.name).to(device) for f in dataclasses.fields(graph)))
+
+        graph = move(self.graph)
+        exact = graph if self.exact is self.graph else move(self.exact)
+        return dataclasses.replace(self, graph=graph, exact=exact)
+
+    def start(self, n: int) -> torch.Tensor:
+        """Root states [n] for ``n`` beams."""
+        return torch.zeros(n, dtype=torch.long, device=self.device)
+
+    def advance(self, states: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Next states [M] after appending ``tokens`` [M] to ``states`` [M]; -1 if not allowed (dead stays dead).
+
+        EOS after a complete identifier (when ``eos_token_id`` is set) keeps the state, so finished beams can
+        be advanced with EOS padding.
+        """
+        g = self.graph
+        nxt = _step(g.keys, g.child_state, states, tokens, self.vocab_size)
+        if self.eos_token_id is not None:
+            at_leaf = (states >= 0) & (g.depth[states.clamp(min=0)] == self.levels) & (tokens == self.eos_token_id)
+            nxt = torch.where(at_leaf, states, nxt)
+        return nxt
+
+    def mask(self, states: torch.Tensor) -> torch.Tensor:
+        """Allowed next tokens [M, V] (bool) for ``states`` [M]; a dead state allows nothing."""
+        g = self.graph
+        alive = states >= 0
+        safe = states.clamp(min=0)
+        first = g.child_ptr[safe]  # [M]
+        counts = torch.where(alive, g.child_ptr[safe + 1] - first, torch.zeros_like(first))  # [M]
+        rows = torch.repeat_interleave(torch.arange(states.numel(), device=states.device), counts)  # [N]
+        row_start = torch.repeat_interleave(counts.cumsum(0) - counts, counts)  # [N] first slot of each row
+        edges = torch.repeat_interleave(first, counts) + torch.arange(rows.numel(), device=states.device) - row_start
+        allowed = torch.zeros(states.numel(), self.vocab_size, dtype=torch.bool, device=states.device)
+        allowed[rows, g.child_token[edges]] = True
+        if self.eos_token_id is not None:
+            allowed[:, self.eos_token_id] = alive & (g.depth[safe] == self.levels)
+        return allowed
+
+    def states_for(self, prefixes: torch.Tensor) -> torch.Tensor:
+        """States [M] reached from the root by ``prefixes`` [M, t] (t may be 0)."""
+        states = self.start(prefixes.shape[0])
+        for t in range(prefixes.shape[1]):
+            states = self.advance(states, prefixes[:, t])
+        return states
+
+    def allowed_tokens(self, prefix: Sequence[int]) -> list[int]:
+        """Allowed next token ids after the identifier tokens ``prefix``, for ``prefix_allowed_tokens_fn``.
+
+        ``prefix`` holds only the identifier tokens generated so far (strip the prompt first).
+        """
+        prefix_tensor = torch.as_tensor(list(prefix), dtype=torch.long, device=self.device).reshape(1, -1)
+        state = int(self.states_for(prefix_tensor)[0])
+        if state < 0:
+            return []
+        g = self.graph
+        allowed = g.child_token[int(g.child_ptr[state]) : int(g.child_ptr[state + 1])].tolist()
+        if self.eos_token_id is not None and int(g.depth[state]) == self.levels:
+            allowed.append(self.eos_token_id)
+        return allowed
+
+    def lookup(self, identifiers: torch.Tensor) -> torch.Tensor:
+        """Item index [M] of each row of ``identifiers`` [M, L] (token ids), or -1 if it is no item's identifier."""
+        if identifiers.dim() != 2 or identifiers.shape[1] != self.levels:
+            raise ValueError(f"identifiers must be [M, {self.levels}], got shape {tuple(identifiers.shape)}")
+        g = self.exact
+        states = torch.zeros(identifiers.shape[0], dtype=torch.long, device=self.device)
+        for t in range(self.levels):
+            states = _step(g.keys, g.child_state, states, identifiers[:, t], self.vocab_size)
+        return torch.where(states >= 0, g.item[states.clamp(min=0)], states)

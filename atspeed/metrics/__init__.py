@@ -1,0 +1,1 @@
+"""Top-K ranking metrics (Recall@K, NDCG@K) over generated recommendation lists."""

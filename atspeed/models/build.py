@@ -1,0 +1,102 @@
+"""Build a Llama-family causal LM from a small spec, or load one from a local path, sized to a tokenizer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+
+
+@dataclass
+class ModelSpec:
+    """Which causal LM to use: a local Hugging Face checkpoint, or a Llama built from these sizes."""
+
+    path: str | None = None
+    """Local Hugging Face checkpoint directory; when set, the size fields below are ignored."""
+    hidden_size: int = 128
+    """Width of the Llama built from scratch."""
+    num_layers: int = 2
+    """Decoder layers of the Llama built from scratch."""
+    num_heads: int = 4
+    """Attention heads of the Llama built from scratch."""
+    intermediate_size: int | None = None
+    """MLP width; default 4 x hidden_size."""
+    max_positions: int = 256
+    """Context length of the Llama built from scratch (prompt + identifier)."""
+    dtype: str = "float32"
+    """torch dtype name of the weights, e.g. float32 or bfloat16."""
+
+    def __post_init__(self) -> None:
+        for key in ("hidden_size", "num_layers", "num_heads", "max_positions"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"model.{key} must be >= 1, got {getattr(self, key)}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"model.hidden_size ({self.hidden_size}) must divide by model.num_heads ({self.num_heads})"
+            )
+        if not isinstance(getattr(torch, self.dtype, None), torch.dtype):
+            raise ValueError(f"model.dtype: unknown torch dtype {self.dtype!r}")
+        if self.path is not None and not Path(self.path).is_dir():
+            raise ValueError(f"model.path: directory not found: {self.path}")
+
+
+@dataclass
+class LoraSpec:
+    """LoRA through peft; the new identifier-token rows of the embedding and output layers still train."""
+
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    train_new_tokens: bool = True
+    """Train the identifier tokens' embedding and output rows (peft trainable tokens)."""
+
+
+def build_causal_lm(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase, seed: int = 0) -> PreTrainedModel:
+    """A causal LM whose vocabulary covers ``tokenizer`` (embeddings resized for new tokens)."""
+    dtype = getattr(torch, spec.dtype)
+    if spec.path is not None:
+        model = AutoModelForCausalLM.from_pretrained(
+            spec.path, local_files_only=True, trust_remote_code=False, dtype=dtype
+        )
+        if model.get_input_embeddings().num_embeddings < len(tokenizer):
+            model.resize_token_embeddings(len(tokenizer))
+        return model
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size or 4 * spec.hidden_size,
+        num_hidden_layers=spec.num_layers,
+        num_attention_heads=spec.num_heads,
+        max_position_embeddings=spec.max_positions,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    return model.to(dtype)
+
+
+def apply_lora(model: PreTrainedModel, spec: LoraSpec, new_token_ids: list[int]) -> PeftModel:
+    """Wrap ``model`` with LoRA adapters; ``new_token_ids`` rows of input and output embeddings stay trainable."""
+    trainable = None
+    if spec.train_new_tokens:
+        names = {"embed_tokens": new_token_ids}
+        if not model.config.tie_word_embeddings:
+            names["lm_head"] = new_token_ids
+        trainable = names
+    config = LoraConfig(
+        r=spec.r,
+        lora_alpha=spec.alpha,
+        lora_dropout=spec.dropout,
+        target_modules=spec.target_modules,
+        trainable_token_indices=trainable,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)

@@ -1,0 +1,1 @@
+"""LightningModules: target SFT (and, in later stages, draft alignment and decoding)."""

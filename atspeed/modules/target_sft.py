@@ -1,0 +1,187 @@
+"""Target SFT: teach a causal LM to write the next item's identifier for a user's history."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import lightning.pytorch as pl
+from lightning.pytorch.utilities import rank_zero_info
+import torch
+from jsonargparse.typing import PositiveFloat, PositiveInt
+from transformers import PreTrainedModel, get_cosine_schedule_with_warmup
+
+from atspeed.data.batches import IGNORE
+from atspeed.data.datamodule import RecDataModule
+from atspeed.metrics.ranking import RankingMetrics, popularity_ranking
+from atspeed.models.build import LoraSpec, ModelSpec, apply_lora, build_causal_lm
+from atspeed.modules.generation import hf_beam_search
+
+
+class TargetSFT(pl.LightningModule):
+    """Cross-entropy fine-tuning of the target on (prompt, identifier + EOS), with Recall/NDCG from beam search."""
+
+    def __init__(
+        self,
+        model: ModelSpec | None = None,
+        lora: LoraSpec | None = None,
+        loss_on: Literal["response", "all"] = "response",
+        lr: PositiveFloat = 1e-3,
+        weight_decay: float = 0.01,
+        warmup_steps: int = 100,
+        eval_ks: Sequence[PositiveInt] = (5, 10, 20),
+        seed: int = 0,
+    ) -> None:
+        """
+        Args:
+            model: the causal LM to fine-tune (local checkpoint or a Llama built from sizes).
+            lora: LoRA adapters; None = full fine-tuning.
+            loss_on: response (identifier + EOS tokens) or all (the whole sequence).
+            lr: peak AdamW learning rate.
+            weight_decay: AdamW weight decay.
+            warmup_steps: linear warm-up steps before the cosine decay.
+            eval_ks: K of Recall@K / NDCG@K; beam width = max(eval_ks).
+            seed: initialisation seed of a model built from scratch.
+        """
+        super().__init__()
+        if warmup_steps < 0:
+            raise ValueError(f"model.warmup_steps must be >= 0, got {warmup_steps}")
+        if not eval_ks:
+            raise ValueError("model.eval_ks must name at least one K")
+        self.save_hyperparameters()
+        self.spec = model or ModelSpec()
+        self.model: PreTrainedModel | None = None
+        self.val_metrics = RankingMetrics(eval_ks, prefix="val/")
+        self.test_metrics = RankingMetrics(eval_ks, prefix="test/")
+        self.baseline: dict[str, float] = {}
+
+    # -- model ------------------------------------------------------------------------------------
+
+    @property
+    def dm(self) -> RecDataModule:
+        return self.trainer.datamodule
+
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        prepared = self.dm.prepared
+        model = build_causal_lm(self.spec, prepared.tokenizer, seed=self.hparams.seed)
+        longest = self.dm.longest_prompt() + prepared.index.levels + 1
+        limit = getattr(model.config, "max_position_embeddings", None)
+        if limit is not None and longest > limit:
+            raise ValueError(
+                f"prompts of {longest} tokens exceed the model's context ({limit}): "
+                "lower data.max_history or raise model.max_positions"
+            )
+        if self.hparams.lora is not None:
+            new_ids = sorted(set(prepared.item_token_ids.flatten().tolist()))
+            model = apply_lora(model, self.hparams.lora, new_ids)
+        self.model = model
+
+    def export_model(self) -> PreTrainedModel:
+        """The plain Hugging Face model to save (LoRA merged into a copy of the weights)."""
+        if self.hparams.lora is None:
+            return self.model
+        import copy
+
+        return copy.deepcopy(self.model).merge_and_unload()
+
+    # -- training -------------------------------------------------------------------------------
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        labels = batch["labels"]
+        if self.hparams.loss_on == "all":
+            labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, IGNORE)
+        return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels).loss
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self(batch)
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        return loss
+
+    def configure_optimizers(self):
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        sched = get_cosine_schedule_with_warmup(opt, min(self.hparams.warmup_steps, total), total)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # -- evaluation -----------------------------------------------------------------------------
+
+    def _eval_step(self, batch: dict, dataloader_idx: int, stage: str, metrics: RankingMetrics) -> None:
+        if dataloader_idx == 0:
+            loss = self(batch)
+            self.log(f"{stage}/loss", loss, batch_size=batch["input_ids"].shape[0], add_dataloader_idx=False)
+            return
+        items, _ = self.recommend(batch)
+        metrics.update_lists(items, batch["targets"], batch["request_ids"])
+
+    def recommend(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-K item positions [B, K] and scores [B, K] for a batch of left-padded prompts."""
+        prepared = self.dm.prepared
+        return hf_beam_search(
+            self.model,
+            batch["input_ids"],
+            batch["attention_mask"],
+            prepared.trie,
+            num_beams=max(self.hparams.eval_ks),
+            levels=prepared.index.levels,
+            pad_token_id=prepared.tokenizer.pad_token_id,
+        )
+
+    def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(batch, dataloader_idx, "val", self.val_metrics)
+
+    def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(batch, dataloader_idx, "test", self.test_metrics)
+
+    def _log_metrics(self, metrics: RankingMetrics) -> None:
+        self.log_dict(metrics.compute(), add_dataloader_idx=False)
+        metrics.reset()
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_metrics(self.val_metrics)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_metrics(self.test_metrics)
+
+    def on_fit_start(self) -> None:
+        """Score the most-popular baseline on the same validation users, for comparison."""
+        baseline = RankingMetrics(self.hparams.eval_ks, prefix="val/pop_")
+        requests = self.dm.eval_requests("val")
+        if requests:
+            top = popularity_ranking(self.dm.prepared.split.train, max(self.hparams.eval_ks))
+            ids = torch.tensor([rid for rid, _, _ in requests])
+            baseline.update_lists(top.expand(len(requests), -1), [t for _, _, t in requests], ids)
+            self.baseline = {k: float(v) for k, v in baseline.compute().items()}
+            for logger in self.loggers:
+                logger.log_metrics(self.baseline, step=self.global_step)
+
+    def on_fit_end(self) -> None:
+        """Print the final validation metrics beside the most-popular baseline."""
+        rows = [
+            (f"val/{m}@{k}", self.trainer.callback_metrics.get(f"val/{m}@{k}"), self.baseline.get(f"val/pop_{m}@{k}"))
+            for m in ("recall", "ndcg")
+            for k in self.hparams.eval_ks
+        ]
+        lines = [f"{'metric':<14}{'model':>10}{'most-popular':>14}"]
+        lines += [
+            f"{name:<14}{float(v) if v is not None else float('nan'):>10.4f}{p or float('nan'):>14.4f}"
+            for name, v, p in rows
+        ]
+        rank_zero_info("\n".join(lines))
+
+    def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
+        items, scores = self.recommend(batch)
+        index = self.dm.prepared.index
+        return [
+            {
+                "request": int(rid),
+                "items": [index.item_ids[i] for i in row if i >= 0],
+                "scores": srow[: len([i for i in row if i >= 0])],
+                "targets": [index.item_ids[t] for t in truth],
+            }
+            for rid, row, srow, truth in zip(
+                batch["request_ids"].tolist(), items.tolist(), scores.tolist(), batch["targets"], strict=True
+            )
+        ]
