@@ -54,7 +54,6 @@ class AtspeedCLI(LightningCLI):
             self.parser.error(str(err))
 
 
-
 def main(args: list[str] | None = None, run: bool = True) -> AtspeedCLI:
     """Run the CLI (``args`` default to ``sys.argv[1:]``); data errors end with one message and exit code 2."""
     try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import random
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -15,6 +16,7 @@ from torch.utils.data import DataLoader
 
 from atspeed.data.batches import EvalCollator, PromptEncoder, TrainCollator
 from atspeed.data.item_index import SemanticIdSpec, align_items, build_index, load_index
+from atspeed.data.sampler import ResumableSampler
 from atspeed.data.prompts import PAPER_PROMPT, check_template, render_prompt
 from atspeed.data.schema import DataError, Interactions
 from atspeed.data.sources import LoadOptions, SourceName, embedded_dataset_path, load_source
@@ -24,6 +26,10 @@ from atspeed.items.trie import PrefixTrie
 from atspeed.models.tokenizer import build_word_tokenizer, load_tokenizer, token_ids
 
 log = logging.getLogger(__name__)
+
+# train_dataloader() continues an interrupted epoch itself (ResumableSampler), so Lightning's warning that a
+# plain DataLoader restarts the epoch does not apply to atspeed's loaders.
+warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
 
 
 @dataclass(frozen=True)
@@ -204,22 +210,32 @@ class RecDataModule(pl.LightningDataModule):
     def _eval_pairs(self, requests: list[tuple]) -> list[tuple]:
         return [(history, t) for _, history, targets in requests for t in targets]
 
-    def _loader(self, items: list, collate, shuffle: bool, batch_size: int) -> DataLoader:
+    def _loader(self, items: list, collate, batch_size: int, sampler: ResumableSampler | None = None) -> DataLoader:
         return DataLoader(
-            items, batch_size=batch_size, shuffle=shuffle, collate_fn=collate, num_workers=self.hparams.num_workers
+            items, batch_size=batch_size, sampler=sampler, collate_fn=collate, num_workers=self.hparams.num_workers
         )
 
     def train_dataloader(self) -> DataLoader:
+        """Shuffled training pairs; after a mid-epoch resume, the epoch continues where it stopped."""
         pairs = training_pairs(self.prepared.split.train, self.hparams.train_samples, self.hparams.max_history)
         if not pairs:
             raise DataError(f"dataset {self.prepared.data.name}: no training samples (data.train_samples)")
-        return self._loader(pairs, TrainCollator(self.prepared.encoder), True, self.hparams.batch_size)
+        sampler = ResumableSampler(len(pairs), seed=self.hparams.seed)
+        trainer = self.trainer
+        if trainer is not None and trainer.global_step:
+            # batches this epoch = optimizer steps taken x accumulation - whole epochs before it
+            per_rank = self.hparams.batch_size * trainer.world_size
+            per_epoch = -(-len(pairs) // per_rank)
+            done = trainer.global_step * trainer.accumulate_grad_batches - trainer.current_epoch * per_epoch
+            sampler.set_epoch(trainer.current_epoch)
+            sampler.resume_at(min(max(done, 0), per_epoch) * per_rank)
+        return self._loader(pairs, TrainCollator(self.prepared.encoder), self.hparams.batch_size, sampler)
 
     def _eval_loaders(self, requests: list[tuple]) -> list[DataLoader]:
         enc = self.prepared.encoder
         return [
-            self._loader(self._eval_pairs(requests), TrainCollator(enc), False, self.hparams.batch_size),
-            self._loader(requests, EvalCollator(enc), False, self.hparams.eval_batch_size),
+            self._loader(self._eval_pairs(requests), TrainCollator(enc), self.hparams.batch_size),
+            self._loader(requests, EvalCollator(enc), self.hparams.eval_batch_size),
         ]
 
     def val_dataloader(self) -> list[DataLoader]:
@@ -231,7 +247,7 @@ class RecDataModule(pl.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return self._loader(
-            self.eval_requests("test"), EvalCollator(self.prepared.encoder), False, self.hparams.eval_batch_size
+            self.eval_requests("test"), EvalCollator(self.prepared.encoder), self.hparams.eval_batch_size
         )
 
 
