@@ -20,8 +20,8 @@ import atspeed.modules.target_sft  # noqa: F401  (registers the LightningModules
 from atspeed.callbacks.checkpoint import SaveLastOnException
 from atspeed.data.datamodule import EvalSpec, RecDataModule
 from atspeed.data.item_index import SemanticIdSpec
-from atspeed.models.build import LoraSpec, ModelSpec
 from atspeed.data.schema import DataError
+from atspeed.models.build import LoraSpec, ModelSpec
 
 # Config dataclasses travel in checkpoint hyper-parameters; allow them through torch.load(weights_only=True).
 torch.serialization.add_safe_globals([ModelSpec, LoraSpec, SemanticIdSpec, EvalSpec])

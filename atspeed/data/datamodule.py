@@ -16,8 +16,8 @@ from torch.utils.data import DataLoader
 
 from atspeed.data.batches import EvalCollator, PromptEncoder, TrainCollator
 from atspeed.data.item_index import SemanticIdSpec, align_items, build_index, load_index
-from atspeed.data.sampler import ResumableSampler
 from atspeed.data.prompts import PAPER_PROMPT, check_template, render_prompt
+from atspeed.data.sampler import ResumableSampler
 from atspeed.data.schema import DataError, Interactions
 from atspeed.data.sources import LoadOptions, SourceName, embedded_dataset_path, load_source
 from atspeed.data.splits import EvalSample, Split, SplitName, split_interactions, training_pairs
@@ -76,6 +76,7 @@ class RecDataModule(pl.LightningDataModule):
         max_history: PositiveInt = 20,
         prompt: str = PAPER_PROMPT,
         tokenizer: str | None = None,
+        extend_tokenizer: bool = True,
         constraint: Literal["exact", "per_position"] = "exact",
         batch_size: PositiveInt = 64,
         eval_batch_size: PositiveInt = 32,
@@ -102,6 +103,7 @@ class RecDataModule(pl.LightningDataModule):
             max_history: most recent items shown in the prompt.
             prompt: prompt template with one {history} field.
             tokenizer: local Hugging Face tokenizer to extend with identifier tokens; None builds a word-level one.
+            extend_tokenizer: add missing identifier tokens to ``tokenizer``; false requires it to have them all.
             constraint: decoding constraint: exact prefix trie, or the looser per-position rule.
             batch_size: training batch size.
             eval_batch_size: requests per generation batch.
@@ -171,7 +173,7 @@ class RecDataModule(pl.LightningDataModule):
             raise DataError(f"dataset {data.name}: the {hp.split} split leaves no validation or test user")
         item_tokens = index.all_tokens()
         if hp.tokenizer is not None:
-            tokenizer = load_tokenizer(hp.tokenizer, item_tokens)
+            tokenizer = load_tokenizer(hp.tokenizer, item_tokens, extend=hp.extend_tokenizer)
         else:
             tokenizer = build_word_tokenizer([hp.prompt.format(history="")], item_tokens)
         ids = torch.tensor([token_ids(tokenizer, codes) for codes in index.codes], dtype=torch.long)

@@ -49,7 +49,7 @@ def build_index(data: Interactions, spec: SemanticIdSpec, cache_dir: str | Path)
         return path
     # Imported here: the embedding model and faiss are only needed when an index is built.
     from atspeed.data.item_text import embed_texts, load_embeddings
-    from atspeed.items.semantic_ids import codes_to_tokens, resolve_collisions, residual_kmeans
+    from atspeed.items.semantic_ids import codes_to_tokens, residual_kmeans, resolve_collisions
 
     if spec.embeddings_file is not None:
         emb = load_embeddings(spec.embeddings_file, len(data.item_ids))

@@ -6,9 +6,9 @@ from collections.abc import Sequence
 from typing import Literal
 
 import lightning.pytorch as pl
-from lightning.pytorch.utilities import rank_zero_info
 import torch
 from jsonargparse.typing import PositiveFloat, PositiveInt
+from lightning.pytorch.utilities import rank_zero_info
 from transformers import PreTrainedModel, get_cosine_schedule_with_warmup
 
 from atspeed.data.batches import IGNORE
@@ -50,6 +50,7 @@ class TargetSFT(pl.LightningModule):
             raise ValueError("model.eval_ks must name at least one K")
         self.save_hyperparameters()
         self.spec = model or ModelSpec()
+        self.lora = lora
         self.model: PreTrainedModel | None = None
         self.val_metrics = RankingMetrics(eval_ks, prefix="val/")
         self.test_metrics = RankingMetrics(eval_ks, prefix="test/")
@@ -73,14 +74,14 @@ class TargetSFT(pl.LightningModule):
                 f"prompts of {longest} tokens exceed the model's context ({limit}): "
                 "lower data.max_history or raise model.max_positions"
             )
-        if self.hparams.lora is not None:
+        if self.lora is not None:
             new_ids = sorted(set(prepared.item_token_ids.flatten().tolist()))
-            model = apply_lora(model, self.hparams.lora, new_ids)
+            model = apply_lora(model, self.lora, new_ids)
         self.model = model
 
     def export_model(self) -> PreTrainedModel:
         """The plain Hugging Face model to save (LoRA merged into a copy of the weights)."""
-        if self.hparams.lora is None:
+        if self.lora is None:
             return self.model
         import copy
 

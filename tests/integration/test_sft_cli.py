@@ -32,7 +32,7 @@ def _metrics(run: Path) -> list[dict[str, str]]:
 
 
 def test_fit_logs_metrics_and_exports_a_loadable_model(fitted) -> None:
-    data, run = fitted
+    _, run = fitted
     rows = _metrics(run)
     assert any(r.get("val/recall@3") for r in rows) and any(r.get("val/pop_recall@3") for r in rows)
     assert any(r.get("train/loss") for r in rows) and any(r.get("val/loss") for r in rows)

@@ -62,6 +62,9 @@ def _read_period_file(path: Path) -> UserLines:
         if not fields:
             continue
         user, items = fields[0], fields[1:]
+        bad = next((item for item in fields if not item.isdigit()), None)
+        if bad is not None:
+            raise line_error(path, lineno, f"ids in this layout are non-negative integers, got {bad!r}")
         if user in users:
             raise line_error(path, lineno, f"user {user!r} already appeared on line {users[user][0]}")
         users[user] = (lineno, items)
