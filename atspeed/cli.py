@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import torch
+from jsonargparse.typing import NonNegativeInt, PositiveFloat, PositiveInt
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
@@ -24,7 +25,9 @@ from atspeed.data.schema import DataError
 from atspeed.models.build import LoraSpec, ModelSpec
 
 # Config dataclasses travel in checkpoint hyper-parameters; allow them through torch.load(weights_only=True).
-torch.serialization.add_safe_globals([ModelSpec, LoraSpec, SemanticIdSpec, EvalSpec])
+torch.serialization.add_safe_globals(
+    [ModelSpec, LoraSpec, SemanticIdSpec, EvalSpec, PositiveInt, NonNegativeInt, PositiveFloat]
+)
 
 TRAINER_DEFAULTS = {
     "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "runs"}},

@@ -14,6 +14,9 @@ from atspeed.items.index import ItemIndex
 
 log = logging.getLogger(__name__)
 
+# Part of the cache key: bump when the way identifiers are built changes, so stale caches are not reused.
+BUILDER_VERSION = "residual-kmeans-normalized-1"
+
 
 @dataclass
 class SemanticIdSpec:
@@ -38,7 +41,7 @@ class SemanticIdSpec:
 
 def cached_index_path(data: Interactions, spec: SemanticIdSpec, cache_dir: str | Path) -> Path:
     """Where the index built for ``data`` under ``spec`` is cached (keyed by items and spec)."""
-    key = hashlib.sha1("\n".join([*data.item_ids, repr(spec)]).encode()).hexdigest()[:12]
+    key = hashlib.sha1("\n".join([*data.item_ids, repr(spec), BUILDER_VERSION]).encode()).hexdigest()[:12]
     return Path(cache_dir) / f"{data.name}-L{spec.levels}-C{spec.codebook_size}-{key}.index.json"
 
 

@@ -58,9 +58,19 @@ def _fit_level(points: np.ndarray, k: int, seed: int, niter: int) -> faiss.Kmean
 
 
 def residual_kmeans(
-    embeddings: torch.Tensor, levels: int = 4, codebook_size: int = 256, seed: int = 0, niter: int = 20
+    embeddings: torch.Tensor,
+    levels: int = 4,
+    codebook_size: int = 256,
+    seed: int = 0,
+    niter: int = 20,
+    normalize: bool = True,
 ) -> SemanticCodes:
     """Quantise ``embeddings`` [I, D] into ``levels`` codes per item by residual k-means.
+
+    ``normalize`` clusters the *direction* of each residual (spherical k-means) and subtracts the
+    centroid scaled by the residual's length. Plain residual k-means lets a few large residuals claim
+    their own centroids while everything else falls into one cell (seen on MovieLens-100k titles: 1,630
+    of 1,682 items shared one level-3 code); normalising keeps the levels balanced.
 
     ``codebook_size`` is clamped to the number of distinct embeddings (k-means cannot place more
     centroids than points), so ``last_distances`` is [I, min(codebook_size, distinct)]. Level l is
@@ -71,14 +81,16 @@ def residual_kmeans(
     k = min(codebook_size, np.unique(residual, axis=0).shape[0])
     codes = np.empty((residual.shape[0], levels), dtype=np.int64)
     for level in range(levels):
-        kmeans = _fit_level(residual, k, seed + level, niter)
+        scale = np.linalg.norm(residual, axis=1, keepdims=True) if normalize else np.ones((len(residual), 1))
+        points = np.ascontiguousarray(residual / np.maximum(scale, 1e-12), dtype=np.float32)
+        kmeans = _fit_level(points, k, seed + level, niter)
         search_k = k if level == levels - 1 else 1
-        distances, assigned = kmeans.index.search(residual, search_k)  # [I, search_k], sorted by distance
+        distances, assigned = kmeans.index.search(points, search_k)  # [I, search_k], sorted by distance
         codes[:, level] = assigned[:, 0]
         if level == levels - 1:
             last = np.empty_like(distances)
             np.put_along_axis(last, assigned, distances, axis=1)  # back to centroid order
-        residual = np.ascontiguousarray(residual - kmeans.centroids[assigned[:, 0]])
+        residual = np.ascontiguousarray(residual - scale * kmeans.centroids[assigned[:, 0]], dtype=np.float32)
     return SemanticCodes(codes=torch.from_numpy(codes), last_distances=torch.from_numpy(last))
 
 

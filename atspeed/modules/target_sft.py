@@ -54,7 +54,7 @@ class TargetSFT(pl.LightningModule):
         self.model: PreTrainedModel | None = None
         self.val_metrics = RankingMetrics(eval_ks, prefix="val/")
         self.test_metrics = RankingMetrics(eval_ks, prefix="test/")
-        self.baseline: dict[str, float] = {}
+        self.baseline: dict[str, dict[str, float]] = {}
 
     # -- model ------------------------------------------------------------------------------------
 
@@ -136,40 +136,37 @@ class TargetSFT(pl.LightningModule):
     def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._eval_step(batch, dataloader_idx, "test", self.test_metrics)
 
-    def _log_metrics(self, metrics: RankingMetrics) -> None:
+    def _log_metrics(self, stage: str, metrics: RankingMetrics) -> None:
         self.log_dict(metrics.compute(), add_dataloader_idx=False)
         metrics.reset()
+        self.log_dict(self._popularity(stage), add_dataloader_idx=False)
+
+    def _popularity(self, stage: str) -> dict[str, float]:
+        """The most-popular baseline on the same requests (computed once per stage), for comparison."""
+        if stage not in self.baseline:
+            requests = self.dm.eval_requests(stage)
+            metrics = RankingMetrics(self.hparams.eval_ks, prefix=f"{stage}/pop_")
+            if requests:
+                top = popularity_ranking(self.dm.prepared.split.train, max(self.hparams.eval_ks))
+                ids = torch.tensor([rid for rid, _, _ in requests])
+                metrics.update_lists(top.expand(len(requests), -1), [t for _, _, t in requests], ids)
+            self.baseline[stage] = {k: float(v) for k, v in metrics.compute().items()} if requests else {}
+        return self.baseline[stage]
 
     def on_validation_epoch_end(self) -> None:
-        self._log_metrics(self.val_metrics)
+        self._log_metrics("val", self.val_metrics)
 
     def on_test_epoch_end(self) -> None:
-        self._log_metrics(self.test_metrics)
-
-    def on_fit_start(self) -> None:
-        """Score the most-popular baseline on the same validation users, for comparison."""
-        baseline = RankingMetrics(self.hparams.eval_ks, prefix="val/pop_")
-        requests = self.dm.eval_requests("val")
-        if requests:
-            top = popularity_ranking(self.dm.prepared.split.train, max(self.hparams.eval_ks))
-            ids = torch.tensor([rid for rid, _, _ in requests])
-            baseline.update_lists(top.expand(len(requests), -1), [t for _, _, t in requests], ids)
-            self.baseline = {k: float(v) for k, v in baseline.compute().items()}
-            for logger in self.loggers:
-                logger.log_metrics(self.baseline, step=self.global_step)
+        self._log_metrics("test", self.test_metrics)
 
     def on_fit_end(self) -> None:
         """Print the final validation metrics beside the most-popular baseline."""
-        rows = [
-            (f"val/{m}@{k}", self.trainer.callback_metrics.get(f"val/{m}@{k}"), self.baseline.get(f"val/pop_{m}@{k}"))
-            for m in ("recall", "ndcg")
-            for k in self.hparams.eval_ks
-        ]
+        nan = float("nan")
+        found, baseline = self.trainer.callback_metrics, self.baseline.get("val", {})
         lines = [f"{'metric':<14}{'model':>10}{'most-popular':>14}"]
-        lines += [
-            f"{name:<14}{float(v) if v is not None else float('nan'):>10.4f}{p or float('nan'):>14.4f}"
-            for name, v, p in rows
-        ]
+        for name in (f"{m}@{k}" for m in ("recall", "ndcg") for k in self.hparams.eval_ks):
+            model, pop = found.get(f"val/{name}", nan), baseline.get(f"val/pop_{name}", nan)
+            lines.append(f"{'val/' + name:<14}{float(model):>10.4f}{pop:>14.4f}")
         rank_zero_info("\n".join(lines))
 
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:

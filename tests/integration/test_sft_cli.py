@@ -56,13 +56,15 @@ def test_validate_test_and_predict_from_the_checkpoint(fitted, capsys) -> None:
     cli = main(["test", *tiny_args(data, run), "--ckpt_path", ckpt])
     metrics = cli.trainer.callback_metrics
     assert 0.0 <= float(metrics["test/recall@3"]) <= 1.0
-    cli = main([*tiny_args(data, run), "--trainer.callbacks", "[]"], run=False)
-    predictions = cli.trainer.predict(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt)
-    rows = [row for batch in predictions for row in batch]
+    out = run / "predictions.jsonl"
+    writer = f'[{{"class_path": "atspeed.callbacks.predictions.JsonlPredictionWriter", "init_args": {{"path": "{out}"}}}}]'
+    main(["predict", *tiny_args(data, run), "--ckpt_path", ckpt, "--trainer.callbacks", writer])
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 24  # every test user
     for row in rows:
         assert len(row["items"]) == 3 and len(set(row["items"])) == 3
         assert row["scores"] == sorted(row["scores"], reverse=True)
+        assert len(row["targets"]) == 1
 
 
 class CrashAt(pl.Callback):
