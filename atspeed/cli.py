@@ -9,6 +9,7 @@ latest completed step. Checkpoints load with ``weights_only=True`` by default.
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 
@@ -57,8 +58,19 @@ class AtspeedCLI(LightningCLI):
             self.parser.error(str(err))
 
 
+def _show_atspeed_logs() -> None:
+    """atspeed's own INFO messages (dataset sizes, collisions resolved, exports) go to stderr."""
+    logger = logging.getLogger("atspeed")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("[atspeed] %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+
+
 def main(args: list[str] | None = None, run: bool = True) -> AtspeedCLI:
     """Run the CLI (``args`` default to ``sys.argv[1:]``); data errors end with one message and exit code 2."""
+    _show_atspeed_logs()
     try:
         return AtspeedCLI(
             datamodule_class=RecDataModule,
