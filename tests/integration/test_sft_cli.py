@@ -57,7 +57,9 @@ def test_validate_test_and_predict_from_the_checkpoint(fitted, capsys) -> None:
     metrics = cli.trainer.callback_metrics
     assert 0.0 <= float(metrics["test/recall@3"]) <= 1.0
     out = run / "predictions.jsonl"
-    writer = f'[{{"class_path": "atspeed.callbacks.predictions.JsonlPredictionWriter", "init_args": {{"path": "{out}"}}}}]'
+    writer = json.dumps(
+        [{"class_path": "atspeed.callbacks.predictions.JsonlPredictionWriter", "init_args": {"path": str(out)}}]
+    )
     main(["predict", *tiny_args(data, run), "--ckpt_path", ckpt, "--trainer.callbacks", writer])
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 24  # every test user
