@@ -22,7 +22,7 @@ import atspeed.modules.target_sft  # noqa: F401  (registers the LightningModules
 from atspeed.callbacks.checkpoint import SaveLastOnException
 from atspeed.data.datamodule import EvalSpec, RecDataModule
 from atspeed.data.item_index import SemanticIdSpec
-from atspeed.data.schema import DataError
+from atspeed.errors import DataError
 from atspeed.models.build import LoraSpec, ModelSpec
 
 # Config dataclasses travel in checkpoint hyper-parameters; allow them through torch.load(weights_only=True).

@@ -17,8 +17,8 @@ from pathlib import Path
 from atspeed.atomic import write_text_atomic
 from atspeed.data.index_file import read_index
 from atspeed.data.item_index import SemanticIdSpec, build_index
-from atspeed.data.schema import DataError
 from atspeed.data.sources import SOURCES, LoadOptions, embedded_dataset_path, load_source
+from atspeed.errors import DataError
 
 
 def main(argv: list[str] | None = None) -> int:

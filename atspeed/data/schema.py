@@ -5,10 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
-class DataError(ValueError):
-    """Bad input data: the message names the file (and line, where there is one)."""
-
-
 @dataclass(frozen=True)
 class Interactions:
     """Per-user, time-ordered interaction sequences plus what is known about the items.

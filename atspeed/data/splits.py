@@ -11,7 +11,8 @@ import math
 from dataclasses import dataclass
 from typing import Literal, get_args
 
-from atspeed.data.schema import DataError, Interactions
+from atspeed.data.schema import Interactions
+from atspeed.errors import DataError
 
 SplitName = Literal["global_time", "leave_one_out"]
 PairMode = Literal["last", "sliding"]

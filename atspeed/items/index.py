@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from atspeed.data.schema import DataError
+from atspeed.errors import DataError
 
 TOKEN_PATTERN = re.compile(r"<([a-z]+)_(\d+)>")
 """A code token: ``<family_number>``, e.g. ``<a_12>``."""

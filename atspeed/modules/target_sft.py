@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from typing import Literal
 
@@ -83,8 +84,6 @@ class TargetSFT(pl.LightningModule):
         """The plain Hugging Face model to save (LoRA merged into a copy of the weights)."""
         if self.lora is None:
             return self.model
-        import copy
-
         return copy.deepcopy(self.model).merge_and_unload()
 
     # -- training -------------------------------------------------------------------------------

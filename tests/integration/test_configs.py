@@ -27,3 +27,13 @@ def test_config_parses(config: Path, tmp_path, monkeypatch) -> None:
     cli = main(args, run=False)
     assert cli.model is not None and cli.datamodule is not None
     assert type(cli.trainer.logger).__name__ == "WandbLogger"
+
+
+def test_print_config_merges_configs_and_dotted_overrides(capsys) -> None:
+    args = ["fit", "--config", str(ROOT / "configs/quickstart/target_sft.yaml")]
+    args += ["--config", str(ROOT / "configs/loggers/wandb.yaml"), "--data.max_history", "7", "--print_config"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "max_history: 7" in out and "WandbLogger" in out and "every_n_train_steps: 200" in out

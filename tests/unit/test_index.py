@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from atspeed.data.index_file import read_index, write_index
-from atspeed.data.schema import DataError
+from atspeed.errors import DataError
 from atspeed.items.index import ItemIndex, parse_token
 
 BEAUTY_INDEX = Path(__file__).resolve().parents[3] / "shared/data/amazon-beauty/beauty.LCRec-1e-3lr.json"

@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 
-from atspeed.data.schema import DataError
+from atspeed.errors import DataError
 from atspeed.items.trie import PrefixTrie
 from atspeed.models.build import ModelSpec, build_causal_lm
 from atspeed.models.tokenizer import build_word_tokenizer, load_tokenizer, token_ids

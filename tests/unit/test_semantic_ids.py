@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from atspeed.data.item_text import embed_texts, load_embeddings
-from atspeed.data.schema import DataError
+from atspeed.errors import DataError
 from atspeed.items.index import ItemIndex
 from atspeed.items.semantic_ids import (
     SemanticCodes,

@@ -11,9 +11,10 @@ from typing import get_args
 
 import pytest
 
-from atspeed.data.schema import DataError, Interactions
+from atspeed.data.schema import Interactions
 from atspeed.data.sources import SOURCES, LoadOptions, SourceName, embedded_dataset_path, load_source
 from atspeed.data.sources.common import kcore_filter, sort_ids
+from atspeed.errors import DataError
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 BEAUTY = Path(__file__).resolve().parents[3] / "shared" / "data" / "amazon-beauty"

@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from atspeed.data.schema import DataError, Interactions
+from atspeed.data.schema import Interactions
 from atspeed.data.sources import LoadOptions, load_source
 from atspeed.data.splits import EvalSample, Split, split_interactions, training_pairs
+from atspeed.errors import DataError
 
 BEAUTY = Path(__file__).resolve().parents[3] / "shared" / "data" / "amazon-beauty"
 

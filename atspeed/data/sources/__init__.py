@@ -13,11 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from atspeed.data.schema import DataError, Interactions
+from atspeed.data.schema import Interactions
 from atspeed.data.sources.amazon import load_amazon2014, load_amazon2018
 from atspeed.data.sources.common import kcore_filter
 from atspeed.data.sources.processed import load_processed
 from atspeed.data.sources.recbole import load_recbole
+from atspeed.errors import DataError
 
 SourceName = Literal["processed", "recbole", "amazon2014", "amazon2018"]
 

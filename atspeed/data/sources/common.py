@@ -8,7 +8,8 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import NamedTuple
 
-from atspeed.data.schema import DataError, Interactions
+from atspeed.data.schema import Interactions
+from atspeed.errors import DataError
 
 
 class Event(NamedTuple):

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from atspeed.data.schema import DataError, Interactions
+from atspeed.data.schema import Interactions
 from atspeed.data.sources.common import (
     Event,
     assemble,
@@ -21,6 +21,7 @@ from atspeed.data.sources.common import (
     require_dir,
     require_file,
 )
+from atspeed.errors import DataError
 
 if TYPE_CHECKING:
     from atspeed.data.sources import LoadOptions
