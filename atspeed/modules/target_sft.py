@@ -111,7 +111,8 @@ class TargetSFT(pl.LightningModule):
     def _eval_step(self, batch: dict, dataloader_idx: int, stage: str, metrics: RankingMetrics) -> None:
         if dataloader_idx == 0:
             loss = self(batch)
-            self.log(f"{stage}/loss", loss, batch_size=batch["input_ids"].shape[0], add_dataloader_idx=False)
+            size = batch["input_ids"].shape[0]
+            self.log(f"{stage}/loss", loss, batch_size=size, add_dataloader_idx=False, sync_dist=True)
             return
         items, _ = self.recommend(batch)
         metrics.update_lists(items, batch["targets"], batch["request_ids"])
@@ -138,7 +139,8 @@ class TargetSFT(pl.LightningModule):
     def _log_metrics(self, stage: str, metrics: RankingMetrics) -> None:
         self.log_dict(metrics.compute(), add_dataloader_idx=False)
         metrics.reset()
-        self.log_dict(self._popularity(stage), add_dataloader_idx=False)
+        # identical on every rank (computed from all requests); sync_dist only keeps Lightning from warning
+        self.log_dict(self._popularity(stage), add_dataloader_idx=False, sync_dist=True)
 
     def _popularity(self, stage: str) -> dict[str, float]:
         """The most-popular baseline on the same requests (computed once per stage), for comparison."""
