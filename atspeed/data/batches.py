@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 from transformers import PreTrainedTokenizerBase
 
 from atspeed.data.prompts import render_prompt
@@ -35,15 +36,9 @@ class PromptEncoder:
 
 
 def _pad(rows: Sequence[Sequence[int]], value: int, left: bool) -> torch.Tensor:
-    width = max(len(r) for r in rows)
-    out = torch.full((len(rows), width), value, dtype=torch.long)
-    for i, row in enumerate(rows):
-        if row:
-            if left:
-                out[i, width - len(row) :] = torch.tensor(row)
-            else:
-                out[i, : len(row)] = torch.tensor(row)
-    return out
+    """[len(rows), longest] padded with ``value`` on the left (generation) or the right (training)."""
+    tensors = [torch.tensor(row, dtype=torch.long) for row in rows]
+    return pad_sequence(tensors, batch_first=True, padding_value=value, padding_side="left" if left else "right")
 
 
 @dataclass(frozen=True)

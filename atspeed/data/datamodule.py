@@ -21,6 +21,7 @@ from atspeed.data.prompts import PAPER_PROMPT, check_template, render_prompt
 from atspeed.data.sampler import ResumableSampler
 from atspeed.data.schema import Interactions
 from atspeed.data.sources import LoadOptions, SourceName, embedded_dataset_path, load_source
+from atspeed.data.sources.common import require_dir, require_file
 from atspeed.data.splits import EvalSample, Split, SplitName, split_interactions, training_pairs
 from atspeed.errors import DataError
 from atspeed.items.index import ItemIndex
@@ -118,9 +119,10 @@ class RecDataModule(pl.LightningDataModule):
         self.hparams.semantic_ids = semantic_ids or SemanticIdSpec()
         self.hparams.eval = eval or EvalSpec()
         check_template(prompt)
-        for key, value, is_dir in (("path", path, source in ("processed", "recbole")), ("meta_path", meta_path, False)):
-            if value is not None and not (Path(value).is_dir() if is_dir else Path(value).is_file()):
-                raise DataError(f"data.{key}: {'directory' if is_dir else 'file'} not found: {value}")
+        if path is not None:
+            (require_dir if source in ("processed", "recbole") else require_file)(Path(path), "data.path")
+        if meta_path is not None:
+            require_file(Path(meta_path), "data.meta_path")
         if path is None and source != "recbole":
             raise DataError(f"data.path is required for source {source!r} (only recbole has an embedded default)")
         for key, value in (("index_file", index_file), ("tokenizer", tokenizer)):

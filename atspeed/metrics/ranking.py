@@ -27,10 +27,7 @@ def retrieval_inputs(
     preds, rel, idx = [], [], []
     for row, truth, uid in zip(ranked.tolist(), targets, user_ids.tolist(), strict=True):
         truth_set = set(truth)
-        seen: list[int] = []
-        for item in row:
-            if item >= 0 and item not in seen:
-                seen.append(item)
+        seen = [item for item in dict.fromkeys(row) if item >= 0]  # de-duplicated, order kept
         missing = [t for t in dict.fromkeys(truth) if t not in seen]
         n = len(seen)
         preds += [float(n - i) for i in range(n)] + [-1.0 - j for j in range(len(missing))]
