@@ -43,8 +43,13 @@ def hf_beam_search(
         prefix_allowed_tokens_fn=allowed,
         pad_token_id=pad_token_id,
         return_dict_in_generate=True,
-        output_scores=True,
+        output_scores=num_beams > 1,
+        output_logits=num_beams == 1,
     )
-    codes = out.sequences[:, prompt_len:].cpu()  # [B*K, L]
-    items = trie.lookup(codes).view(-1, num_beams)
-    return items, out.sequences_scores.cpu().view(-1, num_beams)
+    codes = out.sequences[:, prompt_len:]  # [B*K, L]
+    items = trie.lookup(codes.cpu()).view(-1, num_beams)
+    if num_beams > 1:
+        return items, out.sequences_scores.cpu().view(-1, num_beams)
+    # K = 1 is greedy search in generate, which reports no sequence scores: sum the chosen tokens' log-probs
+    logprobs = torch.log_softmax(torch.stack(out.logits, dim=1).float(), dim=-1)  # [B, L, V]
+    return items, logprobs.gather(2, codes[..., None]).sum(dim=(1, 2)).cpu()[:, None]

@@ -1,0 +1,143 @@
+"""Beam state and the constrained beam step, shared by every decoder.
+
+A batch holds B requests with W beams each. The beams of a request share one row of the KV cache: the prompt is
+stored once and every generated token once, and ``visible`` says which cached positions each beam attends (its
+prompt and its own ancestors). Tokens a beam has generated but the model has not yet seen ("unfed", the tail
+``sequences[:, :, fed:depth]``) are fed on the next forward.
+
+Beam step (SPEC section 5): log-softmax over the full vocabulary, the trie mask (-inf), plus the beam's cumulative
+score, flattened over (beam, token), then top-k: Hugging Face ``generate`` beam search without length penalty. The
+sampling variant (relaxed decoding) draws k candidates without replacement from the softmax over the same
+cumulative scores (Gumbel top-k).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+
+from atspeed.decoding.tree_attention import forward_tree
+from atspeed.items.trie import PrefixTrie
+
+
+@dataclass(frozen=True)
+class BeamState:
+    """W beams for each of B requests, against one model's KV cache of S positions."""
+
+    sequences: torch.Tensor  # [B, W, C] generated identifier tokens; valid up to depth
+    scores: torch.Tensor  # [B, W] float32 cumulative log-probabilities (-inf: no valid beam)
+    trie_states: torch.Tensor  # [B, W] trie node of each beam (-1: dead)
+    visible: torch.Tensor  # [B, W, S] bool: cached positions each beam attends
+    depth: torch.Tensor  # [B] tokens generated per beam
+    fed: torch.Tensor  # [B] how many of them the cache holds (the rest are fed next)
+    prompt_lengths: torch.Tensor  # [B] real prompt tokens (position of generated token d is length + d - 1)
+
+    @property
+    def width(self) -> int:
+        return self.scores.shape[1]
+
+    def select_rows(self, rows: torch.Tensor) -> BeamState:
+        """The requests ``rows`` [B'] only, in that order."""
+        return BeamState(*(getattr(self, f.name).index_select(0, rows) for f in dataclasses.fields(self)))
+
+    def gather_visible(self, index: torch.Tensor, kept: torch.Tensor) -> BeamState:
+        """``visible`` re-expressed after the cache kept positions ``index`` [B, S'] (``kept`` marks real ones)."""
+        b, w, _ = self.visible.shape
+        visible = self.visible.gather(2, index[:, None, :].expand(b, w, index.shape[1])) & kept[:, None, :]
+        return dataclasses.replace(self, visible=visible)
+
+
+def root_state(attention_mask: torch.Tensor, capacity: int) -> BeamState:
+    """One empty beam per left-padded prompt (its whole prompt already in the cache); room for ``capacity`` tokens."""
+    b = attention_mask.shape[0]
+    device = attention_mask.device
+    zeros = torch.zeros(b, dtype=torch.long, device=device)
+    return BeamState(
+        sequences=torch.zeros(b, 1, capacity, dtype=torch.long, device=device),
+        scores=torch.zeros(b, 1, device=device),
+        trie_states=torch.zeros(b, 1, dtype=torch.long, device=device),
+        visible=attention_mask.bool()[:, None, :],
+        depth=zeros,
+        fed=zeros.clone(),
+        prompt_lengths=attention_mask.long().sum(1),
+    )
+
+
+def candidates(logits: torch.Tensor, scores: torch.Tensor, trie_states: torch.Tensor, trie: PrefixTrie) -> torch.Tensor:
+    """Cumulative scores [B, W * V] of every one-token extension of beams with ``scores`` [B, W] and
+    ``trie_states`` [B, W] given next-token ``logits`` [B, W, V] (beam-major), -inf where the trie forbids it."""
+    b, w, v = logits.shape
+    allowed = trie.mask(trie_states.reshape(-1)).view(b, w, v)
+    logprobs = torch.log_softmax(logits.float(), dim=-1).masked_fill(~allowed, float("-inf"))
+    return (logprobs + scores[..., None]).view(b, w * v)
+
+
+def select_top(cand: torch.Tensor, width: int, vocab: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The ``width`` best candidates: (parents [B, k], tokens [B, k], scores [B, k]), best first."""
+    scores, index = torch.topk(cand, width, dim=1)
+    return index // vocab, index % vocab, scores
+
+
+def gumbel(shape: torch.Size, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    """Standard Gumbel noise from ``generator`` (draws on the generator's device, then moves)."""
+    u = torch.rand(shape, generator=generator, device=generator.device).to(device)
+    return -torch.log(-torch.log(u.clamp(min=1e-20, max=1.0 - 1e-7)))
+
+
+def select_sample(
+    cand: torch.Tensor, width: int, vocab: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``width`` candidates drawn without replacement from softmax(``cand``) (Gumbel top-k); scores are ``cand``."""
+    keys = cand + gumbel(cand.shape, generator, cand.device)
+    index = torch.topk(keys, width, dim=1).indices
+    return index // vocab, index % vocab, cand.gather(1, index)
+
+
+def extend(
+    state: BeamState, parents: torch.Tensor, tokens: torch.Tensor, scores: torch.Tensor, trie: PrefixTrie
+) -> BeamState:
+    """New beams [B, k]: beam ``parents`` followed by ``tokens`` (not yet fed), with cumulative ``scores``."""
+    b, k = parents.shape
+    capacity = state.sequences.shape[2]
+    sequences = state.sequences.gather(1, parents[..., None].expand(b, k, capacity))
+    column = state.depth.clamp(max=capacity - 1)[:, None, None].expand(b, k, 1)
+    sequences = sequences.scatter(2, column, tokens[..., None])
+    trie_states = trie.advance(state.trie_states.gather(1, parents).reshape(-1), tokens.reshape(-1)).view(b, k)
+    visible = state.visible.gather(1, parents[..., None].expand(b, k, state.visible.shape[2]))
+    return dataclasses.replace(
+        state, sequences=sequences, scores=scores, trie_states=trie_states, visible=visible, depth=state.depth + 1
+    )
+
+
+def feed(model: torch.nn.Module, cache: DynamicCache, state: BeamState) -> tuple[torch.Tensor, BeamState]:
+    """Run every beam's unfed tail through ``model`` in one tree-masked forward.
+
+    Returns the logits after each beam's last token [B, W, V] and the state with everything fed. Beams of a row
+    with nothing to feed get meaningless logits.
+    """
+    b, w, capacity = state.sequences.shape
+    s = state.visible.shape[2]
+    device = state.sequences.device
+    unfed = state.depth - state.fed  # [B]
+    r = max(int(unfed.max()), 1)
+    steps = torch.arange(r, device=device)
+    valid = steps[None, :] < unfed[:, None]  # [B, R]
+    column = (state.fed[:, None] + steps[None, :]).clamp(max=capacity - 1)  # [B, R]
+    tokens = state.sequences.gather(2, column[:, None, :].expand(b, w, r)).reshape(b, w * r)
+    positions = (state.prompt_lengths[:, None] + state.fed[:, None] + steps[None, :])[:, None, :].expand(b, w, r)
+    node_valid = valid[:, None, :].expand(b, w, r).reshape(b, w * r)  # [B, Q]
+    past = (state.visible[:, :, None, :] & valid[:, None, :, None]).reshape(b, w * r, s)
+    # node (w, r) attends (w, r') for r' <= r: its own chain
+    same_beam = torch.eye(w, dtype=torch.bool, device=device)[:, None, :, None]
+    chain = torch.ones(r, r, dtype=torch.bool, device=device).tril()[None, :, None, :]
+    tree = (same_beam & chain).reshape(w * r, w * r)[None] & node_valid[:, :, None] & node_valid[:, None, :]
+    logits = forward_tree(model, cache, tokens, positions.reshape(b, w * r), past, tree)  # [B, Q, V]
+    last = torch.arange(w, device=device)[None, :] * r + (unfed - 1).clamp(min=0)[:, None]  # [B, W]
+    out = logits.gather(1, last[..., None].expand(b, w, logits.shape[2]))
+    own = tree | torch.eye(w * r, dtype=torch.bool, device=device)[None]
+    seen = own.gather(1, last[..., None].expand(b, w, w * r)) & (unfed > 0)[:, None, None]  # [B, W, Q]
+    fed = dataclasses.replace(state, visible=torch.cat([state.visible, seen], dim=2), fed=state.depth.clone())
+    return out, fed

@@ -1,0 +1,72 @@
+"""Every operation on the insides of a Hugging Face ``DynamicCache`` (transformers 5.x) lives here.
+
+The cache holds, per layer, ``keys``/``values`` of shape [B, H, S, D]. Decoding only ever needs:
+
+- ``crop``: drop the last n positions (5.x ``DynamicCache.crop(-n)`` semantics, checked here);
+- ``gather_positions``: keep, per row, a chosen list of positions (an accepted tree path, or the union of the
+  live beams' paths) and drop everything else, which compacts rejected tree nodes and left padding away;
+- ``select_rows``: keep or reorder batch rows (drop finished requests).
+
+Positions are encoded in the keys by RoPE when they are written, so moving a position inside the cache does not
+change what it means; the attention mask and ``position_ids`` of later forwards are all that refer to slots.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import DynamicCache
+
+
+def new_cache() -> DynamicCache:
+    """An empty cache; layers initialise on the first forward."""
+    return DynamicCache()
+
+
+def cache_length(cache: DynamicCache) -> int:
+    """Positions S currently held (0 for an empty cache)."""
+    return cache.get_seq_length()
+
+
+def _layers(cache: DynamicCache) -> list:
+    return [layer for layer in cache.layers if getattr(layer, "is_initialized", False) and layer.keys.numel()]
+
+
+def crop(cache: DynamicCache, length: int) -> None:
+    """Keep the first ``length`` positions of every row (in place)."""
+    current = cache_length(cache)
+    if not 0 <= length <= current:
+        raise ValueError(f"cannot crop a cache of {current} positions to {length}")
+    if length < current:
+        cache.crop(length - current)  # 5.x: a negative count removes that many positions
+    if cache_length(cache) != length:
+        raise RuntimeError("DynamicCache.crop did not remove the expected positions (transformers API change?)")
+
+
+def gather_positions(cache: DynamicCache, index: torch.Tensor) -> None:
+    """Keep positions ``index`` [B, S'] of each row, in that order (in place); S' may be smaller than S."""
+    for layer in _layers(cache):
+        b, h, _, d = layer.keys.shape
+        idx = index.to(layer.keys.device)[:, None, :, None].expand(b, h, index.shape[1], d)
+        layer.keys = layer.keys.gather(2, idx)
+        layer.values = layer.values.gather(2, idx)
+
+
+def select_rows(cache: DynamicCache, rows: torch.Tensor) -> None:
+    """Keep batch rows ``rows`` [B'] in that order (in place): drop finished requests or reorder beams."""
+    for layer in _layers(cache):
+        layer.keys = layer.keys.index_select(0, rows.to(layer.keys.device))
+        layer.values = layer.values.index_select(0, rows.to(layer.values.device))
+
+
+def keep_index(needed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Compaction plan for ``needed`` [B, S] (bool): ``(index [B, S'], kept [B, S'])``.
+
+    ``index`` lists each row's needed positions first, in their original order, then filler positions; ``kept``
+    marks the real ones. S' = the largest number of needed positions in any row.
+    """
+    count = needed.sum(1)  # [B]
+    width = int(count.max()) if needed.numel() else 0
+    order = torch.sort((~needed).to(torch.int8), dim=1, stable=True).indices  # needed first, order preserved
+    index = order[:, :width]
+    kept = torch.arange(width, device=needed.device)[None, :] < count[:, None]
+    return index, kept

@@ -1,0 +1,68 @@
+"""Relaxed sampling verification (AtSpeed-R): faster, approximately distribution-preserving.
+
+Both sides run sampling-based beam search: K (target) or N (draft) sequences drawn without replacement from the
+softmax over cumulative sequence log-probabilities. At level g, with p the target's and q the draft's distribution
+over the candidate sequences:
+
+1. each drafted sequence y is accepted with probability min(1, p(y) / q(y)) (p(y) = 0 when its parent is not one
+   of the target's current beams);
+2. with at least K accepted, K of them (uniformly at random) become the beams and verification continues;
+3. otherwise the accepted ones are kept and the missing ones are drawn without replacement from the residual
+   max(p - q, 0), renormalised, excluding the accepted (from p itself if the residual is empty); stop.
+
+When every drafted level passes, the bonus step samples K sequences from p. All randomness comes from the given
+``torch.Generator``, so a seed reproduces the output.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from atspeed.decoding.beam import gumbel, select_sample
+from atspeed.decoding.verify import LevelDecision, LevelInput, match_drafted
+
+_ACCEPTED_FIRST = 1.0e4  # sort key offset that ranks every accepted candidate before any residual draw
+
+
+def _candidate_draft_probs(inp: LevelInput) -> torch.Tensor:
+    """q over the target's candidates [B, K * V]: the draft's probability of the same extensions."""
+    g, tree = inp.level, inp.tree
+    log_q = tree.candidate_log_q[g - 1]  # [B, W_{g-1}, V]
+    b, k = inp.current.shape
+    # current beams are level g-1 nodes of the draft's own search (rows no longer verifying hold others: clamp)
+    rows = (inp.current - tree.offset(g - 1)).clamp(0, log_q.shape[1] - 1)
+    return log_q.gather(1, rows[..., None].expand(b, k, log_q.shape[2])).reshape(b, -1).exp()
+
+
+def verify_level(inp: LevelInput) -> LevelDecision:
+    k = inp.current.shape[1]
+    vocab = inp.cand.shape[1] // k
+    gen, tree, g = inp.generator, inp.tree, inp.level
+    if g > tree.levels or not bool(inp.can_match.any()):
+        parents, tokens, scores = select_sample(inp.cand, k, vocab, gen)
+        return LevelDecision(torch.zeros_like(inp.can_match), parents, scores, parents, tokens, scores)
+    # 1. accept each drafted sequence with probability min(1, p / q)
+    parent_nodes, drafted_tokens = tree.parent_nodes(g), tree.tokens[:, g - 1]  # [B, N]
+    hit = parent_nodes[:, :, None] == inp.current[:, None, :]  # [B, N, K]
+    index = hit.int().argmax(2) * vocab + drafted_tokens  # [B, N] position among the target's candidates
+    log_p = inp.cand.gather(1, index) - torch.logsumexp(inp.cand, dim=1, keepdim=True)
+    log_p = log_p.masked_fill(~hit.any(2), float("-inf"))
+    u = torch.rand(parent_nodes.shape, generator=gen, device=gen.device).to(log_p.device)
+    accept = (u.log() < log_p - tree.log_q[:, g - 1]) & torch.isfinite(log_p) & inp.can_match[:, None]
+    accepted = torch.zeros_like(inp.cand, dtype=torch.int32).scatter_add(1, index, accept.int()) > 0  # [B, K*V]
+    # 2./3. accepted candidates first (random order), then residual draws
+    p = torch.softmax(inp.cand, dim=1).nan_to_num(0.0)
+    residual = (p - _candidate_draft_probs(inp)).clamp(min=0).masked_fill(accepted, 0.0)
+    empty = residual.sum(1, keepdim=True) <= 0
+    residual = torch.where(empty, p.masked_fill(accepted, 0.0), residual)
+    keys = residual.log() + gumbel(residual.shape, gen, residual.device)
+    shuffle = torch.rand(keys.shape, generator=gen, device=gen.device).to(keys.device)
+    keys = torch.where(accepted, _ACCEPTED_FIRST + shuffle, keys)
+    # rows with nothing drafted at this level take the bonus step: K samples from p
+    bonus = inp.cand + gumbel(inp.cand.shape, gen, inp.cand.device)
+    keys = torch.where(inp.can_match[:, None], keys, bonus)
+    chosen = torch.topk(keys, k, dim=1).indices
+    parents, tokens, scores = chosen // vocab, chosen % vocab, inp.cand.gather(1, chosen)
+    _, nodes = match_drafted(inp, parents, tokens)
+    ok = inp.can_match & (accepted.sum(1) >= k)
+    return LevelDecision(ok, nodes, scores, parents, tokens, scores)

@@ -1,0 +1,75 @@
+"""Tree attention through the public Hugging Face interface: a float 4D mask plus explicit ``position_ids``.
+
+A forward appends Q new tokens ("nodes") after the S positions already in the cache. Node i may attend the cached
+positions ``past[b, i]`` and the new nodes ``tree[b, i]`` (its ancestors and itself). The mask handed to the model
+is [B, 1, Q, S + Q] with 0 where attention is allowed and the dtype's minimum elsewhere (a bool mask is read
+differently by the eager path, so atspeed always passes floats). Every node sees at least itself, so no row of
+the mask is fully blocked (sdpa would return NaN there).
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import DynamicCache
+
+
+def model_dtype(model: torch.nn.Module) -> torch.dtype:
+    dtype = getattr(model, "dtype", None)
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    return next(model.parameters()).dtype
+
+
+def float_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[B, Q, S + Q] bool -> [B, 1, Q, S + Q] additive float mask."""
+    blocked = torch.finfo(dtype).min
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, blocked)[:, None]
+
+
+def forward_tree(
+    model: torch.nn.Module,
+    cache: DynamicCache,
+    tokens: torch.Tensor,
+    positions: torch.Tensor,
+    past: torch.Tensor,
+    tree: torch.Tensor,
+) -> torch.Tensor:
+    """Run ``model`` on nodes ``tokens`` [B, Q] at ``positions`` [B, Q]; append them to ``cache``.
+
+    ``past`` [B, Q, S] and ``tree`` [B, Q, Q] (bool) say what each node attends. Returns float32 logits [B, Q, V].
+    """
+    diagonal = torch.eye(tokens.shape[1], dtype=torch.bool, device=tokens.device)[None]
+    allowed = torch.cat([past, tree | diagonal], dim=2)  # [B, Q, S + Q]
+    out = model(
+        input_ids=tokens,
+        attention_mask=float_mask(allowed, model_dtype(model)),
+        position_ids=positions,
+        past_key_values=cache,
+        use_cache=True,
+    )
+    return out.logits.float()
+
+
+def prompt_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids [B, P] of left-padded prompts: 0.. on real tokens (as Hugging Face ``generate`` counts)."""
+    return (attention_mask.long().cumsum(1) - 1).clamp(min=0)
+
+
+def prefill(
+    model: torch.nn.Module, cache: DynamicCache, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> torch.Tensor:
+    """Run the left-padded prompts [B, P] into an empty ``cache``; float32 logits [B, V] at the last position."""
+    real = attention_mask.bool()  # [B, P]
+    p = input_ids.shape[1]
+    causal = torch.ones(p, p, dtype=torch.bool, device=input_ids.device).tril()
+    allowed = causal[None] & real[:, None, :]  # [B, P, P]; pad rows keep their diagonal (see forward_tree)
+    allowed |= torch.eye(p, dtype=torch.bool, device=input_ids.device)[None]
+    out = model(
+        input_ids=input_ids,
+        attention_mask=float_mask(allowed, model_dtype(model)),
+        position_ids=prompt_positions(attention_mask),
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    return out.logits[:, -1].float()
