@@ -14,9 +14,9 @@ from transformers import PreTrainedModel, get_cosine_schedule_with_warmup
 
 from atspeed.data.batches import IGNORE
 from atspeed.data.datamodule import RecDataModule
+from atspeed.decoding.decoders import DecodeSettings, decode
 from atspeed.metrics.ranking import RankingMetrics, popularity_ranking
 from atspeed.models.build import LoraSpec, ModelSpec, apply_lora, build_causal_lm
-from atspeed.modules.generation import hf_beam_search
 
 
 class TargetSFT(pl.LightningModule):
@@ -120,15 +120,11 @@ class TargetSFT(pl.LightningModule):
     def recommend(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-K item positions [B, K] and scores [B, K] for a batch of left-padded prompts."""
         prepared = self.dm.prepared
-        return hf_beam_search(
-            self.model,
-            batch["input_ids"],
-            batch["attention_mask"],
-            prepared.trie,
-            num_beams=max(self.hparams.eval_ks),
-            levels=prepared.index.levels,
-            pad_token_id=prepared.tokenizer.pad_token_id,
-        )
+        levels = prepared.index.levels
+        settings = DecodeSettings(num_beams=max(self.hparams.eval_ks), levels=levels)
+        out = decode("beam", self.model, batch["input_ids"], batch["attention_mask"], prepared.trie, settings)
+        items = prepared.trie.lookup(out.sequences.reshape(-1, levels)).view(out.scores.shape)
+        return items.cpu(), out.scores.cpu()
 
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._eval_step(batch, dataloader_idx, "val", self.val_metrics)

@@ -1,4 +1,4 @@
-"""Model building, tokenizers and the Hugging Face beam-search oracle used for evaluation."""
+"""Model building, tokenizers, and both beam searches (ours and Hugging Face generate) against brute force."""
 
 from __future__ import annotations
 
@@ -7,11 +7,12 @@ import itertools
 import pytest
 import torch
 
+from atspeed.decoding.beam_search import beam_search
+from atspeed.decoding.hf_generate import hf_generate
 from atspeed.errors import DataError
 from atspeed.items.trie import PrefixTrie
 from atspeed.models.build import ModelSpec, build_causal_lm
 from atspeed.models.tokenizer import build_word_tokenizer, load_tokenizer, token_ids
-from atspeed.modules.generation import hf_beam_search
 
 ITEM_TOKENS = [f"<a_{i}>" for i in range(3)] + [f"<b_{i}>" for i in range(3)]
 
@@ -49,7 +50,8 @@ def test_identifier_tokens_are_single_tokens(tokenizer) -> None:
     assert tokenizer.convert_ids_to_tokens(ids) == ["pick", "<a_1>", "<b_2>", "."]
 
 
-def test_hf_beam_search_equals_exhaustive_search_when_beams_cover_every_prefix(tokenizer) -> None:
+@pytest.mark.parametrize("decoder", ["ours", "hf"])
+def test_beam_search_equals_exhaustive_search_when_beams_cover_every_prefix(tokenizer, decoder: str) -> None:
     """With K >= the number of identifiers, beam search keeps every prefix: it must equal brute force."""
     model = build_causal_lm(ModelSpec(hidden_size=32, num_heads=2), tokenizer, seed=1).eval()
     items = [(a, b) for a in range(3) for b in range(3) if (a, b) != (2, 1)]  # 8 items, an incomplete trie
@@ -62,7 +64,12 @@ def test_hf_beam_search_equals_exhaustive_search_when_beams_cover_every_prefix(t
     width = max(map(len, prompts))
     input_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + p for p in prompts])
     mask = (torch.arange(width) >= torch.tensor([[width - len(p)] for p in prompts])).long()
-    got_items, got_scores = hf_beam_search(model, input_ids, mask, trie, 8, 2, tokenizer.pad_token_id)
+    with torch.no_grad():
+        if decoder == "hf":
+            out = hf_generate(model, input_ids, mask, trie, 8, 2, tokenizer.pad_token_id)
+        else:
+            out = beam_search(model, input_ids, mask, trie, 8, 2)
+    got_items, got_scores = trie.lookup(out.sequences.reshape(-1, 2)).view(2, 8), out.scores
     for row, prompt in enumerate(prompts):
         scores = []
         for item, code in enumerate(ids.tolist()):
