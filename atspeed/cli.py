@@ -18,7 +18,8 @@ from jsonargparse.typing import NonNegativeInt, PositiveFloat, PositiveInt
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
-import atspeed.modules.target_sft  # noqa: F401  (registers the LightningModules for class_path short names)
+import atspeed.modules.recommend
+import atspeed.modules.target_sft  # noqa: F401
 from atspeed.callbacks.checkpoint import SaveLastOnException
 from atspeed.data.datamodule import EvalSpec, RecDataModule
 from atspeed.data.item_index import SemanticIdSpec

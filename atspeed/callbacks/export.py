@@ -10,11 +10,9 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_only
 
 from atspeed.atomic import atomic_directory
+from atspeed.data.export_dir import INDEX_FILE, META_FILE
 
 log = logging.getLogger(__name__)
-
-INDEX_FILE = "index.json"
-META_FILE = "atspeed.json"
 
 
 class ExportHuggingFace(pl.Callback):

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
 from atspeed.data.batches import EvalCollator, PromptEncoder, TrainCollator
+from atspeed.data.export_dir import INDEX_FILE, read_export
 from atspeed.data.item_index import SemanticIdSpec, align_items, build_index, load_index
 from atspeed.data.prompts import PAPER_PROMPT, check_template, render_prompt
 from atspeed.data.sampler import ResumableSampler
@@ -86,6 +87,7 @@ class RecDataModule(pl.LightningDataModule):
         eval: EvalSpec | None = None,
         num_workers: NonNegativeInt = 0,
         seed: int = 0,
+        model_dir: str | None = None,
     ) -> None:
         """
         Args:
@@ -113,9 +115,18 @@ class RecDataModule(pl.LightningDataModule):
             eval: which validation and test users to decode.
             num_workers: DataLoader workers.
             seed: seed of the validation subset.
+            model_dir: a model exported by the SFT stage: its tokenizer, index.json and the prompt, max_history and
+                constraint of its atspeed.json replace the fields above, so requests match what it was trained on.
         """
         super().__init__()
         self.save_hyperparameters()
+        if model_dir is not None:
+            meta = read_export(model_dir)
+            for key in ("prompt", "max_history", "constraint"):
+                self.hparams[key] = meta[key]
+            prompt = meta["prompt"]
+            index_file, tokenizer = str(Path(model_dir) / INDEX_FILE), model_dir
+            self.hparams.update(index_file=index_file, tokenizer=tokenizer, extend_tokenizer=False)
         self.hparams.semantic_ids = semantic_ids or SemanticIdSpec()
         self.hparams.eval = eval or EvalSpec()
         check_template(prompt)

@@ -83,6 +83,16 @@ def build_causal_lm(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase, seed: i
     return model.to(dtype)
 
 
+def load_model(path: str | Path, dtype: str = "float32") -> PreTrainedModel:
+    """A causal LM saved with ``save_pretrained`` in local directory ``path`` (no remote code), in eval mode."""
+    if not isinstance(getattr(torch, dtype, None), torch.dtype):
+        raise ValueError(f"unknown torch dtype {dtype!r}")
+    model = AutoModelForCausalLM.from_pretrained(
+        str(path), local_files_only=True, trust_remote_code=False, dtype=getattr(torch, dtype)
+    )
+    return model.eval()
+
+
 def apply_lora(model: PreTrainedModel, spec: LoraSpec, new_token_ids: list[int]) -> PeftModel:
     """Wrap ``model`` with LoRA adapters; ``new_token_ids`` rows of input and output embeddings stay trainable."""
     trainable = None

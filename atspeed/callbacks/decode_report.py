@@ -1,0 +1,44 @@
+"""Decoding outputs beside the predictions: a JSON report (metrics + decode statistics) and a live progress bar."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.utilities import rank_zero_only
+
+from atspeed.atomic import write_text_atomic
+
+log = logging.getLogger(__name__)
+
+
+class DecodeReport(pl.Callback):
+    """After ``predict``: write the module's ``results`` (Recall/NDCG, calls, acceptance, timing) as JSON."""
+
+    def __init__(self, path: str) -> None:
+        """
+        Args:
+            path: the JSON file, written atomically (rank 0 only; metrics are already gathered over ranks).
+        """
+        super().__init__()
+        self.path = path
+
+    @rank_zero_only
+    def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        results = getattr(pl_module, "results", None)
+        if not results:
+            return
+        write_text_atomic(self.path, json.dumps(results, indent=2) + "\n")
+        log.info("wrote the decode report to %s", self.path)
+
+
+class DecodeProgressBar(TQDMProgressBar):
+    """The TQDM bar, with the module's running ``progress_metrics()`` (e.g. acceptance) shown while predicting."""
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        super().on_predict_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
+        live = getattr(pl_module, "progress_metrics", None)
+        if self.predict_progress_bar is not None and live is not None:
+            self.predict_progress_bar.set_postfix({k: f"{v:.2f}" for k, v in live().items()}, refresh=False)

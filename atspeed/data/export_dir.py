@@ -1,0 +1,42 @@
+"""The directory the SFT stage exports (``ExportHuggingFace``) and the decoding stage reads.
+
+``save_pretrained`` weights and config, the tokenizer, ``index.json`` (item id -> identifier tokens, the index the
+model was trained with) and ``atspeed.json`` (prompt, max_history, levels, constraint, dataset, split, step).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from atspeed.errors import DataError
+
+INDEX_FILE = "index.json"
+META_FILE = "atspeed.json"
+REQUIRED_META = ("prompt", "max_history", "levels", "constraint")
+
+
+def read_export(model_dir: str | Path) -> dict[str, Any]:
+    """``atspeed.json`` of an exported model directory, after checking the directory is complete."""
+    root = Path(model_dir)
+    if not root.is_dir():
+        raise DataError(f"{root}: model directory not found")
+    if not (root / "config.json").is_file():
+        raise DataError(f"{root}: no config.json: not a Hugging Face model directory")
+    if not (root / INDEX_FILE).is_file():
+        raise DataError(
+            f"{root}: checkpoint without an item index ({INDEX_FILE}); export models with "
+            "atspeed.callbacks.export.ExportHuggingFace so the identifiers travel with the weights"
+        )
+    path = root / META_FILE
+    if not path.is_file():
+        raise DataError(f"{root}: no {META_FILE} (prompt and identifier settings of the export)")
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}:{err.lineno}:{err.colno}: invalid JSON: {err.msg}") from None
+    missing = [key for key in REQUIRED_META if not isinstance(meta, dict) or key not in meta]
+    if missing:
+        raise DataError(f"{path}: missing {', '.join(missing)}")
+    return meta

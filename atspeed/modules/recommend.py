@@ -1,0 +1,162 @@
+"""Recommendation as a Lightning predict loop: decode top-K lists for the test users with a named decoder.
+
+``python -m atspeed predict --config configs/<dataset>/decode.yaml`` loads the target (and the draft) exported by the
+SFT stage, decodes every test request, and reports Recall/NDCG@K (torchmetrics) and decode statistics (target calls
+per list, accepted depths per call, tokens per target call, time split into draft / verify / other).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from jsonargparse.typing import PositiveInt
+
+from atspeed.data.datamodule import RecDataModule
+from atspeed.data.export_dir import INDEX_FILE, read_export
+from atspeed.decoding.decoders import SPECULATIVE, DecoderName, DecodeSettings, check_settings, decode
+from atspeed.decoding.output import DecodeStats
+from atspeed.errors import DataError
+from atspeed.metrics.ranking import RankingMetrics
+from atspeed.models.build import load_model
+
+log = logging.getLogger(__name__)
+
+
+class Recommender(pl.LightningModule):
+    """Decode the datamodule's test requests with the target (and draft) of exported model directories."""
+
+    def __init__(
+        self,
+        target: str,
+        draft: str | None = None,
+        decoder: DecoderName = "spec_strict",
+        num_beams: PositiveInt = 20,
+        draft_beams: PositiveInt = 40,
+        gamma: PositiveInt = 3,
+        eval_ks: Sequence[PositiveInt] = (1, 3, 5, 10, 20),
+        dtype: str = "float32",
+        seed: int = 0,
+    ) -> None:
+        """
+        Args:
+            target: directory of the target exported by the SFT stage (weights, tokenizer, index.json).
+            draft: directory of the draft (same tokenizer and index); needed by the speculative decoders.
+            decoder: beam (the target's beam search), spec_strict (lossless), spec_relaxed, hf_beam (HF generate).
+            num_beams: K, the length of each list.
+            draft_beams: N, draft beams per step (speculative decoders; at least K).
+            gamma: draft steps per target call (speculative decoders).
+            eval_ks: K of Recall@K / NDCG@K (each at most num_beams).
+            dtype: torch dtype of both models' weights (bfloat16 on a GPU).
+            seed: seed of the relaxed decoder's sampling.
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        check_settings(decoder, DecodeSettings(num_beams, 1, draft_beams, gamma, seed=seed))
+        if max(eval_ks) > num_beams:
+            raise ValueError(f"model.eval_ks: K = {max(eval_ks)} exceeds model.num_beams = {num_beams}")
+        if decoder in SPECULATIVE and draft is None:
+            raise ValueError(f"model.draft: decoder {decoder} needs a draft model directory")
+        self.meta = read_export(target)
+        if draft is not None and decoder in SPECULATIVE:
+            _check_same_identifiers(target, draft)
+        self.target_model: torch.nn.Module | None = None
+        self.draft_model: torch.nn.Module | None = None
+        self.metrics = RankingMetrics(eval_ks, prefix="test/")
+        self.stats: list[DecodeStats] = []
+        self.results: dict[str, Any] = {}
+        self.generator: torch.Generator | None = None
+
+    @property
+    def dm(self) -> RecDataModule:
+        return self.trainer.datamodule
+
+    @property
+    def settings(self) -> DecodeSettings:
+        hp = self.hparams
+        pad = self.dm.prepared.tokenizer.pad_token_id
+        return DecodeSettings(hp.num_beams, int(self.meta["levels"]), hp.draft_beams, hp.gamma, pad, hp.seed)
+
+    def configure_model(self) -> None:
+        if self.target_model is not None:
+            return
+        hp = self.hparams
+        if self.dm.prepared.index.to_mapping() != json.loads((Path(hp.target) / INDEX_FILE).read_text()):
+            raise DataError(f"data: the item index differs from {hp.target}/{INDEX_FILE}; set data.model_dir")
+        self.target_model = load_model(hp.target, hp.dtype)
+        if hp.decoder in SPECULATIVE:
+            self.draft_model = load_model(hp.draft, hp.dtype)
+
+    def on_predict_start(self) -> None:
+        self.generator = torch.Generator(device=self.device).manual_seed(self.hparams.seed)
+        self.metrics.reset()
+        self.stats = []
+
+    def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
+        prepared = self.dm.prepared
+        out = decode(
+            self.hparams.decoder, self.target_model, batch["input_ids"], batch["attention_mask"], prepared.trie,
+            self.settings, self.draft_model, self.generator,
+        )  # fmt: skip
+        items = prepared.trie.lookup(out.sequences.reshape(-1, out.sequences.shape[2])).view(out.scores.shape).cpu()
+        self.metrics.update_lists(items, batch["targets"], batch["request_ids"])
+        self.stats.append(out.stats)
+        index = prepared.index
+        return [
+            {
+                "request": int(rid),
+                "items": [index.item_ids[i] if i >= 0 else None for i in row],
+                "scores": [round(s, 6) for s in srow],
+                "targets": [index.item_ids[t] for t in truth],
+            }
+            for rid, row, srow, truth in zip(
+                batch["request_ids"].tolist(), items.tolist(), out.scores.cpu().tolist(), batch["targets"], strict=True
+            )
+        ]
+
+    def progress_metrics(self) -> dict[str, float]:
+        """Running decode statistics for the progress bar."""
+        if not self.stats:
+            return {}
+        merged = DecodeStats.merge(self.stats)
+        summary = merged.summary(int(self.meta["levels"]))
+        return {"calls/list": summary["target_calls_per_list"], "accepted": summary["mean_accepted_depth"]}
+
+    def on_predict_epoch_end(self) -> None:
+        hp = self.hparams
+        merged = DecodeStats.merge(self.stats) if self.stats else None
+        metrics = {k: float(v) for k, v in self.metrics.compute().items()} if merged else {}
+        self.results = {
+            "decoder": hp.decoder,
+            "target": hp.target,
+            "draft": hp.draft if hp.decoder in SPECULATIVE else None,
+            "settings": {"num_beams": hp.num_beams, "draft_beams": hp.draft_beams, "gamma": hp.gamma},
+            "metrics": metrics,
+            "decode": merged.summary(int(self.meta["levels"])) if merged else {},
+            "accepted_histogram": merged.histogram(hp.gamma) if merged else [],
+        }
+        lines = [f"{name:<22}{value:>12.4f}" for name, value in metrics.items()]
+        lines += [f"{name:<22}{value:>12.4f}" for name, value in self.results["decode"].items()]
+        if hp.decoder in SPECULATIVE and merged:
+            lines.append(f"{'accepted depths':<22}{self.results['accepted_histogram']!s:>12}")
+        log.info("decoded with %s:\n%s", hp.decoder, "\n".join(lines))
+
+
+def _check_same_identifiers(target: str, draft: str) -> None:
+    """The draft must share the target's tokenizer vocabulary and item index."""
+    read_export(draft)
+    if (Path(target) / INDEX_FILE).read_text() != (Path(draft) / INDEX_FILE).read_text():
+        raise DataError(f"model.draft: {draft}/{INDEX_FILE} differs from the target's: different identifiers")
+    from transformers import AutoTokenizer
+
+    vocabs = [
+        AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False).get_vocab()
+        for path in (target, draft)
+    ]
+    if vocabs[0] != vocabs[1]:
+        raise DataError(f"model.draft: the tokenizer of {draft} differs from the target's ({target})")
