@@ -8,7 +8,8 @@ over the candidate sequences:
    of the target's current beams);
 2. with at least K accepted, K of them (uniformly at random) become the beams and verification continues;
 3. otherwise the accepted ones are kept and the missing ones are drawn without replacement from the residual
-   max(p - q, 0), renormalised, excluding the accepted (from p itself if the residual is empty); stop.
+   max(p - q, 0), renormalised, excluding the accepted (then from p itself if the residual has too few positive
+   entries); stop.
 
 When every drafted level passes, the bonus step samples K sequences from p. All randomness comes from the given
 ``torch.Generator``, so a seed reproduces the output.
@@ -21,7 +22,7 @@ import torch
 from atspeed.decoding.beam import gumbel, select_sample
 from atspeed.decoding.verify import LevelDecision, LevelInput, match_drafted
 
-_ACCEPTED_FIRST = 1.0e4  # sort key offset that ranks every accepted candidate before any residual draw
+_ACCEPTED_FIRST = 1.0e4  # sort key offset between tiers: accepted > residual draws > draws from p
 
 
 def _candidate_draft_probs(inp: LevelInput) -> torch.Tensor:
@@ -50,12 +51,12 @@ def verify_level(inp: LevelInput) -> LevelDecision:
     u = torch.rand(parent_nodes.shape, generator=gen, device=gen.device).to(log_p.device)
     accept = (u.log() < log_p - tree.log_q[:, g - 1]) & torch.isfinite(log_p) & inp.can_match[:, None]
     accepted = torch.zeros_like(inp.cand, dtype=torch.int32).scatter_add(1, index, accept.int()) > 0  # [B, K*V]
-    # 2./3. accepted candidates first (random order), then residual draws
-    p = torch.softmax(inp.cand, dim=1).nan_to_num(0.0)
-    residual = (p - _candidate_draft_probs(inp)).clamp(min=0).masked_fill(accepted, 0.0)
-    empty = residual.sum(1, keepdim=True) <= 0
-    residual = torch.where(empty, p.masked_fill(accepted, 0.0), residual)
-    keys = residual.log() + gumbel(residual.shape, gen, residual.device)
+    # 2./3. accepted candidates first (random order), then residual draws, then (when the residual has fewer
+    # positive entries than beams are missing) draws from p, so a candidate the trie forbids is never taken
+    p = torch.softmax(inp.cand, dim=1).nan_to_num(0.0).masked_fill(accepted, 0.0)
+    residual = (p - _candidate_draft_probs(inp)).clamp(min=0)
+    noise = gumbel(p.shape, gen, p.device)
+    keys = torch.where(residual > 0, residual.log() + noise, p.log() + noise - _ACCEPTED_FIRST)
     shuffle = torch.rand(keys.shape, generator=gen, device=gen.device).to(keys.device)
     keys = torch.where(accepted, _ACCEPTED_FIRST + shuffle, keys)
     # rows with nothing drafted at this level take the bonus step: K samples from p

@@ -112,3 +112,90 @@ class BigramStub(torch.nn.Module):
         if logits_to_keep:
             logits = logits[:, -logits_to_keep:]
         return StubOutput(logits)
+
+
+# Bigram stub world: prompts end in token 3 or 16; identifier level t (0-based) uses tokens 4 + 3t .. 6 + 3t.
+STUB_VOCAB = 20
+STUB_PROMPT_A, STUB_PROMPT_B = 3, 16
+
+
+def stub_trie(levels: int) -> PrefixTrie:
+    """The full trie {4,5,6} x {7,8,9} x ... (3 ** levels items), EOS after a complete identifier."""
+    grids = torch.meshgrid(*[torch.arange(4 + 3 * t, 7 + 3 * t) for t in range(levels)], indexing="ij")
+    identifiers = torch.stack([g.reshape(-1) for g in grids], dim=1)
+    return PrefixTrie.build(identifiers, STUB_VOCAB, eos_token_id=EOS)
+
+
+def stub_table(rows: dict[int, dict[int, float]], default: float = -4.0) -> torch.Tensor:
+    """A [V, V] logit table: ``default`` everywhere, ``rows[token][next] = logit`` where given."""
+    table = torch.full((STUB_VOCAB, STUB_VOCAB), default)
+    for token, row in rows.items():
+        for nxt, logit in row.items():
+            table[token, nxt] = logit
+    return table
+
+
+# The target's preferences: first choice logit 0, then -1, -2 (or -2, -5: no near-ties between beams).
+TARGET_ROWS: dict[int, dict[int, float]] = {
+    STUB_PROMPT_A: {4: 0.0, 5: -1.0, 6: -2.5},
+    STUB_PROMPT_B: {6: 0.0, 5: -1.0, 4: -2.5},
+    4: {7: 0.0, 8: -2.0, 9: -5.0},
+    5: {8: 0.0, 9: -1.5, 7: -3.5},
+    6: {9: 0.0, 7: -1.0, 8: -3.0},
+    7: {10: 0.0, 11: -1.0, 12: -3.0},
+    8: {11: 0.0, 12: -2.0, 10: -3.5},
+    9: {12: 0.0, 10: -1.5, 11: -4.0},
+    10: {13: 0.0, 14: -1.0, 15: -3.0},
+    11: {14: 0.0, 15: -2.0, 13: -3.5},
+    12: {15: 0.0, 13: -1.5, 14: -4.0},
+}
+
+
+def reversed_row(row: dict[int, float]) -> dict[int, float]:
+    """The same logits, assigned in the opposite order of preference."""
+    tokens = sorted(row, key=row.get)
+    return dict(zip(tokens, sorted(row.values(), reverse=True), strict=True))
+
+
+def check_spec_stats(stats, lists: int, levels: int, gamma: int) -> list[list[int]]:
+    """Replay the speculative loop's bookkeeping from ``stats.accepted`` and check every counter.
+
+    The target takes level 1 from the prefill; each verification call of a list still decoding drafts
+    G = min(gamma, most levels left in the batch), accepts m in [0, min(G, left)] levels and gains m + 1 tokens
+    (m when the accepted nodes already complete the identifier). Returns the accepted depths of each list.
+    """
+    left = [levels - 1] * lists
+    target_calls, draft_calls = [1] * lists, [1] * lists
+    per_list: list[list[int]] = [[] for _ in range(lists)]
+    accepted = stats.accepted.tolist()
+    pos = 0
+    active = [i for i in range(lists) if left[i] > 0]
+    while active:
+        g = min(gamma, max(left[i] for i in active))
+        for i in active:
+            assert pos < len(accepted), "fewer accepted entries than verification calls"
+            m = accepted[pos]
+            pos += 1
+            assert 0 <= m <= min(g, left[i]), (i, m, g, left[i])
+            left[i] -= min(m + 1, left[i])
+            target_calls[i] += 1
+            draft_calls[i] += g
+            per_list[i].append(m)
+        active = [i for i in active if left[i] > 0]
+    assert pos == len(accepted), "more accepted entries than verification calls"
+    assert stats.target_calls.tolist() == target_calls
+    assert stats.draft_calls.tolist() == draft_calls
+    return per_list
+
+
+def one_torch_thread():
+    """Generator for a module-scoped fixture: run torch single-threaded, then restore the thread count.
+
+    The models here are tiny, so intra-op threads only add synchronisation; on a small shared machine, busy-waiting
+    OpenMP threads slow these tests down several times over when another process holds a core."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
