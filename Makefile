@@ -14,3 +14,6 @@ lint:
 
 format:
 	.venv/bin/ruff check --fix . && .venv/bin/ruff format .
+
+bench: setup
+	.venv/bin/python scripts/bench_decode.py

@@ -24,9 +24,30 @@ def test_config_parses(config: Path, tmp_path, monkeypatch) -> None:
         from tests.integration.tiny_data import write_processed
 
         args += ["--data.path", str(write_processed(data))]
+    if config.name == "decode.yaml":  # decoding configs name exported models: give them a stand-in export
+        export = str(_fake_export(tmp_path / "export"))
+        args += ["--model.init_args.target", export, "--model.init_args.draft", export, "--data.model_dir", export]
     cli = main(args, run=False)
     assert cli.model is not None and cli.datamodule is not None
     assert type(cli.trainer.logger).__name__ == "WandbLogger"
+
+
+def _fake_export(root: Path) -> Path:
+    """An export directory as ExportHuggingFace writes it (config, tokenizer, index, atspeed.json), untrained."""
+    import json
+
+    from transformers import LlamaConfig
+
+    from atspeed.models.tokenizer import build_word_tokenizer
+
+    tokens = ["<a_0>", "<b_0>"]
+    root.mkdir(parents=True)
+    build_word_tokenizer(["History: {history}. Next:"], tokens).save_pretrained(root)
+    LlamaConfig(vocab_size=32, hidden_size=8, num_hidden_layers=1, num_attention_heads=2).save_pretrained(root)
+    (root / "index.json").write_text(json.dumps({"0": tokens}))
+    meta = {"prompt": "History: {history}. Next:", "max_history": 5, "levels": 2, "constraint": "exact"}
+    (root / "atspeed.json").write_text(json.dumps(meta))
+    return root
 
 
 def test_print_config_merges_configs_and_dotted_overrides(capsys) -> None:

@@ -1,0 +1,239 @@
+"""The grid of decoding configurations, and timing each one on the same requests.
+
+For every batch size b and list length K the references run first: ``hf_beam`` (Hugging Face ``generate``) and
+``beam`` (our beam search); then ``spec_strict`` / ``spec_relaxed`` for every (N, gamma) with N >= K. A configuration
+is timed as ``warmup`` decodes of its first batch, then ``repeats`` timed passes over all of its batches (interleaved
+with the other configurations of the same K and b); the row reports the median pass divided by the number of lists.
+Counters, equality with HF and Recall/NDCG come from the first timed pass.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from atspeed.bench.workload import Workload
+from atspeed.decoding.decoders import SPECULATIVE, DecoderName, DecodeSettings, decode
+from atspeed.decoding.output import DecodeOutput, DecodeStats
+from atspeed.metrics.ranking import RankingMetrics
+
+REFERENCES: tuple[DecoderName, ...] = ("hf_beam", "beam")
+SCORE_TOLERANCE = 1e-3  # |score - HF score| allowed for a list to count as equal to HF generate's
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    decoder: DecoderName
+    k: int
+    batch_size: int
+    draft_beams: int | None = None  # N (speculative decoders only)
+    gamma: int | None = None  # draft steps per target call (speculative decoders only)
+
+
+def check_grid(
+    ks: Sequence[int],
+    batch_sizes: Sequence[int],
+    draft_beams: Sequence[int],
+    gammas: Sequence[int],
+    requests: Sequence[int],
+    speculative: bool = True,
+) -> None:
+    """Raise ValueError naming the flag when the grid is empty or out of range; ``requests[i]`` goes with batch i."""
+    for flag, values in (("--ks", ks), ("--batch-sizes", batch_sizes), ("--requests", requests)):
+        if not values or min(values) < 1:
+            raise ValueError(f"{flag}: values must be >= 1, got {list(values)}")
+    for b, r in zip(batch_sizes, requests, strict=True):
+        if r % b:
+            raise ValueError(f"--requests: {r} requests for batch size {b} is not a whole number of batches")
+    if not speculative:
+        return
+    if not gammas or min(gammas) < 1:
+        raise ValueError(f"--gammas: gamma must be >= 1, got {list(gammas)}")
+    if not draft_beams or min(draft_beams) < 1:
+        raise ValueError(f"--draft-beams: N must be >= 1, got {list(draft_beams)}")
+    for k in ks:
+        if max(draft_beams) < k:
+            raise ValueError(f"--draft-beams: no N >= K = {k} in {list(draft_beams)} (the draft keeps N >= K beams)")
+
+
+def build_grid(
+    decoders: Sequence[DecoderName],
+    ks: Sequence[int],
+    batch_sizes: Sequence[int],
+    draft_beams: Sequence[int],
+    gammas: Sequence[int],
+) -> list[BenchConfig]:
+    """Configurations in run order: per batch size and K, the references first, then (N >= K) x gamma."""
+    order = [d for d in REFERENCES if d in decoders] + [d for d in decoders if d not in REFERENCES]
+    grid = []
+    for b in batch_sizes:
+        for k in ks:
+            for name in order:
+                if name not in SPECULATIVE:
+                    grid.append(BenchConfig(name, k, b))
+                    continue
+                for n in sorted({n for n in draft_beams if n >= k}):
+                    grid += [BenchConfig(name, k, b, n, g) for g in sorted(set(gammas))]
+    return grid
+
+
+def _clock(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+class Runner:
+    """Decodes ``batches`` with one configuration: untimed warm-up decodes, and timed passes over all batches."""
+
+    def __init__(
+        self, config: BenchConfig, work: Workload, batches: list[tuple[torch.Tensor, torch.Tensor]], seed: int
+    ):
+        self.config, self.work, self.batches = config, work, batches
+        self.settings = DecodeSettings(
+            config.k, work.levels, config.draft_beams or config.k, config.gamma or 1, work.pad_token_id, seed
+        )
+        self.draft = work.draft if config.decoder in SPECULATIVE else None
+
+    def _decode(self, ids: torch.Tensor, mask: torch.Tensor) -> DecodeOutput:
+        # spec_relaxed seeds a fresh generator from settings.seed each call: every pass does the same work
+        w = self.work
+        return decode(self.config.decoder, w.target, ids, mask, w.trie, self.settings, self.draft)
+
+    def warm_up(self, times: int) -> None:
+        for _ in range(times):
+            self._decode(*self.batches[0])
+
+    def timed_pass(self) -> tuple[float, list[DecodeOutput]]:
+        device = self.batches[0][0].device
+        start = _clock(device)
+        outputs = [self._decode(ids, mask) for ids, mask in self.batches]
+        return _clock(device) - start, outputs
+
+
+def time_group(runners: list[Runner], repeats: int, warmup: int) -> list[tuple[list[float], list[DecodeOutput]]]:
+    """Seconds of each timed pass and the first pass's outputs, per runner.
+
+    Passes go round-robin over the group (pass 1 of every configuration, then pass 2, ...), so a burst of load from
+    elsewhere on the machine lands on several configurations' passes instead of all of one configuration's.
+    """
+    for runner in runners:
+        runner.warm_up(warmup)
+    seconds: list[list[float]] = [[] for _ in runners]
+    firsts: list[list[DecodeOutput]] = [[] for _ in runners]
+    for _ in range(repeats):
+        for i, runner in enumerate(runners):
+            elapsed, outputs = runner.timed_pass()
+            seconds[i].append(elapsed)
+            firsts[i] = firsts[i] or outputs
+    return list(zip(seconds, firsts, strict=True))
+
+
+def _joined(outputs: list[DecodeOutput]) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.cat([o.sequences for o in outputs]).cpu(), torch.cat([o.scores for o in outputs]).float().cpu()
+
+
+def hf_mismatches(outputs: list[DecodeOutput], hf: tuple[torch.Tensor, torch.Tensor]) -> int:
+    """Lists whose identifiers differ from HF generate's, or whose scores differ by more than the tolerance."""
+    sequences, scores = _joined(outputs)
+    same = (sequences == hf[0]).flatten(1).all(dim=1) & ((scores - hf[1]).abs() <= SCORE_TOLERANCE).all(dim=1)
+    return int((~same).sum())
+
+
+def ranking(outputs: list[DecodeOutput], work: Workload, k: int) -> dict[str, float]:
+    """``recall_at_k`` and ``ndcg_at_k`` (K = the list length) of the decoded lists against the ground truth."""
+    sequences, _ = _joined(outputs)
+    items = work.trie.lookup(sequences.reshape(-1, work.levels).to(work.trie.device)).view(sequences.shape[:2]).cpu()
+    metrics = RankingMetrics([k])
+    metrics.update_lists(items, work.targets[: items.shape[0]], torch.arange(items.shape[0]))
+    values = metrics.compute()
+    return {"recall_at_k": float(values[f"recall@{k}"]), "ndcg_at_k": float(values[f"ndcg@{k}"])}
+
+
+def _fractions(stats: DecodeStats) -> dict[str, float | None]:
+    total = stats.seconds
+    parts = {"draft": stats.draft_seconds, "verify": stats.verify_seconds, "other": stats.other_seconds}
+    return {f"{name}_fraction": (value / total if total > 0 else None) for name, value in parts.items()}
+
+
+def make_row(config: BenchConfig, seconds: list[float], outputs: list[DecodeOutput], work: Workload) -> dict:
+    """One JSON row (speedups and HF equality are filled in by ``run_grid``)."""
+    lists = sum(o.scores.shape[0] for o in outputs)
+    per_list = statistics.median(seconds) / lists
+    stats = DecodeStats.merge(o.stats for o in outputs)
+    summary = stats.summary(work.levels)
+    spec = config.decoder in SPECULATIVE
+    return {
+        "decoder": config.decoder,
+        "K": config.k,
+        "batch_size": config.batch_size,
+        "N": config.draft_beams,
+        "gamma": config.gamma,
+        "lists": lists,
+        "seconds_per_list": per_list,
+        "seconds_per_list_repeats": [s / lists for s in seconds],
+        "lists_per_second": 1.0 / per_list if per_list > 0 else None,
+        "speedup_vs_hf": None,
+        "speedup_vs_beam": None,
+        "target_calls_per_list": summary["target_calls_per_list"],
+        "draft_calls_per_list": summary["draft_calls_per_list"],
+        "tokens_per_target_call": summary["tokens_per_target_call"],
+        "mean_accepted_depth": summary["mean_accepted_depth"] if spec else None,
+        "accepted_histogram": stats.histogram(config.gamma) if spec else None,
+        **_fractions(stats),
+        "equals_hf": None,
+        "hf_mismatched_lists": None,
+        **ranking(outputs, work, config.k),
+    }
+
+
+def run_grid(
+    grid: list[BenchConfig],
+    work: Workload,
+    requests: dict[int, int],
+    device: torch.device,
+    repeats: int,
+    warmup: int,
+    seed: int,
+    progress: Callable[[dict], None] | None = None,
+) -> list[dict]:
+    """Time every configuration; ``requests[b]`` lists per configuration of batch size b (the same requests).
+
+    Configurations of the same (K, b) form a group timed together (``time_group``), the references first.
+    """
+    batches = {b: work.batches(b, r, device) for b, r in requests.items()}
+    groups: dict[tuple[int, int], list[BenchConfig]] = {}
+    for config in grid:
+        groups.setdefault((config.k, config.batch_size), []).append(config)
+    rows = []
+    with torch.inference_mode():
+        for configs in groups.values():
+            torch.manual_seed(seed)
+            runners = [Runner(c, work, batches[c.batch_size], seed) for c in configs]
+            hf = None
+            for config, (seconds, outputs) in zip(configs, time_group(runners, repeats, warmup), strict=True):
+                row = make_row(config, seconds, outputs, work)
+                if config.decoder == "hf_beam":
+                    hf = _joined(outputs)
+                elif config.decoder != "spec_relaxed" and hf is not None:
+                    row["hf_mismatched_lists"] = hf_mismatches(outputs, hf)
+                    row["equals_hf"] = row["hf_mismatched_lists"] == 0
+                rows.append(row)
+                if progress is not None:
+                    progress(row)
+    add_speedups(rows)
+    return rows
+
+
+def add_speedups(rows: list[dict]) -> None:
+    """``speedup_vs_hf`` / ``speedup_vs_beam``: the reference's seconds per list over the row's, same K and b."""
+    refs = {(r["decoder"], r["K"], r["batch_size"]): r["seconds_per_list"] for r in rows if r["decoder"] in REFERENCES}
+    for row in rows:
+        for name, field in (("hf_beam", "speedup_vs_hf"), ("beam", "speedup_vs_beam")):
+            ref = refs.get((name, row["K"], row["batch_size"]))
+            if ref is not None and row["seconds_per_list"] > 0:
+                row[field] = ref / row["seconds_per_list"]

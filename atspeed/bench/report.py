@@ -1,0 +1,157 @@
+"""What the benchmark leaves behind: the machine header, a fixed-width table, the JSON and the speedup plot."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import platform
+import tempfile
+from pathlib import Path
+
+import torch
+import transformers
+
+from atspeed.atomic import write_text_atomic
+from atspeed.decoding.decoders import SPECULATIVE
+
+
+def cpu_model() -> str | None:
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
+def machine(device: torch.device) -> dict:
+    """Where the numbers were taken."""
+    return {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+    }
+
+
+def _cell(value, fmt: str) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "NO"
+    return format(value, fmt)
+
+
+# (header, row key, width, format)
+COLUMNS = (
+    ("decoder", "decoder", 13, "s"),
+    ("K", "K", 3, "d"),
+    ("b", "batch_size", 3, "d"),
+    ("N", "N", 4, "d"),
+    ("gam", "gamma", 3, "d"),
+    ("ms/list", "ms_per_list", 9, ".2f"),
+    ("lists/s", "lists_per_second", 8, ".1f"),
+    ("xHF", "speedup_vs_hf", 6, ".2f"),
+    ("xbeam", "speedup_vs_beam", 6, ".2f"),
+    ("calls", "target_calls_per_list", 6, ".2f"),
+    ("drafts", "draft_calls_per_list", 6, ".2f"),
+    ("acc", "mean_accepted_depth", 5, ".2f"),
+    ("draft%", "draft_pct", 6, ".0f"),
+    ("=HF", "equals_hf", 4, "s"),
+)
+
+
+def table(rows: list[dict]) -> str:
+    """The rows as fixed-width text, one line per configuration."""
+
+    def fields(row: dict) -> dict:
+        draft = row.get("draft_fraction")
+        return {
+            **row,
+            "ms_per_list": 1e3 * row["seconds_per_list"],
+            "draft_pct": None if draft is None else 100 * draft,
+        }
+
+    def line(cells: list[str]) -> str:  # the first column left-aligned, numbers right-aligned
+        widths = [w for _, _, w, _ in COLUMNS]
+        return " ".join(f"{c:>{w}}" if i else f"{c:<{w}}" for i, (c, w) in enumerate(zip(cells, widths, strict=True)))
+
+    header = line([h for h, _, _, _ in COLUMNS])
+    body = [line([_cell(row[key], fmt) for _, key, _, fmt in COLUMNS]) for row in map(fields, rows)]
+    return "\n".join([header, "-" * len(header), *body])
+
+
+def write_json(path: str | Path, report: dict) -> None:
+    write_text_atomic(path, json.dumps(report, indent=2) + "\n")
+
+
+def best_speedups(rows: list[dict]) -> dict[tuple[str, int], list[tuple[int, float, dict]]]:
+    """Per (decoder, batch size): (K, speedup vs HF, row) by K; for speculative decoders the best (N, gamma) per K."""
+    best: dict[tuple[str, int], dict[int, dict]] = {}
+    for row in rows:
+        if row["speedup_vs_hf"] is None or row["decoder"] == "hf_beam":
+            continue
+        per_k = best.setdefault((row["decoder"], row["batch_size"]), {})
+        if row["K"] not in per_k or row["speedup_vs_hf"] > per_k[row["K"]]["speedup_vs_hf"]:
+            per_k[row["K"]] = row
+    return {key: [(k, r["speedup_vs_hf"], r) for k, r in sorted(per_k.items())] for key, per_k in best.items()}
+
+
+def matplotlib_available() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def plot_speedups(path: str | Path, rows: list[dict], title: str) -> bool:
+    """PNG of speedup vs HF generate against K, one line per (decoder, batch size); False without matplotlib."""
+    if not matplotlib_available():
+        return False
+    from matplotlib.figure import Figure  # a bare Figure renders through Agg: no pyplot, no global backend
+
+    fig = Figure(figsize=(7, 4.5), layout="constrained")
+    ax = fig.subplots()
+    colors = {"beam": "tab:gray", "spec_strict": "tab:blue", "spec_relaxed": "tab:orange"}
+    styles = ["-", "--", ":", "-."]
+    sizes = sorted({r["batch_size"] for r in rows})
+    ks = sorted({r["K"] for r in rows})
+    for (decoder, b), points in sorted(best_speedups(rows).items()):
+        x, y = [p[0] for p in points], [p[1] for p in points]
+        best = " (best N, gamma)" if decoder in SPECULATIVE else ""
+        ax.plot(x, y, styles[sizes.index(b) % len(styles)], marker="o", color=colors.get(decoder),
+                label=f"{decoder}, batch {b}{best}")  # fmt: skip
+    ax.axhline(1.0, color="black", linewidth=0.8, label="HF generate")
+    ax.set_xscale("log")
+    ax.set_xticks(ks, [str(k) for k in ks])
+    ax.minorticks_off()
+    ax.set_xlabel("K (list length = beams)")
+    ax.set_ylabel("speedup vs HF generate (x)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
+    _write_bytes_atomic(Path(path), buffer.getvalue())
+    return True
+
+
+def _write_bytes_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            os.fchmod(handle.fileno(), 0o644)
+            handle.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,175 @@
+"""Decoding benchmark: HF generate, our beam search, spec_strict and spec_relaxed on the same models and requests.
+
+    python scripts/bench_decode.py                      # Beauty: runs/beauty/{target,draft}/hf, the full grid
+    python scripts/bench_decode.py --ks 10 --batch-sizes 1 --requests 8 --repeats 1   # a quick look
+    python scripts/bench_decode.py --preset smoke       # tiny random models, small grid, under a minute
+
+For each batch size b and K: hf_beam (``generate(num_beams=K, num_return_sequences=K, prefix_allowed_tokens_fn)``),
+beam, then spec_strict / spec_relaxed for every N in --draft-beams with N >= K and every gamma in --gammas. Each
+configuration decodes the same requests (the first --requests of a seeded random test subset): --warmup decodes of
+one batch, then --repeats timed passes; rows report the median seconds per list, speedups vs HF generate and vs beam
+search at the same K and b, target/draft calls per list, accepted depths and, for beam and spec_strict, whether every
+list equals HF generate's (identifiers equal, scores within 1e-3). Writes a JSON report (--out), a PNG of speedup vs
+K (--plot, needs matplotlib) and prints the table. torch threads come from the environment (OMP_NUM_THREADS); the
+header records the 1/5/15-minute load averages before and after, since other work on the machine skews timings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shlex
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import get_args
+
+import torch
+
+from atspeed.bench.decode_bench import build_grid, check_grid, run_grid
+from atspeed.bench.report import machine, plot_speedups, table, write_json
+from atspeed.bench.workload import load_workload, parameters, smoke_workload
+from atspeed.data.sources import SOURCES
+from atspeed.decoding.decoders import SPECULATIVE, DecoderName
+
+log = logging.getLogger("atspeed.bench")
+
+# Grid defaults per preset; a flag given on the command line wins. "full" takes ~10-15 min on 2 idle CPU cores (188
+# configurations). With L = 4 identifier tokens the first comes from the prefill, so gamma > 3 behaves as gamma = 3.
+PRESETS = {
+    "full": {"ks": [1, 3, 5, 10, 20], "batch_sizes": [1, 16], "draft_beams": [10, 20, 40], "gammas": [1, 2, 3],
+             "requests": [32, 64], "repeats": 3, "warmup": 1, "out": "runs/bench/decode.json",
+             "plot": "runs/bench/decode.png"},
+    "smoke": {"ks": [1, 3, 5], "batch_sizes": [1, 4], "draft_beams": [6], "gammas": [2, 3],
+              "requests": [4, 8], "repeats": 2, "warmup": 1, "out": "runs/bench/decode_smoke.json",
+              "plot": "runs/bench/decode_smoke.png"},
+}  # fmt: skip
+SETTINGS = ("decoders", "ks", "batch_sizes", "draft_beams", "gammas", "repeats", "warmup", "dtype", "device", "seed")
+GRID_KEYS = ("ks", "batch_sizes", "draft_beams", "gammas", "requests", "repeats", "warmup", "out", "plot")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 2)[2])
+    p.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default="full",
+        help="full: exported models and data below; smoke: tiny random models built in memory",
+    )
+    p.add_argument("--target", default="runs/beauty/target/hf", help="exported target directory")
+    p.add_argument("--draft", default="runs/beauty/draft/hf", help="exported draft directory (same index)")
+    p.add_argument("--source", choices=sorted(SOURCES), default="processed")
+    p.add_argument("--data", default="../shared/data/amazon-beauty", help="dataset directory or file")
+    p.add_argument("--index-key-offset", type=int, default=-1)
+    p.add_argument("--split", default="global_time", choices=["global_time", "leave_one_out"])
+    p.add_argument("--decoders", nargs="+", choices=get_args(DecoderName), default=list(get_args(DecoderName)))
+    p.add_argument("--ks", nargs="+", type=int, help="list lengths K (= beams)")
+    p.add_argument("--batch-sizes", nargs="+", type=int)
+    p.add_argument("--draft-beams", nargs="+", type=int, help="N values; each K runs those with N >= K")
+    p.add_argument("--gammas", nargs="+", type=int, help="draft steps per target call")
+    p.add_argument(
+        "--requests",
+        nargs="+",
+        type=int,
+        help="lists per configuration: one value, or one per batch size (a multiple of it)",
+    )
+    p.add_argument("--repeats", type=int, help="timed passes per configuration (the median is reported)")
+    p.add_argument("--warmup", type=int, help="untimed decodes of the first batch before timing")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, help="JSON report")
+    p.add_argument("--plot", type=Path, help="PNG of speedup vs K")
+    return p
+
+
+def resolve(p: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
+    """Fill unset grid flags from the preset and check every value (argparse errors name the flag)."""
+    for key in GRID_KEYS:
+        if getattr(args, key) is None:
+            setattr(args, key, PRESETS[args.preset][key])
+    if len(args.requests) == 1:
+        args.requests = args.requests * len(args.batch_sizes)
+    if len(args.requests) != len(args.batch_sizes):
+        p.error(f"--requests: give one value or one per batch size ({len(args.batch_sizes)}), got {args.requests}")
+    if args.repeats < 1 or args.warmup < 0:
+        p.error(f"--repeats must be >= 1 and --warmup >= 0, got {args.repeats} and {args.warmup}")
+    if not isinstance(getattr(torch, args.dtype, None), torch.dtype):
+        p.error(f"--dtype: unknown torch dtype {args.dtype!r}")
+    try:
+        speculative = any(d in SPECULATIVE for d in args.decoders)
+        check_grid(args.ks, args.batch_sizes, args.draft_beams, args.gammas, args.requests, speculative)
+    except ValueError as err:
+        p.error(str(err))
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device available")
+    if args.preset != "smoke":
+        for flag, path in (("--target", args.target), ("--draft", args.draft)):
+            if not Path(path).is_dir():
+                p.error(f"{flag}: directory not found: {path}")
+        if not Path(args.data).exists():
+            p.error(f"--data: not found: {args.data}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = parser()
+    args = resolve(p, p.parse_args(argv))
+    logging.basicConfig(level=logging.INFO, format="[bench] %(message)s")
+    torch.manual_seed(args.seed)
+    device = torch.device(args.device)
+    started, load_before = time.perf_counter(), os.getloadavg()
+    try:
+        if args.preset == "smoke":
+            work = smoke_workload(max(args.requests), args.dtype, args.seed)
+        else:
+            work = load_workload(args.target, args.draft, max(args.requests), args.source, args.data,
+                                 args.index_key_offset, args.split, args.dtype, args.seed)  # fmt: skip
+    except ValueError as err:  # DataError included
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    work = work.to(device)
+    requests = dict(zip(args.batch_sizes, args.requests, strict=True))
+    grid = build_grid(args.decoders, args.ks, args.batch_sizes, args.draft_beams, args.gammas)
+    log.info("%d configurations, %s lists each (by batch size)", len(grid), requests)
+
+    done = []
+
+    def progress(row: dict) -> None:
+        done.append(row)
+        spec = f" N={row['N']} gamma={row['gamma']}" if row["N"] is not None else ""
+        log.info("[%d/%d %.0fs] %s K=%d b=%d%s: %.2f ms/list", len(done), len(grid), time.perf_counter() - started,
+                 row["decoder"], row["K"], row["batch_size"], spec, 1e3 * row["seconds_per_list"])  # fmt: skip
+
+    rows = run_grid(grid, work, requests, device, args.repeats, args.warmup, args.seed, progress)
+    host = machine(device) | {"load_average_before": load_before, "load_average_after": os.getloadavg()}
+    report = {
+        "benchmark": "decode",
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": shlex.join([sys.executable, *sys.argv] if argv is None else ["scripts/bench_decode.py", *argv]),
+        "preset": args.preset,
+        "machine": host,
+        "models": {"target_parameters": parameters(work.target), "draft_parameters": parameters(work.draft),
+                   "levels": work.levels, **work.info},
+        "settings": {key: getattr(args, key) for key in SETTINGS} | {"requests": requests},
+        "total_seconds": time.perf_counter() - started,
+        "rows": rows,
+    }  # fmt: skip
+    print(table(rows))
+    write_json(args.out, report)
+    print(f"wrote {len(rows)} rows to {args.out}")
+    where = f"{host['device_name'] or host['cpu']}, {host['torch_threads']} threads"
+    title = f"{work.info.get('dataset') or args.preset}: {where}"
+    if plot_speedups(args.plot, rows, title):
+        print(f"wrote {args.plot}")
+    else:
+        print("matplotlib is not installed: no plot", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,99 @@
+"""scripts/bench_decode.py: the smoke preset times every decoder, writes the JSON and the plot; bad flags fail fast."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from atspeed.bench.report import matplotlib_available
+
+ROOT = Path(__file__).resolve().parents[2]
+DECODERS = {"hf_beam", "beam", "spec_strict", "spec_relaxed"}
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("bench_decode", ROOT / "scripts" / "bench_decode.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory) -> tuple[dict, Path, list[str]]:
+    """One smoke run on one thread: the tiny models gain nothing from two, and lose a lot when the cores are busy."""
+    out = tmp_path_factory.mktemp("bench")
+    args = ["--preset", "smoke", "--out", str(out / "bench.json"), "--plot", str(out / "bench.png")]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert _script().main(args) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return json.loads((out / "bench.json").read_text()), out / "bench.png", args
+
+
+def test_smoke_rows_cover_every_decoder_and_configuration(smoke) -> None:
+    report, _, _ = smoke
+    rows = report["rows"]
+    assert {r["decoder"] for r in rows} == DECODERS
+    grid = {(r["K"], r["batch_size"]) for r in rows}
+    assert grid == {(k, b) for k in (1, 3, 5) for b in (1, 4)}
+    for k, b in grid:
+        here = [r for r in rows if (r["K"], r["batch_size"]) == (k, b)]
+        assert {r["decoder"] for r in here} == DECODERS
+        assert all(r["N"] >= k and r["gamma"] >= 1 for r in here if r["decoder"].startswith("spec"))
+    for r in rows:
+        for key in ("seconds_per_list", "lists_per_second", "speedup_vs_hf", "speedup_vs_beam"):
+            assert isinstance(r[key], float) and math.isfinite(r[key]) and r[key] > 0, (key, r)
+        assert r["lists"] == {1: 4, 4: 8}[r["batch_size"]]
+        assert len(r["seconds_per_list_repeats"]) == 2
+        assert r["target_calls_per_list"] >= 1
+        assert 0 <= r["recall_at_k"] <= 1 and 0 <= r["ndcg_at_k"] <= 1
+
+
+def test_strict_and_beam_lists_equal_hf_generate(smoke) -> None:
+    rows = smoke[0]["rows"]
+    for r in rows:
+        if r["decoder"] in ("beam", "spec_strict"):
+            assert r["equals_hf"] is True and r["hf_mismatched_lists"] == 0, r
+        else:
+            assert r["equals_hf"] is None
+    refs = [r for r in rows if r["decoder"] in ("hf_beam", "beam")]
+    assert all(r["mean_accepted_depth"] is None and r["accepted_histogram"] is None for r in refs)
+    for r in rows:
+        if r["decoder"].startswith("spec"):
+            assert len(r["accepted_histogram"]) == r["gamma"] + 1 and sum(r["accepted_histogram"]) >= r["lists"]
+            assert 0 <= r["mean_accepted_depth"] <= r["gamma"]
+
+
+def test_header_and_plot(smoke) -> None:
+    report, png, _ = smoke
+    assert report["preset"] == "smoke" and "--preset smoke" in report["command"]
+    assert report["machine"]["torch_threads"] >= 1 and report["machine"]["torch"]
+    assert report["models"]["target_parameters"] > report["models"]["draft_parameters"] > 0
+    assert report["settings"]["requests"] == {"1": 4, "4": 8}
+    if matplotlib_available():
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--gammas", "0"], "--gammas"),
+        (["--ks", "20", "--draft-beams", "10"], "--draft-beams"),
+        (["--requests", "5", "--batch-sizes", "4"], "--requests"),
+        (["--preset", "full", "--target", "/nonexistent/target"], "--target: directory not found"),
+        (["--preset", "full", "--target", ".", "--draft", "/nonexistent/draft"], "--draft: directory not found"),
+        (["--preset", "full", "--target", ".", "--draft", ".", "--data", "/nonexistent/data"], "--data: not found"),
+    ],
+)
+def test_bad_flags_fail_before_loading(capsys, extra, message) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        _script().main(["--preset", "smoke", *extra])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
