@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import TQDMProgressBar
@@ -17,10 +18,11 @@ log = logging.getLogger(__name__)
 class DecodeReport(pl.Callback):
     """After ``predict``: write the module's ``results`` (Recall/NDCG, calls, acceptance, timing) as JSON."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str | None = None) -> None:
         """
         Args:
-            path: the JSON file, written atomically (rank 0 only; metrics are already gathered over ranks).
+            path: the JSON file (default: ``<trainer.default_root_dir>/report.json``), written atomically (rank 0
+                only; metrics are already gathered over ranks).
         """
         super().__init__()
         self.path = path
@@ -30,8 +32,9 @@ class DecodeReport(pl.Callback):
         results = getattr(pl_module, "results", None)
         if not results:
             return
-        write_text_atomic(self.path, json.dumps(results, indent=2) + "\n")
-        log.info("wrote the decode report to %s", self.path)
+        path = Path(self.path) if self.path else Path(trainer.default_root_dir) / "report.json"
+        write_text_atomic(path, json.dumps(results, indent=2) + "\n")
+        log.info("wrote the decode report to %s", path)
 
 
 class DecodeProgressBar(TQDMProgressBar):
