@@ -19,7 +19,7 @@ from jsonargparse.typing import PositiveInt
 
 from atspeed.data.datamodule import RecDataModule
 from atspeed.data.export_dir import INDEX_FILE, read_export
-from atspeed.decoding.decoders import SPECULATIVE, DecoderName, DecodeSettings, check_settings, decode
+from atspeed.decoding.decoders import SPECULATIVE, DecoderName, DecodeSettings, check_context, check_settings, decode
 from atspeed.decoding.output import DecodeStats
 from atspeed.errors import DataError
 from atspeed.metrics.ranking import RankingMetrics
@@ -91,6 +91,13 @@ class Recommender(pl.LightningModule):
         self.target_model = load_model(hp.target, hp.dtype)
         if hp.decoder in SPECULATIVE:
             self.draft_model = load_model(hp.draft, hp.dtype)
+        longest, levels = self.dm.longest_prompt(), int(self.meta["levels"])
+        try:
+            check_context(self.target_model, longest, levels)
+            if self.draft_model is not None:
+                check_context(self.draft_model, longest, levels, "draft")
+        except ValueError as err:  # before any request is decoded: one message, exit 2
+            raise DataError(str(err)) from None
 
     def on_predict_start(self) -> None:
         self.generator = torch.Generator(device=self.device).manual_seed(self.hparams.seed)

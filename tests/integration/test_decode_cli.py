@@ -107,3 +107,18 @@ def test_a_draft_with_another_tokenizer_or_no_index_is_refused(exported, tmp_pat
     with pytest.raises(SystemExit):
         main(["predict", *decode_args(exported, tmp_path / "o", "--model.init_args.draft", str(bad))])
     assert "tokenizer" in capsys.readouterr().err
+
+
+def test_prompts_longer_than_the_targets_context_are_refused_before_decoding(exported, tmp_path, capsys) -> None:
+    import shutil
+
+    short = tmp_path / "short"
+    shutil.copytree(exported[1], short)
+    config = json.loads((short / "config.json").read_text())
+    config["max_position_embeddings"] = 8
+    (short / "config.json").write_text(json.dumps(config))
+    args = decode_args(exported, tmp_path / "o", "--model.init_args.target", str(short), "--data.model_dir", str(short))
+    with pytest.raises(SystemExit):
+        main(["predict", *args])
+    assert "exceed the target's context of 8" in capsys.readouterr().err
+    assert not (tmp_path / "o" / "p.jsonl").exists()
