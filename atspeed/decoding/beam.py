@@ -6,7 +6,9 @@ prompt and its own ancestors). Tokens a beam has generated but the model has not
 ``sequences[:, :, fed:depth]``) are fed on the next forward.
 
 Beam step (SPEC section 5): log-softmax over the full vocabulary, the trie mask (-inf), plus the beam's cumulative
-score, flattened over (beam, token), then top-k: Hugging Face ``generate`` beam search without length penalty. The
+score, flattened over (beam, token), then top-k: Hugging Face ``generate`` beam search without length penalty (the
+same beam-major layout and ``torch.topk``; HF takes a top-2K first, so exactly equal float scores may be ordered
+differently, which the tests never observed with real models). The
 sampling variant (relaxed decoding) draws k candidates without replacement from the softmax over the same
 cumulative scores (Gumbel top-k).
 """

@@ -1,0 +1,1 @@
+"""Decoding: beam search, speculative strict/relaxed decoding with tree attention (pure tensor code); see DECODERS."""
