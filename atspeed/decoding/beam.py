@@ -99,18 +99,35 @@ def select_sample(
 
 
 def extend(
-    state: BeamState, parents: torch.Tensor, tokens: torch.Tensor, scores: torch.Tensor, trie: PrefixTrie
+    state: BeamState,
+    parents: torch.Tensor,
+    tokens: torch.Tensor,
+    scores: torch.Tensor,
+    trie: PrefixTrie,
+    grow: torch.Tensor | None = None,
 ) -> BeamState:
-    """New beams [B, k]: beam ``parents`` followed by ``tokens`` (not yet fed), with cumulative ``scores``."""
+    """New beams [B, k]: beam ``parents`` followed by ``tokens`` (not yet fed), with cumulative ``scores``.
+
+    Rows where ``grow`` [B] is false take the parents as they are (no token appended).
+    """
     b, k = parents.shape
     capacity = state.sequences.shape[2]
-    sequences = state.sequences.gather(1, parents[..., None].expand(b, k, capacity))
+    grow = torch.ones(b, dtype=torch.bool, device=parents.device) if grow is None else grow
+    parent_sequences = state.sequences.gather(1, parents[..., None].expand(b, k, capacity))
     column = state.depth.clamp(max=capacity - 1)[:, None, None].expand(b, k, 1)
-    sequences = sequences.scatter(2, column, tokens[..., None])
-    trie_states = trie.advance(state.trie_states.gather(1, parents).reshape(-1), tokens.reshape(-1)).view(b, k)
+    sequences = torch.where(
+        grow[:, None, None], parent_sequences.scatter(2, column, tokens[..., None]), parent_sequences
+    )
+    parent_states = state.trie_states.gather(1, parents)
+    advanced = trie.advance(parent_states.reshape(-1), tokens.reshape(-1)).view(b, k)
     visible = state.visible.gather(1, parents[..., None].expand(b, k, state.visible.shape[2]))
     return dataclasses.replace(
-        state, sequences=sequences, scores=scores, trie_states=trie_states, visible=visible, depth=state.depth + 1
+        state,
+        sequences=sequences,
+        scores=scores,
+        trie_states=torch.where(grow[:, None], advanced, parent_states),
+        visible=visible,
+        depth=state.depth + grow.long(),
     )
 
 

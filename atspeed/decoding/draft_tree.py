@@ -77,6 +77,12 @@ class NodeTable:
     trie_states: torch.Tensor  # [B, Q]
     draft_visible: torch.Tensor  # [B, Q, S_draft]
 
+    def as_beams(self, visible: torch.Tensor, depth: torch.Tensor, fed: torch.Tensor, prompt_lengths) -> BeamState:
+        """Every node as a beam (scores 0) of one model's cache, where ``visible`` [B, Q, S] is what nodes attend;
+        meaningful for the nodes at ``depth`` [B] of which ``fed`` [B] tokens are in that cache."""
+        scores = torch.zeros(self.trie_states.shape, device=self.trie_states.device)
+        return BeamState(self.sequences, scores, self.trie_states, visible, depth, fed, prompt_lengths)
+
 
 def _pad_positions(visible: torch.Tensor, length: int) -> torch.Tensor:
     return F.pad(visible, (0, length - visible.shape[2]))

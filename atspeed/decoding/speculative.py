@@ -107,15 +107,26 @@ def _compact(cache: DynamicCache, beams: BeamState) -> BeamState:
     return beams.gather_visible(index, kept)
 
 
-def _next_beams(
-    verdict: Verdict, table: NodeTable, node_visible: torch.Tensor, beams: BeamState, fed: torch.Tensor, trie
-) -> BeamState:
-    """The new beams of every row against one model's cache, given what each tree node attends there."""
-    depth = beams.depth + verdict.accepted  # depth of the parent nodes
-    view = BeamState(
-        table.sequences, table.trie_states.float(), table.trie_states, node_visible, depth, fed, beams.prompt_lengths
-    )
-    return extend(view, verdict.nodes, verdict.tokens, verdict.scores, trie)
+@dataclass(frozen=True)
+class DecodeOutputBuffer:
+    """Finished lists, filled as requests leave the batch: [B, K, L] and [B, K]."""
+
+    sequences: torch.Tensor
+    scores: torch.Tensor
+
+
+def _retire(
+    finished: torch.Tensor, rows: torch.Tensor, beams: tuple[BeamState, BeamState], caches, out: DecodeOutputBuffer
+) -> tuple[torch.Tensor, tuple[BeamState, BeamState]]:
+    """Copy finished rows' beams to ``out`` and drop them from the batch (states and both caches)."""
+    t_beams, d_beams = beams
+    done = finished.nonzero()[:, 0]
+    out.sequences[rows[done]] = t_beams.sequences[done, :, : out.sequences.shape[2]]
+    out.scores[rows[done]] = t_beams.scores[done]
+    going = (~finished).nonzero()[:, 0]
+    for cache in caches:
+        kv_cache.select_rows(cache, going)
+    return rows[going], (t_beams.select_rows(going), d_beams.select_rows(going))
 
 
 def speculative_decode(
@@ -138,62 +149,45 @@ def speculative_decode(
     b, device = input_ids.shape[0], input_ids.device
     select = functools.partial(select_sample, generator=generator) if sample else select_top
     clock = StageClock(device)
-    t_cache, d_cache = kv_cache.new_cache(), kv_cache.new_cache()
+    caches = (kv_cache.new_cache(), kv_cache.new_cache())  # target, draft
     clock.switch("verify")
-    logits = prefill(target, t_cache, input_ids, attention_mask)  # [B, V]
+    logits = prefill(target, caches[0], input_ids, attention_mask)  # [B, V]
     clock.switch("draft")
-    prefill(draft, d_cache, input_ids, attention_mask)
+    prefill(draft, caches[1], input_ids, attention_mask)
     clock.switch("other")
     root = root_state(attention_mask, levels + gamma + 1)
     first = select(candidates(logits[:, None], root.scores, root.trie_states, trie), num_beams, logits.shape[-1])
-    t_beams = d_beams = extend(root, *first, trie)
-    out_sequences = torch.zeros(b, num_beams, levels, dtype=torch.long, device=device)
-    out_scores = torch.zeros(b, num_beams, device=device)
-    target_calls = torch.ones(b, dtype=torch.long)
-    draft_calls = torch.ones(b, dtype=torch.long)
+    t_beams = d_beams = extend(root, *first, trie)  # both caches hold just the prompts: same view
+    out = DecodeOutputBuffer(
+        torch.zeros(b, num_beams, levels, dtype=torch.long, device=device), torch.zeros(b, num_beams, device=device)
+    )
+    target_calls, draft_calls = torch.ones(b, dtype=torch.long), torch.ones(b, dtype=torch.long)
     accepted: list[torch.Tensor] = []
     rows = torch.arange(b, device=device)  # original index of each row still decoding
-    finished = t_beams.depth >= levels
     while True:
+        finished = t_beams.depth >= levels
         if bool(finished.any()):
-            done = finished.nonzero()[:, 0]
-            out_sequences[rows[done]] = t_beams.sequences[done, :, :levels]
-            out_scores[rows[done]] = t_beams.scores[done]
-            going = (~finished).nonzero()[:, 0]
-            rows = rows[going]
-            t_beams, d_beams = t_beams.select_rows(going), d_beams.select_rows(going)
-            kv_cache.select_rows(t_cache, going)
-            kv_cache.select_rows(d_cache, going)
+            rows, (t_beams, d_beams) = _retire(finished, rows, (t_beams, d_beams), caches, out)
         if rows.numel() == 0:
             break
-        t_beams, d_beams = _compact(t_cache, t_beams), _compact(d_cache, d_beams)
+        t_beams, d_beams = _compact(caches[0], t_beams), _compact(caches[1], d_beams)
         g = min(gamma, int((levels - t_beams.depth).max()))
         clock.switch("draft")
-        tree, table = draft_tree(draft, d_cache, d_beams, trie, draft_beams, g, select)
+        tree, table = draft_tree(draft, caches[1], d_beams, trie, draft_beams, g, select)
         clock.switch("verify")
-        logits, node_visible = _verify_forward(target, t_cache, t_beams, tree)
+        logits, node_visible = _verify_forward(target, caches[0], t_beams, tree)
         verdict = _decide(logits, tree, table, t_beams, levels, trie, verify_level, generator)
         clock.switch("other")
         target_calls[rows.cpu()] += 1
         draft_calls[rows.cpu()] += g
         accepted.append(verdict.accepted.cpu())
-        parent_depth = t_beams.depth + verdict.accepted
-        # the draft never fed level g (its last drafted level)
-        d_fed = parent_depth - (verdict.accepted == g).long()
-        new_t = _next_beams(verdict, table, node_visible, t_beams, parent_depth, trie)
-        d_beams = _next_beams(verdict, table, table.draft_visible, t_beams, d_fed, trie)
-        full = table.sequences.gather(1, verdict.nodes[..., None].expand(-1, -1, table.sequences.shape[2]))
-        complete = verdict.complete[:, None, None]
-        t_beams = BeamState(
-            torch.where(complete, full, new_t.sequences),
-            new_t.scores,
-            new_t.trie_states,
-            new_t.visible,
-            torch.where(verdict.complete, parent_depth, new_t.depth),
-            new_t.fed,
-            new_t.prompt_lengths,
-        )
-        finished = t_beams.depth >= levels
-    scores, order = out_scores.sort(dim=1, descending=True, stable=True)
-    sequences = out_sequences.gather(1, order[..., None].expand_as(out_sequences))
+        # new beams = parent node (depth + accepted) + token, except rows already complete
+        depth = t_beams.depth + verdict.accepted
+        fed_by_draft = depth - (verdict.accepted == g).long()  # the draft never fed its last level
+        grow = ~verdict.complete
+        step = (verdict.nodes, verdict.tokens, verdict.scores, trie, grow)
+        t_beams = extend(table.as_beams(node_visible, depth, depth, t_beams.prompt_lengths), *step)
+        d_beams = extend(table.as_beams(table.draft_visible, depth, fed_by_draft, t_beams.prompt_lengths), *step)
+    scores, order = out.scores.sort(dim=1, descending=True, stable=True)
+    sequences = out.sequences.gather(1, order[..., None].expand_as(out.sequences))
     return DecodeOutput(sequences, scores, clock.stats(target_calls, draft_calls, accepted))
