@@ -30,7 +30,7 @@ class TokenTree:
     parents: torch.Tensor  # [B, G, N]
     tokens: torch.Tensor  # [B, G, N]
     log_q: torch.Tensor  # [B, G, N] the draft's log-probability of each drafted sequence among its candidates
-    candidate_log_q: tuple[torch.Tensor, ...]  # per level: [B, W_prev, V] draft log-probabilities of all candidates
+    candidate_log_q: tuple[torch.Tensor, ...]  # per level: [B, W_prev, V] draft log-probs of all candidates (relaxed)
 
     @property
     def levels(self) -> int:
@@ -77,11 +77,11 @@ class NodeTable:
     trie_states: torch.Tensor  # [B, Q]
     draft_visible: torch.Tensor  # [B, Q, S_draft]
 
-    def as_beams(self, visible: torch.Tensor, depth: torch.Tensor, fed: torch.Tensor, prompt_lengths) -> BeamState:
-        """Every node as a beam (scores 0) of one model's cache, where ``visible`` [B, Q, S] is what nodes attend;
-        meaningful for the nodes at ``depth`` [B] of which ``fed`` [B] tokens are in that cache."""
+    def as_beams(self, visible: torch.Tensor, depth: torch.Tensor, prompt_lengths: torch.Tensor) -> BeamState:
+        """Every node as a fed beam (scores 0) of the target's cache, where ``visible`` [B, Q, S] is what nodes
+        attend; meaningful for the nodes at ``depth`` [B]."""
         scores = torch.zeros(self.trie_states.shape, device=self.trie_states.device)
-        return BeamState(self.sequences, scores, self.trie_states, visible, depth, fed, prompt_lengths)
+        return BeamState(self.sequences, scores, self.trie_states, visible, depth, depth, prompt_lengths)
 
 
 def _pad_positions(visible: torch.Tensor, length: int) -> torch.Tensor:
@@ -96,6 +96,7 @@ def draft_tree(
     width: int,
     levels: int,
     select: Select,
+    keep_distributions: bool = False,
 ) -> tuple[TokenTree, NodeTable]:
     """Draft ``levels`` steps of ``width`` beams from ``beams`` (the target's K beams, their target scores).
 
@@ -114,7 +115,8 @@ def draft_tree(
         parents.append(p)
         tokens.append(t)
         log_q.append(s - norm)
-        cand_log_q.append((cand - norm).view(cand.shape[0], -1, vocab))
+        if keep_distributions:  # only relaxed verification's residual needs them
+            cand_log_q.append((cand - norm).view(cand.shape[0], -1, vocab))
         state = extend(state, p, t, s, trie)
     levels_states = [*fed_states, state]
     s_final = cache_length(cache)

@@ -12,6 +12,7 @@ One iteration for a batch of B requests (each at its own depth; SPEC section 5):
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 
@@ -173,7 +174,7 @@ def speculative_decode(
         t_beams, d_beams = _compact(caches[0], t_beams), _compact(caches[1], d_beams)
         g = min(gamma, int((levels - t_beams.depth).max()))
         clock.switch("draft")
-        tree, table = draft_tree(draft, caches[1], d_beams, trie, draft_beams, g, select)
+        tree, table = draft_tree(draft, caches[1], d_beams, trie, draft_beams, g, select, keep_distributions=sample)
         clock.switch("verify")
         logits, node_visible = _verify_forward(target, caches[0], t_beams, tree)
         verdict = _decide(logits, tree, table, t_beams, levels, trie, verify_level, generator)
@@ -181,13 +182,17 @@ def speculative_decode(
         target_calls[rows.cpu()] += 1
         draft_calls[rows.cpu()] += g
         accepted.append(verdict.accepted.cpu())
-        # new beams = parent node (depth + accepted) + token, except rows already complete
+        # new beams = parent node (depth + accepted) + token, except rows already complete; the draft's view of
+        # the same beams differs only in what they attend in its cache and in how much of them it has fed
         depth = t_beams.depth + verdict.accepted
-        fed_by_draft = depth - (verdict.accepted == g).long()  # the draft never fed its last level
-        grow = ~verdict.complete
-        step = (verdict.nodes, verdict.tokens, verdict.scores, trie, grow)
-        t_beams = extend(table.as_beams(node_visible, depth, depth, t_beams.prompt_lengths), *step)
-        d_beams = extend(table.as_beams(table.draft_visible, depth, fed_by_draft, t_beams.prompt_lengths), *step)
+        nodes = verdict.nodes[..., None]
+        view = table.as_beams(node_visible, depth, t_beams.prompt_lengths)
+        t_beams = extend(view, verdict.nodes, verdict.tokens, verdict.scores, trie, grow=~verdict.complete)
+        d_beams = dataclasses.replace(
+            t_beams,
+            visible=table.draft_visible.gather(1, nodes.expand(-1, -1, table.draft_visible.shape[2])),
+            fed=depth - (verdict.accepted == g).long(),  # the draft never fed its last drafted level
+        )
     scores, order = out.scores.sort(dim=1, descending=True, stable=True)
     sequences = out.sequences.gather(1, order[..., None].expand_as(out.sequences))
     return DecodeOutput(sequences, scores, clock.stats(target_calls, draft_calls, accepted))

@@ -16,6 +16,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from jsonargparse.typing import PositiveInt
+from transformers import AutoTokenizer
 
 from atspeed.data.datamodule import RecDataModule
 from atspeed.data.export_dir import INDEX_FILE, read_export
@@ -159,8 +160,6 @@ def _check_same_identifiers(target: str, draft: str) -> None:
     read_export(draft)
     if (Path(target) / INDEX_FILE).read_text() != (Path(draft) / INDEX_FILE).read_text():
         raise DataError(f"model.draft: {draft}/{INDEX_FILE} differs from the target's: different identifiers")
-    from transformers import AutoTokenizer
-
     vocabs = [
         AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False).get_vocab()
         for path in (target, draft)
