@@ -2,29 +2,38 @@
 
 Configs are OmegaConf-flavoured YAML (interpolation allowed), several ``--config`` files merge left to
 right, and dotted overrides such as ``--trainer.max_steps 10`` come last. Every run gets a checkpoint
-callback (``checkpoint.*``; ``last.ckpt`` every ``checkpoint.every_n_train_steps`` steps) and an
-interrupted fit refreshes ``last.ckpt`` on its way out, so ``fit ... --ckpt_path last`` resumes from the
-latest completed step. Checkpoints load with ``weights_only=True`` by default.
+callback (``checkpoint.*``; ``last.ckpt`` every ``checkpoint.every_n_train_steps`` steps, after the final step
+and when fit is interrupted), so ``fit ... --ckpt_path last`` resumes from the latest completed step.
+Checkpoints load with ``weights_only=True``.
+
+Exit codes: 0 done; 2 bad input (one message naming the key or file, before any model is built); 143 stopped
+by SIGTERM (what was complete is kept: ``last.ckpt`` in fit, the finished prediction batches in predict);
+1 interrupted by Ctrl-C or failed.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from jsonargparse.typing import NonNegativeInt, PositiveFloat, PositiveInt
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 import atspeed.modules.recommend
 import atspeed.modules.target_sft  # noqa: F401
-from atspeed.callbacks.checkpoint import SaveLastOnException
+from atspeed.callbacks.checkpoint import SaveLast
+from atspeed.callbacks.signals import StopPredictOnSigterm
 from atspeed.data.datamodule import EvalSpec, RecDataModule
 from atspeed.data.item_index import SemanticIdSpec
 from atspeed.errors import DataError
 from atspeed.models.build import LoraSpec, ModelSpec
+from atspeed.preflight import check_checkpoint, check_output_dir
 
 # Config dataclasses travel in checkpoint hyper-parameters; allow them through torch.load(weights_only=True).
 torch.serialization.add_safe_globals(
@@ -34,23 +43,69 @@ torch.serialization.add_safe_globals(
 TRAINER_DEFAULTS = {
     "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "runs"}},
 }
+SIGTERM_EXIT = 128 + 15
+
+
+# jsonargparse's lines that explain its own search (through Union types and class paths), not the user's mistake
+_PARSER_NOISE = (
+    "Does not validate against any of the Union subtypes",
+    "Subtypes:",
+    "Errors:",
+    "Expected a <class 'NoneType'>",
+    "Given value type:",
+    "Given value: Namespace(",
+    "Given value: NestedArg(",
+)
+
+
+def readable_error(message: str) -> str:
+    """jsonargparse's nested error report as one line: ``<dotted key>: <what is wrong>``."""
+    keys, details = [], []
+    for line in (raw.strip() for raw in message.strip().splitlines()):
+        line = line.removeprefix("- ")
+        if key := re.fullmatch(r'Parser key "([^"]+)":', line):
+            keys.append(key.group(1))
+        elif line.startswith("Problem with given class_path"):
+            keys.append("init_args")
+        elif line and not line.startswith(_PARSER_NOISE):
+            details.append(line.rstrip(":"))
+    text = "; ".join(dict.fromkeys(details)) or message.strip().splitlines()[0]
+    return f"{'.'.join(keys)}: {text}" if keys else text
+
+
+class AtspeedParser(LightningArgumentParser):
+    """Errors print one line (``error: ...``) and exit 2; the usage text is for ``--help``."""
+
+    def error(self, message: str, ex: Exception | None = None):
+        if not self.exit_on_error:
+            super().error(message, ex)
+        print(f"error: {readable_error(message)}", file=sys.stderr)
+        raise SystemExit(2)
 
 
 class AtspeedCLI(LightningCLI):
-    """LightningCLI with atspeed's data module, forced resumable checkpoints and one-line config errors."""
+    """LightningCLI with atspeed's data module, forced resumable checkpoints and one-line errors."""
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-        parser.add_lightning_class_args(SaveLastOnException, "save_on_exception")
-        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.every_n_train_steps": 100})
-        if "weights_only" in parser.get_defaults():
-            parser.set_defaults({"weights_only": True})
+        parser.add_lightning_class_args(SaveLast, "save_last")
+        parser.add_lightning_class_args(StopPredictOnSigterm, "sigterm")
+        # one name, one meaning: never last-v1.ckpt
+        defaults = {"save_last": True, "every_n_train_steps": 100, "enable_version_counter": False}
+        parser.set_defaults({f"checkpoint.{key}": value for key, value in defaults.items()})
 
-    def before_instantiate_classes(self) -> None:
-        config = self.config[self.subcommand] if self.subcommand else self.config
-        if config.checkpoint.dirpath is None:
-            root = config.trainer.default_root_dir or "."
-            config.checkpoint.dirpath = str(Path(root) / "checkpoints")
+    def _parse_ckpt_path(self) -> None:
+        """Right after parsing (LightningCLI reads the checkpoint's hyper-parameters next): check the run's paths
+        and the checkpoint, and load checkpoints with ``weights_only=True`` (Lightning's default is False)."""
+        subcommand = self.config.get("subcommand")
+        config = self.config[subcommand] if subcommand else self.config
+        try:
+            _check_run_config(subcommand, config)
+        except DataError as err:
+            self.parser.error(str(err))
+        if subcommand and "weights_only" in config and config.weights_only is None:
+            config.weights_only = True
+        super()._parse_ckpt_path()
 
     def instantiate_classes(self) -> None:
         try:
@@ -59,23 +114,80 @@ class AtspeedCLI(LightningCLI):
             self.parser.error(str(err))
 
 
+def _check_run_config(subcommand: str | None, config) -> None:
+    """Trainer values and paths that must be right before anything is built or written."""
+    trainer = config.trainer
+    if trainer.max_steps is not None and trainer.max_steps < -1:
+        raise DataError(f"trainer.max_steps must be -1 (no limit) or >= 0, got {trainer.max_steps}")
+    root = Path(trainer.default_root_dir or ".")
+    check_output_dir(root, "trainer.default_root_dir")
+    if config.checkpoint.dirpath is None:
+        config.checkpoint.dirpath = str(root / "checkpoints")
+    if subcommand is None or "ckpt_path" not in config:
+        return
+    last = Path(config.checkpoint.dirpath) / f"{ModelCheckpoint.CHECKPOINT_NAME_LAST}{ModelCheckpoint.FILE_EXTENSION}"
+    if config.ckpt_path == "last":
+        if last.is_file():
+            config.ckpt_path = str(last)
+        elif subcommand == "fit":
+            logging.getLogger("atspeed").info("no %s yet: starting a fresh fit", last)
+            config.ckpt_path = None
+        else:
+            raise DataError(f"--ckpt_path last: no {last} (checkpoint.dirpath)")
+    if config.ckpt_path is not None:
+        check_checkpoint(config.ckpt_path, "--ckpt_path")
+    elif subcommand == "fit" and last.exists():
+        raise DataError(
+            f"{last} exists from an earlier fit: resume it with --ckpt_path last, or give this run another "
+            "trainer.default_root_dir (or checkpoint.dirpath)"
+        )
+
+
+class _CurrentStderr(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time (pytest and notebooks replace it)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        super().emit(record)
+
+
 def _show_atspeed_logs() -> None:
     """atspeed's own INFO messages (dataset sizes, collisions resolved, exports) go to stderr."""
     logger = logging.getLogger("atspeed")
     if not logger.handlers:
-        handler = logging.StreamHandler()
+        handler = _CurrentStderr()
         handler.setFormatter(logging.Formatter("[atspeed] %(message)s"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
 
 
+def _config_files(args: list[str]) -> Iterator[Path]:
+    for i, arg in enumerate(args):
+        if arg in ("--config", "-c") and i + 1 < len(args):
+            yield Path(args[i + 1])
+        elif arg.startswith("--config="):
+            yield Path(arg.split("=", 1)[1])
+
+
+def _check_config_files(args: list[str]) -> None:
+    """Each ``--config`` file that exists must be UTF-8 text (jsonargparse would end in a decoding traceback)."""
+    for path in _config_files(args):
+        if path.is_file():
+            try:
+                path.read_text(encoding="utf-8")
+            except UnicodeDecodeError as err:
+                raise DataError(f"--config {path}: not a text YAML file (byte {err.start} is not UTF-8)") from None
+
+
 def main(args: list[str] | None = None, run: bool = True) -> AtspeedCLI:
-    """Run the CLI (``args`` default to ``sys.argv[1:]``); data errors end with one message and exit code 2."""
+    """Run the CLI (``args`` default to ``sys.argv[1:]``): exit 2 on bad input, 143 when stopped by SIGTERM."""
     _show_atspeed_logs()
     try:
+        _check_config_files(sys.argv[1:] if args is None else args)
         return AtspeedCLI(
             datamodule_class=RecDataModule,
             subclass_mode_model=True,
+            parser_class=AtspeedParser,
             parser_kwargs={"parser_mode": "omegaconf"},
             save_config_kwargs={"overwrite": True},
             trainer_defaults=TRAINER_DEFAULTS,
@@ -85,3 +197,6 @@ def main(args: list[str] | None = None, run: bool = True) -> AtspeedCLI:
     except DataError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from err
+    except SIGTERMException as err:  # Lightning's SIGTERM exit carries no code: a scheduler would read success
+        print("stopped by SIGTERM: what was complete is saved", file=sys.stderr)
+        raise SystemExit(SIGTERM_EXIT) from err

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.utilities import rank_zero_only
 
 from atspeed.atomic import write_text_atomic
+from atspeed.callbacks.predictions import output_path
+from atspeed.preflight import check_new_file
 
 log = logging.getLogger(__name__)
 
@@ -18,21 +19,27 @@ log = logging.getLogger(__name__)
 class DecodeReport(pl.Callback):
     """After ``predict``: write the module's ``results`` (Recall/NDCG, calls, acceptance, timing) as JSON."""
 
-    def __init__(self, path: str | None = None) -> None:
+    def __init__(self, path: str | None = None, overwrite: bool = False) -> None:
         """
         Args:
             path: the JSON file (default: ``<trainer.default_root_dir>/report.json``), written atomically (rank 0
-                only; metrics are already gathered over ranks).
+                only; metrics are already gathered over ranks) when every request is decoded.
+            overwrite: replace an existing report; by default a second predict into the same place stops first.
         """
         super().__init__()
         self.path = path
+        self.overwrite = overwrite
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "predict":
+            check_new_file(output_path(trainer, self.path, "report.json"), "DecodeReport.path", self.overwrite)
 
     @rank_zero_only
     def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         results = getattr(pl_module, "results", None)
         if not results:
             return
-        path = Path(self.path) if self.path else Path(trainer.default_root_dir) / "report.json"
+        path = output_path(trainer, self.path, "report.json")
         write_text_atomic(path, json.dumps(results, indent=2) + "\n")
         log.info("wrote the decode report to %s", path)
 

@@ -1,35 +1,83 @@
-"""Write ``predict`` results as JSON lines (one request per line), atomically, at the end of the epoch."""
+"""Write ``predict`` results as JSON lines (one request per line): streamed batch by batch to ``<path>.partial``,
+renamed to ``path`` when every request is done, so an interrupted decode keeps its completed batches."""
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
+from typing import IO
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-from atspeed.atomic import write_text_atomic
+from atspeed.preflight import check_new_file
 
 log = logging.getLogger(__name__)
+KEY = "JsonlPredictionWriter.path"
+
+
+def output_path(trainer: pl.Trainer, path: str | None, default_name: str) -> Path:
+    """``path``, or ``<trainer.default_root_dir>/<default_name>``."""
+    return Path(path) if path else Path(trainer.default_root_dir) / default_name
 
 
 class JsonlPredictionWriter(BasePredictionWriter):
     """Each ``predict_step`` returns a list of JSON-serialisable dicts; all of them land in ``path``."""
 
-    def __init__(self, path: str | None = None) -> None:
+    def __init__(self, path: str | None = None, overwrite: bool = False) -> None:
         """
         Args:
             path: output file (default: ``<trainer.default_root_dir>/predictions.jsonl``); with several processes,
                 rank r writes ``<stem>.rank<r><suffix>``.
+            overwrite: replace an existing file at ``path``; by default a second predict into the same place stops
+                before decoding.
         """
-        super().__init__(write_interval="epoch")
+        super().__init__(write_interval="batch")
         self.path = path
+        self.overwrite = overwrite
+        self._handle: IO[str] | None = None
+        self._rows = 0
 
-    def write_on_epoch_end(self, trainer: pl.Trainer, pl_module, predictions, batch_indices) -> None:
-        path = Path(self.path) if self.path else Path(trainer.default_root_dir) / "predictions.jsonl"
+    def _path(self, trainer: pl.Trainer) -> Path:
+        path = output_path(trainer, self.path, "predictions.jsonl")
         if trainer.world_size > 1:
             path = path.with_name(f"{path.stem}.rank{trainer.global_rank}{path.suffix}")
-        rows = [row for batch in predictions for row in batch]
-        write_text_atomic(path, "".join(json.dumps(row) + "\n" for row in rows))
-        log.info("wrote %d predictions to %s", len(rows), path)
+        return path
+
+    def _partial(self, trainer: pl.Trainer) -> Path:
+        path = self._path(trainer)
+        return path.with_name(path.name + ".partial")
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "predict":
+            check_new_file(self._path(trainer), KEY, self.overwrite)
+
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        partial = self._partial(trainer)
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        self._handle, self._rows = open(partial, "w", encoding="utf-8"), 0  # noqa: SIM115 (closed at the end)
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
+        self._handle.write("".join(json.dumps(row) + "\n" for row in prediction))
+        self._handle.flush()
+        self._rows += len(prediction)
+
+    def _close(self) -> None:
+        if self._handle is not None:
+            self._handle.flush()
+            os.fsync(self._handle.fileno())
+            self._handle.close()
+            self._handle = None
+
+    def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._close()
+        path = self._path(trainer)
+        os.replace(self._partial(trainer), path)
+        log.info("wrote %d predictions to %s", self._rows, path)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if self._handle is not None:
+            self._close()
+            log.warning("predict stopped: the %d completed requests are in %s", self._rows, self._partial(trainer))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import random
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -19,7 +18,7 @@ from atspeed.data.batches import EvalCollator, PromptEncoder, TrainCollator
 from atspeed.data.export_dir import INDEX_FILE, read_export
 from atspeed.data.item_index import SemanticIdSpec, align_items, build_index, load_index
 from atspeed.data.prompts import PAPER_PROMPT, check_template, render_prompt
-from atspeed.data.sampler import ResumableSampler
+from atspeed.data.sampler import resumable_loader
 from atspeed.data.schema import Interactions
 from atspeed.data.sources import LoadOptions, SourceName, embedded_dataset_path, load_source
 from atspeed.data.sources.common import require_dir, require_file
@@ -30,10 +29,6 @@ from atspeed.items.trie import PrefixTrie
 from atspeed.models.tokenizer import build_word_tokenizer, load_tokenizer, token_ids
 
 log = logging.getLogger(__name__)
-
-# train_dataloader() continues an interrupted epoch itself (ResumableSampler), so Lightning's warning that a
-# plain DataLoader restarts the epoch does not apply to atspeed's loaders.
-warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
 
 
 @dataclass(frozen=True)
@@ -227,26 +222,18 @@ class RecDataModule(pl.LightningDataModule):
     def _eval_pairs(self, requests: list[tuple]) -> list[tuple]:
         return [(history, t) for _, history, targets in requests for t in targets]
 
-    def _loader(self, items: list, collate, batch_size: int, sampler: ResumableSampler | None = None) -> DataLoader:
-        return DataLoader(
-            items, batch_size=batch_size, sampler=sampler, collate_fn=collate, num_workers=self.hparams.num_workers
-        )
+    def _loader(self, items: list, collate, batch_size: int) -> DataLoader:
+        return DataLoader(items, batch_size=batch_size, collate_fn=collate, num_workers=self.hparams.num_workers)
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled training pairs; after a mid-epoch resume, the epoch continues where it stopped."""
+        """Shuffled training pairs; Lightning checkpoints the loader's position, so a resumed epoch continues."""
         pairs = training_pairs(self.prepared.split.train, self.hparams.train_samples, self.hparams.max_history)
         if not pairs:
             raise DataError(f"dataset {self.prepared.data.name}: no training samples (data.train_samples)")
-        sampler = ResumableSampler(len(pairs), seed=self.hparams.seed)
-        trainer = self.trainer
-        if trainer is not None and trainer.global_step:
-            # batches this epoch = optimizer steps taken x accumulation - whole epochs before it
-            per_rank = self.hparams.batch_size * trainer.world_size
-            per_epoch = -(-len(pairs) // per_rank)
-            done = trainer.global_step * trainer.accumulate_grad_batches - trainer.current_epoch * per_epoch
-            sampler.set_epoch(trainer.current_epoch)
-            sampler.resume_at(min(max(done, 0), per_epoch) * per_rank)
-        return self._loader(pairs, TrainCollator(self.prepared.encoder), self.hparams.batch_size, sampler)
+        hp, trainer = self.hparams, self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        collate = TrainCollator(self.prepared.encoder)
+        return resumable_loader(pairs, hp.batch_size, collate, hp.seed, hp.num_workers, rank, world)
 
     def _eval_loaders(self, requests: list[tuple]) -> list[DataLoader]:
         enc = self.prepared.encoder

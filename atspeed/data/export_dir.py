@@ -6,10 +6,10 @@ model was trained with) and ``atspeed.json`` (prompt, max_history, levels, const
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
+from atspeed.data.json_file import read_json
 from atspeed.errors import DataError
 
 INDEX_FILE = "index.json"
@@ -32,10 +32,7 @@ def read_export(model_dir: str | Path) -> dict[str, Any]:
     path = root / META_FILE
     if not path.is_file():
         raise DataError(f"{root}: no {META_FILE} (prompt and identifier settings of the export)")
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise DataError(f"{path}:{err.lineno}:{err.colno}: invalid JSON: {err.msg}") from None
+    meta = read_json(path, META_FILE)
     missing = [key for key in REQUIRED_META if not isinstance(meta, dict) or key not in meta]
     if missing:
         raise DataError(f"{path}: missing {', '.join(missing)}")

@@ -13,26 +13,18 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from atspeed.atomic import write_text_atomic
+from atspeed.data.json_file import read_json
 from atspeed.errors import DataError
 
 
 def read_index(path: str | os.PathLike[str]) -> dict[str, list[str]]:
     """Read an index JSON file into ``{item_id: [token, ...]}`` (file order kept).
 
-    Raises DataError naming the path for a missing file, invalid JSON (with line and column) or a wrong
-    structure (naming the offending key).
+    Raises DataError naming the path for a missing file, invalid JSON (with line and column), a duplicate item
+    key (with its line) or a wrong structure (naming the offending key).
     """
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise DataError(f"{path}: index file not found") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise DataError(f"{path}: cannot read index file: {err}") from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise DataError(f"{path}:{err.lineno}:{err.colno}: invalid JSON: {err.msg}") from None
+    data = read_json(path, "index file")
     if not isinstance(data, dict):
         raise DataError(
             f"{path}: expected a JSON object mapping item id to a list of tokens, got {type(data).__name__}"

@@ -1,36 +1,61 @@
-"""A seeded shuffling sampler that can start mid-epoch, so a resumed fit sees exactly the batches it had left."""
+"""The training loader: a seeded shuffle per epoch whose position Lightning checkpoints, so resume is exact."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
 
-import torch
-from torch.utils.data import Sampler
+from torch.utils.data import DistributedSampler
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 
-class ResumableSampler(Sampler[int]):
-    """Shuffles ``size`` indices with a generator seeded by (seed, epoch); ``resume_at`` skips served samples.
+class ResumableLoader(StatefulDataLoader):
+    """torchdata's ``StatefulDataLoader`` over a ``DistributedSampler`` (order = f(seed, epoch), this rank's share).
 
-    Lightning calls ``set_epoch`` before each epoch. The skip applies to the next iteration only.
+    Lightning saves ``state_dict()`` of every stateful loader in each checkpoint and loads it before the resumed
+    epoch, so training continues with the very batch it would have seen next. Two gaps are closed here:
+
+    - Lightning creates the resumed epoch's iterator before it calls ``set_epoch``, so the sampler's epoch travels in
+      the state and is restored first (otherwise a run resumed in epoch e > 0 replays epoch 0's order).
+    - A checkpoint written after an epoch's last batch holds an exhausted iterator, and Lightning, which has already
+      counted that epoch as done, would replay it as an empty epoch: such a state is saved as the next epoch's start.
     """
 
-    def __init__(self, size: int, seed: int = 0) -> None:
-        self.size = size
-        self.seed = seed
-        self.epoch = 0
-        self._skip = 0
+    def state_dict(self) -> dict[str, Any]:
+        state, epoch = super().state_dict(), self.sampler.epoch
+        if _batches_served(state) >= len(self):
+            return {"epoch": epoch + 1, "loader": {}}  # an empty loader state = start the epoch afresh
+        return {"epoch": epoch, "loader": state}
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.sampler.set_epoch(state_dict["epoch"])
+        super().load_state_dict(state_dict["loader"])
 
-    def resume_at(self, samples_served: int) -> None:
-        self._skip = max(0, samples_served)
 
-    def __iter__(self) -> Iterator[int]:
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        order = torch.randperm(self.size, generator=generator)[self._skip :]
-        self._skip = 0
-        return iter(order.tolist())
+def _batches_served(state: dict[str, Any]) -> int:
+    """Batches the loader's iterator has yielded this epoch (single-process and worker-process state layouts)."""
+    if "_snapshot" in state:
+        return int(state["_snapshot"]["_snapshot_step"])
+    return int(state.get("_num_yielded", 0))
 
-    def __len__(self) -> int:
-        return self.size - self._skip
+
+def resumable_loader(
+    items: Sequence,
+    batch_size: int,
+    collate_fn: Callable,
+    seed: int,
+    num_workers: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+) -> ResumableLoader:
+    """Batches of this rank's share of ``items``, shuffled by (seed, epoch): the same order whether resumed or not.
+
+    A ``DistributedSampler`` even with one process, so Lightning keeps it under DDP instead of wrapping it.
+    """
+    sampler = DistributedSampler(items, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
+    with warnings.catch_warnings():  # torchdata 0.11 calls torch.set_vital, which torch >= 2.10 deprecates
+        warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
+        return ResumableLoader(
+            items, batch_size=batch_size, sampler=sampler, collate_fn=collate_fn, num_workers=num_workers
+        )

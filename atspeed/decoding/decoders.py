@@ -21,6 +21,7 @@ from atspeed.decoding.beam_search import beam_search
 from atspeed.decoding.hf_generate import hf_generate
 from atspeed.decoding.output import DecodeOutput
 from atspeed.decoding.speculative import speculative_decode
+from atspeed.errors import DataError
 from atspeed.items.trie import PrefixTrie
 
 DecoderName = Literal["beam", "spec_strict", "spec_relaxed", "hf_beam"]
@@ -112,9 +113,16 @@ def check_models(name: DecoderName, target: torch.nn.Module, draft: torch.nn.Mod
             )
 
 
-def check_context(model: torch.nn.Module, prompt_tokens: int, levels: int, what: str = "target") -> None:
-    """Prompts of ``prompt_tokens`` plus ``levels`` identifier tokens must fit the model's context."""
-    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+def check_list_length(k: int, num_items: int, key: str) -> None:
+    """A top-``k`` list of distinct items needs at least ``k`` items in the index."""
+    if k > num_items:
+        raise DataError(f"{key}: K = {k} exceeds the {num_items} items of the index: lists hold distinct items")
+
+
+def check_context(model, prompt_tokens: int, levels: int, what: str = "target") -> None:
+    """Prompts of ``prompt_tokens`` plus ``levels`` identifier tokens must fit the context of ``model`` (a model,
+    or its config alone, so the check can run before any weights load)."""
+    limit = getattr(getattr(model, "config", model), "max_position_embeddings", None)
     if limit is not None and prompt_tokens + levels > limit:
         raise ValueError(
             f"prompts of {prompt_tokens} tokens + {levels} identifier tokens exceed the {what}'s context of {limit} "

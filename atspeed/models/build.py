@@ -7,7 +7,15 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 
 @dataclass
@@ -53,6 +61,20 @@ class LoraSpec:
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
     train_new_tokens: bool = True
     """Train the identifier tokens' embedding and output rows (peft trainable tokens)."""
+
+
+def model_config(spec_or_path: ModelSpec | str | Path) -> PretrainedConfig | None:
+    """The config of a local checkpoint (read without loading weights); None for a Llama built from sizes."""
+    path = spec_or_path.path if isinstance(spec_or_path, ModelSpec) else spec_or_path
+    if path is None:
+        return None
+    return AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+
+
+def context_length(spec: ModelSpec) -> int | None:
+    """Positions the model of ``spec`` can attend, known before it is built (None: no fixed limit)."""
+    config = model_config(spec)
+    return spec.max_positions if config is None else getattr(config, "max_position_embeddings", None)
 
 
 def build_causal_lm(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase, seed: int = 0) -> PreTrainedModel:

@@ -20,11 +20,19 @@ from transformers import AutoTokenizer
 
 from atspeed.data.datamodule import RecDataModule
 from atspeed.data.export_dir import INDEX_FILE, read_export
-from atspeed.decoding.decoders import SPECULATIVE, DecoderName, DecodeSettings, check_context, check_settings, decode
+from atspeed.decoding.decoders import (
+    SPECULATIVE,
+    DecoderName,
+    DecodeSettings,
+    check_context,
+    check_list_length,
+    check_settings,
+    decode,
+)
 from atspeed.decoding.output import DecodeStats
 from atspeed.errors import DataError
 from atspeed.metrics.ranking import RankingMetrics
-from atspeed.models.build import load_model
+from atspeed.models.build import load_model, model_config
 
 log = logging.getLogger(__name__)
 
@@ -83,22 +91,27 @@ class Recommender(pl.LightningModule):
         pad = self.dm.prepared.tokenizer.pad_token_id
         return DecodeSettings(hp.num_beams, int(self.meta["levels"]), hp.draft_beams, hp.gamma, pad, hp.seed)
 
+    def setup(self, stage: str) -> None:
+        """Before any weights load: same identifiers as the target, prompts that fit both contexts, K <= items."""
+        hp, prepared = self.hparams, self.dm.prepared
+        if prepared.index.to_mapping() != json.loads((Path(hp.target) / INDEX_FILE).read_text()):
+            raise DataError(f"data: the item index differs from {hp.target}/{INDEX_FILE}; set data.model_dir")
+        check_list_length(hp.num_beams, len(prepared.index), "model.num_beams")
+        longest, levels = self.dm.longest_prompt(), int(self.meta["levels"])
+        try:
+            check_context(model_config(hp.target), longest, levels)
+            if hp.decoder in SPECULATIVE:
+                check_context(model_config(hp.draft), longest, levels, "draft")
+        except ValueError as err:
+            raise DataError(str(err)) from None
+
     def configure_model(self) -> None:
         if self.target_model is not None:
             return
         hp = self.hparams
-        if self.dm.prepared.index.to_mapping() != json.loads((Path(hp.target) / INDEX_FILE).read_text()):
-            raise DataError(f"data: the item index differs from {hp.target}/{INDEX_FILE}; set data.model_dir")
         self.target_model = load_model(hp.target, hp.dtype)
         if hp.decoder in SPECULATIVE:
             self.draft_model = load_model(hp.draft, hp.dtype)
-        longest, levels = self.dm.longest_prompt(), int(self.meta["levels"])
-        try:
-            check_context(self.target_model, longest, levels)
-            if self.draft_model is not None:
-                check_context(self.draft_model, longest, levels, "draft")
-        except ValueError as err:  # before any request is decoded: one message, exit 2
-            raise DataError(str(err)) from None
 
     def on_predict_start(self) -> None:
         self.generator = torch.Generator(device=self.device).manual_seed(self.hparams.seed)

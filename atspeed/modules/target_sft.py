@@ -14,9 +14,10 @@ from transformers import PreTrainedModel, get_cosine_schedule_with_warmup
 
 from atspeed.data.batches import IGNORE
 from atspeed.data.datamodule import RecDataModule
-from atspeed.decoding.decoders import DecodeSettings, decode
+from atspeed.decoding.decoders import DecodeSettings, check_list_length, decode
+from atspeed.errors import DataError
 from atspeed.metrics.ranking import RankingMetrics, popularity_ranking
-from atspeed.models.build import LoraSpec, ModelSpec, apply_lora, build_causal_lm
+from atspeed.models.build import LoraSpec, ModelSpec, apply_lora, build_causal_lm, context_length
 
 
 class TargetSFT(pl.LightningModule):
@@ -63,18 +64,23 @@ class TargetSFT(pl.LightningModule):
     def dm(self) -> RecDataModule:
         return self.trainer.datamodule
 
+    def setup(self, stage: str) -> None:
+        """Before any model is built: prompts fit its context and every list can be filled with distinct items."""
+        prepared = self.dm.prepared
+        longest = self.dm.longest_prompt() + prepared.index.levels + 1
+        limit = context_length(self.spec)
+        if limit is not None and longest > limit:
+            raise DataError(
+                f"prompts of {longest} tokens exceed the model's context ({limit}): "
+                "lower data.max_history or raise model.max_positions"
+            )
+        check_list_length(max(self.hparams.eval_ks), len(prepared.index), "model.eval_ks")
+
     def configure_model(self) -> None:
         if self.model is not None:
             return
         prepared = self.dm.prepared
         model = build_causal_lm(self.spec, prepared.tokenizer, seed=self.hparams.seed)
-        longest = self.dm.longest_prompt() + prepared.index.levels + 1
-        limit = getattr(model.config, "max_position_embeddings", None)
-        if limit is not None and longest > limit:
-            raise ValueError(
-                f"prompts of {longest} tokens exceed the model's context ({limit}): "
-                "lower data.max_history or raise model.max_positions"
-            )
         if self.lora is not None:
             new_ids = sorted(set(prepared.item_token_ids.flatten().tolist()))
             model = apply_lora(model, self.lora, new_ids)
@@ -160,6 +166,12 @@ class TargetSFT(pl.LightningModule):
         """Print the final validation metrics beside the most-popular baseline."""
         nan = float("nan")
         found, baseline = self.trainer.callback_metrics, self.baseline.get("val", {})
+        if not any(key.startswith("val/recall@") for key in found):
+            rank_zero_info(
+                "no validation ran during this fit (trainer.val_check_interval beyond the steps trained?): "
+                "`python -m atspeed validate --config ... --ckpt_path last` measures the model"
+            )
+            return
         lines = [f"{'metric':<14}{'model':>10}{'most-popular':>14}"]
         for name in (f"{m}@{k}" for m in ("recall", "ndcg") for k in self.hparams.eval_ks):
             model, pop = found.get(f"val/{name}", nan), baseline.get(f"val/pop_{name}", nan)

@@ -1,27 +1,49 @@
-"""Each bad input ends in one clear message naming the key, file or line, and leaves no output behind."""
+"""Hostile inputs: each ends in one clear message naming the key, file or line (exit 2, no usage text, no
+traceback), before any model is built, and loses nothing that was there. This file grows with every stage: add
+the new stage's own cases here."""
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from atspeed.cli import main
 from atspeed.models.tokenizer import build_word_tokenizer
-from tests.integration.tiny_data import tiny_args, write_processed
+from tests.integration.tiny_data import decode_args, tiny_args, write_processed
 
 
-def fails(args: list[str], capsys) -> str:
+def fails(args: list[str], capsys, subcommand: str = "fit") -> str:
+    """Run the CLI expecting exit 2; return stderr after checking it is one message, not usage text or a traceback."""
+    capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", *args])
+        main([subcommand, *args])
     assert exit_info.value.code == 2
-    return capsys.readouterr().err
+    err = capsys.readouterr().err
+    messages = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(messages) == 1, err
+    assert "usage:" not in err and "Traceback" not in err, err
+    return messages[0]
 
 
 @pytest.fixture
 def data(tmp_path) -> Path:
     return write_processed(tmp_path / "data")
+
+
+@pytest.fixture(autouse=True)
+def no_model_built(monkeypatch) -> None:
+    """Every case here must stop before a model is built or loaded."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was built before the bad input was reported")
+
+    monkeypatch.setattr("atspeed.modules.target_sft.build_causal_lm", refuse)
+    monkeypatch.setattr("atspeed.modules.recommend.load_model", refuse)
 
 
 @pytest.mark.parametrize(
@@ -91,5 +113,183 @@ def test_tokenizer_without_identifier_tokens(data, tmp_path, capsys) -> None:
 
 
 def test_prompt_longer_than_the_context(data, tmp_path, capsys) -> None:
-    with pytest.raises(ValueError, match=r"model\.max_positions"):
-        main(["fit", *tiny_args(data, tmp_path / "run", "--model.init_args.model.max_positions", "8")])
+    err = fails(tiny_args(data, tmp_path / "run", "--model.init_args.model.max_positions", "8"), capsys)
+    assert "model.max_positions" in err and "exceed the model's context (8)" in err
+
+
+def test_duplicate_key_in_the_index_names_file_and_line(data, tmp_path, capsys) -> None:
+    index = json.loads((data / "tiny.index.json").read_text())
+    lines = [f'"{key}": {json.dumps(codes)}' for key, codes in index.items()]
+    lines.insert(9, '"3": ["<a_3>", "<b_0>"]')  # a second item "3", out of its codebook too
+    (data / "tiny.index.json").write_text("{\n" + ",\n".join(lines) + "\n}\n")
+    err = fails(tiny_args(data, tmp_path / "run"), capsys)
+    assert "tiny.index.json:11" in err and "duplicate key '3'" in err
+
+
+@pytest.mark.parametrize("max_steps", ["-5", "-2"])
+def test_negative_max_steps(data, tmp_path, capsys, max_steps) -> None:
+    err = fails(tiny_args(data, tmp_path / "run", "--trainer.max_steps", max_steps), capsys)
+    assert "trainer.max_steps" in err
+
+
+def test_list_longer_than_the_number_of_items(data, tmp_path, capsys) -> None:
+    err = fails(tiny_args(data, tmp_path / "run", "--model.init_args.eval_ks", "[1, 20]"), capsys)
+    assert "model.eval_ks" in err and "K = 20 exceeds the 16 items" in err
+
+
+def test_binary_config_file(data, tmp_path, capsys) -> None:
+    config = tmp_path / "model.yaml"
+    config.write_bytes(bytes(range(256)) * 4)
+    err = fails([*tiny_args(data, tmp_path / "run"), "--config", str(config)], capsys)
+    assert "model.yaml" in err
+
+
+@pytest.mark.parametrize("kind", ["file", "under_a_file"])
+def test_output_directory_that_cannot_be_one(data, tmp_path, capsys, kind) -> None:
+    blocker = tmp_path / "taken"
+    blocker.write_text("the user's file\n")
+    out = blocker if kind == "file" else blocker / "run"
+    err = fails([*tiny_args(data, tmp_path / "run"), "--trainer.default_root_dir", str(out)], capsys)
+    assert "trainer.default_root_dir" in err and str(blocker) in err
+    assert blocker.read_text() == "the user's file\n"
+
+
+def test_read_only_output_directory(data, tmp_path, capsys, monkeypatch) -> None:
+    root = tmp_path / "readonly"
+    root.mkdir()
+    real_access = os.access
+    # root ignores permission bits, so the refusal the OS would give is simulated for this one directory
+    monkeypatch.setattr(os, "access", lambda p, mode: Path(p) != root and real_access(p, mode))
+    err = fails([*tiny_args(data, tmp_path / "run"), "--trainer.default_root_dir", str(root / "run")], capsys)
+    assert "trainer.default_root_dir" in err and "not writable" in err
+
+
+def _tiny_checkpoint(tmp_path: Path, data: Path) -> Path:
+    """A real checkpoint of a two-step fit (built outside the no-model-built guard)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.undo()
+        import atspeed.models.build as build
+
+        patch.setattr("atspeed.modules.target_sft.build_causal_lm", build.build_causal_lm)
+        main(["fit", *tiny_args(data, tmp_path / "ok", "--trainer.max_steps", "2")])
+    return tmp_path / "ok" / "checkpoints" / "last.ckpt"
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "missing", "not_a_checkpoint", "malicious"])
+def test_bad_checkpoint_path(data, tmp_path, capsys, damage) -> None:
+    bad = tmp_path / "bad.ckpt"
+    proof = tmp_path / "payload-ran"
+    if damage == "truncated":
+        good = _tiny_checkpoint(tmp_path, data).read_bytes()
+        bad.write_bytes(good[: len(good) // 2])
+    elif damage == "empty":
+        bad.write_bytes(b"")
+    elif damage == "not_a_checkpoint":
+        torch.save(torch.zeros(3), bad)
+    elif damage == "malicious":
+        torch.save({"state_dict": {}, "payload": _Payload(str(proof))}, bad)
+    for subcommand in ("fit", "validate"):
+        err = fails([*tiny_args(data, tmp_path / "run"), "--ckpt_path", str(bad)], capsys, subcommand)
+        assert "--ckpt_path" in err and "bad.ckpt" in err
+    assert not proof.exists(), "the checkpoint's pickled code ran"
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+class _Payload:
+    """Unpickling this runs code: a weights-only load must refuse it."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.path),))
+
+
+def test_fresh_fit_into_a_directory_with_a_last_checkpoint(data, tmp_path, capsys) -> None:
+    last = _tiny_checkpoint(tmp_path, data)
+    before = last.read_bytes()
+    err = fails(tiny_args(data, tmp_path / "ok", "--trainer.max_steps", "2"), capsys)
+    assert "--ckpt_path last" in err and str(last) in err
+    assert last.read_bytes() == before
+
+
+# -- predict ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--model.init_args.draft_beams", "2"], "draft_beams"),
+        (["--model.init_args.gamma", "0"], "gamma"),
+        (["--model.init_args.eval_ks", "[5]"], "eval_ks"),
+        (["--model.init_args.decoder", "beam", "--model.init_args.num_beams", "17"], "model.num_beams: K = 17 exceeds"),
+    ],
+)
+def test_bad_decode_settings_fail_before_loading(exported, tmp_path, capsys, extra, message) -> None:
+    err = fails(decode_args(exported, tmp_path, *extra), capsys, "predict")
+    assert message in err
+
+
+def test_a_draft_with_another_tokenizer_or_no_index_is_refused(exported, tmp_path, capsys) -> None:
+    draft = exported[2]
+    bad = tmp_path / "draft"
+    shutil.copytree(draft, bad)
+    (bad / "index.json").unlink()
+    args = decode_args(exported, tmp_path / "o", "--model.init_args.draft", str(bad))
+    assert "without an item index" in fails(args, capsys, "predict")
+    shutil.copy(draft / "index.json", bad / "index.json")
+    vocab = json.loads((bad / "tokenizer.json").read_text())
+    vocab["added_tokens"][-1]["content"] = "<zz_0>"
+    (bad / "tokenizer.json").write_text(json.dumps(vocab))
+    assert "tokenizer" in fails(args, capsys, "predict")
+
+
+def test_prompts_longer_than_the_targets_context_are_refused_before_decoding(exported, tmp_path, capsys) -> None:
+    short = tmp_path / "short"
+    shutil.copytree(exported[1], short)
+    config = json.loads((short / "config.json").read_text())
+    config["max_position_embeddings"] = 8
+    (short / "config.json").write_text(json.dumps(config))
+    args = decode_args(exported, tmp_path / "o", "--model.init_args.target", str(short), "--data.model_dir", str(short))
+    assert "exceed the target's context of 8" in fails(args, capsys, "predict")
+    assert not (tmp_path / "o" / "p.jsonl").exists()
+
+
+def test_a_predictions_path_that_is_a_directory(exported, tmp_path, capsys) -> None:
+    (tmp_path / "p.jsonl").mkdir()
+    err = fails(decode_args(exported, tmp_path), capsys, "predict")
+    assert "JsonlPredictionWriter.path" in err and "is a directory" in err
+
+
+def test_a_second_predict_into_the_same_place_is_refused(exported, tmp_path, capsys, monkeypatch) -> None:
+    monkeypatch.undo()  # this case decodes once for real
+    main(["predict", *decode_args(exported, tmp_path, "--model.init_args.decoder", "beam")])
+    first = (tmp_path / "p.jsonl").read_text()
+    err = fails(decode_args(exported, tmp_path, "--model.init_args.decoder", "spec_strict"), capsys, "predict")
+    assert "p.jsonl exists" in err and "overwrite" in err
+    assert (tmp_path / "p.jsonl").read_text() == first
+
+
+# -- export ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("where", ["user_directory", "run_directory", "parent_of_the_run", "a_file"])
+def test_an_export_path_atspeed_did_not_write_is_refused_before_training(data, tmp_path, capsys, where) -> None:
+    run = tmp_path / "run"
+    target = (
+        {"user_directory": tmp_path / "mine", "run_directory": run, "parent_of_the_run": tmp_path}[where]
+        if where != "a_file"
+        else tmp_path / "model.bin"
+    )
+    if where == "user_directory":
+        target.mkdir()
+        (target / "notes.txt").write_text("keep me")
+    if where == "a_file":
+        target.write_text("keep me")
+    run.mkdir()
+    (run / "earlier.log").write_text("keep me")
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    err = fails(tiny_args(data, run, "--trainer.callbacks.init_args.dirpath", str(target)), capsys)
+    assert "ExportHuggingFace.dirpath" in err
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and p in before} == before
+    assert not (run / "checkpoints").exists(), "refused before training"

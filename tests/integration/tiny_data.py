@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 NUM_ITEMS = 16
 ROOT = Path(__file__).resolve().parents[2]
+DECODE_CONFIG = str(ROOT / "configs/tiny/decode.yaml")
 
 
 def identifier(item: int) -> list[str]:
@@ -45,3 +49,34 @@ def tiny_args(data_dir: Path, run_dir: Path, *extra: str) -> list[str]:
         str(run_dir / "hf"),
         *extra,
     ]
+
+
+def decode_args(exported, out: Path, *extra: str) -> list[str]:
+    data, target, draft = exported
+    callbacks = [
+        {
+            "class_path": "atspeed.callbacks.predictions.JsonlPredictionWriter",
+            "init_args": {"path": str(out / "p.jsonl")},
+        },
+        {"class_path": "atspeed.callbacks.decode_report.DecodeReport", "init_args": {"path": str(out / "r.json")}},
+        {"class_path": "atspeed.callbacks.decode_report.DecodeProgressBar"},
+    ]
+    return [
+        "--config", DECODE_CONFIG,
+        "--data.path", str(data),
+        "--data.model_dir", str(target),
+        "--model.init_args.target", str(target),
+        "--model.init_args.draft", str(draft),
+        "--trainer.default_root_dir", str(out),
+        "--trainer.callbacks", json.dumps(callbacks),
+        *extra,
+    ]  # fmt: skip
+
+
+def run_cli(subcommand: str, args: list[str], cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    """``python -m atspeed <subcommand> <args>`` in a fresh process (W&B offline; tests' helpers importable)."""
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(ROOT)}
+    return subprocess.run(
+        [sys.executable, "-m", "atspeed", subcommand, *args], cwd=cwd, env=env, capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip

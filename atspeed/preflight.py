@@ -1,0 +1,59 @@
+"""Checks made before any model is built or any output written: each failure is one DataError naming the key."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from pathlib import Path
+
+import torch
+
+from atspeed.errors import DataError
+
+
+def check_output_dir(path: str | Path, key: str) -> None:
+    """``path`` is a directory, or can be created as one, and is writable."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise DataError(f"{key}: {path} exists and is not a directory")
+    existing = next(p for p in (path, *path.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        raise DataError(f"{key}: cannot create {path}: {existing} is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise DataError(f"{key}: {existing} is not writable")
+
+
+def check_checkpoint(path: str | Path, key: str) -> None:
+    """``path`` is a Lightning checkpoint that loads under ``weights_only=True`` (read lazily, tensors not copied)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{key}: checkpoint not found: {path}")
+    if path.stat().st_size == 0:
+        raise DataError(f"{key}: {path} is empty")
+    if not zipfile.is_zipfile(path):
+        raise DataError(f"{key}: {path} is not a PyTorch checkpoint (truncated or another format)")
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as err:
+        reason = str(err).split("WeightsUnpickler error:")[-1].strip().splitlines()[0]
+        raise DataError(
+            f"{key}: {path} refused: it holds objects other than tensors and atspeed's config types ({reason})"
+        ) from None
+    except (RuntimeError, OSError, EOFError, ValueError) as err:
+        raise DataError(f"{key}: {path} cannot be read (truncated?): {str(err).splitlines()[0]}") from None
+    if not isinstance(loaded, dict) or "state_dict" not in loaded:
+        raise DataError(f"{key}: {path} is not a Lightning checkpoint (no state_dict)")
+
+
+def check_new_file(path: str | Path, key: str, overwrite: bool = False) -> None:
+    """``path`` can be written as a new file: not a directory, not an earlier output unless ``overwrite``."""
+    path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{key}: {path} is a directory, not a file path")
+    if path.exists() and not overwrite:
+        raise DataError(
+            f"{key}: {path} exists (an earlier run's output?): give this run another trainer.default_root_dir or "
+            "path, or set overwrite: true"
+        )
+    check_output_dir(path.parent, key)
