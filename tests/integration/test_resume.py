@@ -112,6 +112,7 @@ def _subprocess_fit(data: Path, run: Path, signal_name: str, step: int) -> subpr
     ("signal_name", "step", "returncode", "saved_step"),
     [
         ("SIGTERM", 7, SIGTERM_EXIT, 7),  # saves the step it finished, exits non-zero for the scheduler
+        ("SIGINT", 11, 1, 11),  # Ctrl-C: the same, exit 1
         ("SIGKILL", 9, -signal.SIGKILL, 8),  # nothing runs: the periodic checkpoint of step 8 is what is left
     ],
 )
