@@ -16,7 +16,7 @@ from atspeed.items.index import ItemIndex
 log = logging.getLogger(__name__)
 
 # Part of the cache key: bump when the way identifiers are built changes, so stale caches are not reused.
-BUILDER_VERSION = "residual-kmeans-normalized-1"
+BUILDER_VERSION = "residual-kmeans-normalized-2"
 
 
 @dataclass
@@ -51,7 +51,7 @@ def build_index(data: Interactions, spec: SemanticIdSpec, cache_dir: str | Path)
     path = cached_index_path(data, spec, cache_dir)
     if path.is_file():
         return path
-    # Imported here: the embedding model and faiss are only needed when an index is built.
+    # Imported here: the embedding model (transformers) is only needed when an index is built.
     from atspeed.data.item_text import embed_texts, load_embeddings
     from atspeed.items.semantic_ids import codes_to_tokens, residual_kmeans, resolve_collisions
 
