@@ -42,8 +42,9 @@ class SaveLast(pl.Callback):
         log.info("saved %s at step %d (%s)", path, trainer.global_step, why)
 
     def on_train_batch_end(self, trainer: pl.Trainer, *args) -> None:
-        # Saved here, like ModelCheckpoint's periodic saves, so the loops' state is that of a completed step.
-        if _final_batch(trainer):
+        # Saved here, like ModelCheckpoint's periodic saves, so the loops' state is that of a completed step;
+        # Lightning runs ModelCheckpoint after this callback, so a step it saves anyway is left to it.
+        if _final_batch(trainer) and not _periodic_save_step(trainer):
             self._save(trainer, "end of training")
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -52,6 +53,15 @@ class SaveLast(pl.Callback):
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         if trainer.state.fn == "fit":
             self._save(trainer, f"interrupted: {type(exception).__name__}")
+
+
+def _periodic_save_step(trainer: pl.Trainer) -> bool:
+    """Whether a ``ModelCheckpoint`` with ``save_last`` writes ``last.ckpt`` at this step by itself."""
+    return any(
+        isinstance(cb, ModelCheckpoint) and cb.save_last and trainer.global_step % max(cb._every_n_train_steps, 1) == 0
+        for cb in trainer.checkpoint_callbacks
+        if getattr(cb, "_every_n_train_steps", 0)
+    )
 
 
 def _final_batch(trainer: pl.Trainer) -> bool:

@@ -127,10 +127,12 @@ def test_killed_subprocess_resumes_exactly(straight, tmp_path, signal_name, step
     _assert_continues(straight, tmp_path / "run", resumed, record)
 
 
-def test_a_finished_fit_leaves_last_ckpt_at_its_final_step(straight, tmp_path) -> None:
-    # 14 steps with a checkpoint every 4: the periodic saves stop at 12, the final step must be saved too
+@pytest.mark.parametrize("every", [4, 7])
+def test_a_finished_fit_leaves_last_ckpt_at_its_final_step(straight, tmp_path, every) -> None:
+    # every 4: the periodic saves stop at 12 and the final step must be saved too; every 7: 14 is a periodic step
     data = straight[0]
-    _fit(data, tmp_path / "run")
+    cli = main([*_args(data, tmp_path / "run"), "--checkpoint.every_n_train_steps", str(every)], run=False)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     checkpoints = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
     assert torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == STEPS
     assert not [name for name in checkpoints if name.startswith("last-")], checkpoints
