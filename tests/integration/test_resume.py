@@ -137,7 +137,8 @@ def test_a_finished_fit_leaves_last_ckpt_at_its_final_step(straight, tmp_path, e
     assert torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == STEPS
     assert not [name for name in checkpoints if name.startswith("last-")], checkpoints
     # extending the finished run continues from its end
-    cli = main([*_args(data, tmp_path / "run"), "--trainer.max_steps", str(STEPS + 3)], run=False)
+    longer = ["--trainer.max_steps", str(STEPS + 3), "--checkpoint.every_n_train_steps", str(every)]
+    cli = main([*_args(data, tmp_path / "run"), *longer], run=False)
     record = RecordBatches()
     cli.trainer.callbacks.append(record)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path="last")
