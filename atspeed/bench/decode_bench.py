@@ -147,7 +147,7 @@ def hf_mismatches(outputs: list[DecodeOutput], hf: tuple[torch.Tensor, torch.Ten
 def ranking(outputs: list[DecodeOutput], work: Workload, k: int) -> dict[str, float]:
     """``recall_at_k`` and ``ndcg_at_k`` (K = the list length) of the decoded lists against the ground truth."""
     sequences, _ = _joined(outputs)
-    items = work.trie.lookup(sequences.reshape(-1, work.levels).to(work.trie.device)).view(sequences.shape[:2]).cpu()
+    items = work.trie.lookup(sequences).cpu()  # [B, K]
     metrics = RankingMetrics([k])
     metrics.update_lists(items, work.targets[: items.shape[0]], torch.arange(items.shape[0]))
     values = metrics.compute()

@@ -10,12 +10,33 @@ from pathlib import Path
 from typing import IO
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
+from atspeed.items.index import ItemIndex
 from atspeed.preflight import check_new_file
 
 log = logging.getLogger(__name__)
 KEY = "JsonlPredictionWriter.path"
+
+
+def prediction_rows(
+    request_ids: torch.Tensor, items: torch.Tensor, scores: torch.Tensor, targets: list, index: ItemIndex
+) -> list[dict]:
+    """One JSON row per request: its top-K item ids (None where a slot holds no item), scores and ground truth.
+
+    ``request_ids`` [B], ``items`` [B, K] item positions (``PrefixTrie.lookup`` of the decoded lists), ``scores``
+    [B, K], ``targets`` B tuples of item positions.
+    """
+    return [
+        {
+            "request": int(rid),
+            "items": [index.item_ids[i] if i >= 0 else None for i in row],
+            "scores": [round(s, 6) for s in srow],
+            "targets": [index.item_ids[t] for t in truth],
+        }
+        for rid, row, srow, truth in zip(request_ids.tolist(), items.tolist(), scores.tolist(), targets, strict=True)
+    ]
 
 
 def output_path(trainer: pl.Trainer, path: str | None, default_name: str) -> Path:

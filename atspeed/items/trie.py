@@ -212,11 +212,13 @@ class PrefixTrie:
         return allowed
 
     def lookup(self, identifiers: torch.Tensor) -> torch.Tensor:
-        """Item index [M] of each row of ``identifiers`` [M, L] (token ids), or -1 if it is no item's identifier."""
-        if identifiers.dim() != 2 or identifiers.shape[1] != self.levels:
-            raise ValueError(f"identifiers must be [M, {self.levels}], got shape {tuple(identifiers.shape)}")
+        """Item index [...] of each identifier in ``identifiers`` [..., L] (token ids, e.g. decoded lists
+        [B, K, L]), or -1 where it is no item's identifier; on the trie's device."""
+        if identifiers.dim() < 2 or identifiers.shape[-1] != self.levels:
+            raise ValueError(f"identifiers must be [..., {self.levels}], got shape {tuple(identifiers.shape)}")
+        flat = identifiers.reshape(-1, self.levels).to(self.device)  # [M, L]
         g = self.exact
-        states = torch.zeros(identifiers.shape[0], dtype=torch.long, device=self.device)
+        states = torch.zeros(flat.shape[0], dtype=torch.long, device=self.device)
         for t in range(self.levels):
-            states = _step(g.keys, g.child_state, states, identifiers[:, t], self.vocab_size)
-        return torch.where(states >= 0, g.item[states.clamp(min=0)], states)
+            states = _step(g.keys, g.child_state, states, flat[:, t], self.vocab_size)
+        return torch.where(states >= 0, g.item[states.clamp(min=0)], states).view(identifiers.shape[:-1])

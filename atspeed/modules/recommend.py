@@ -18,6 +18,7 @@ import torch
 from jsonargparse.typing import PositiveInt
 from transformers import AutoTokenizer
 
+from atspeed.callbacks.predictions import prediction_rows
 from atspeed.data.datamodule import RecDataModule
 from atspeed.data.export_dir import INDEX_FILE, read_export
 from atspeed.decoding.decoders import (
@@ -124,21 +125,10 @@ class Recommender(pl.LightningModule):
             self.hparams.decoder, self.target_model, batch["input_ids"], batch["attention_mask"], prepared.trie,
             self.settings, self.draft_model, self.generator,
         )  # fmt: skip
-        items = prepared.trie.lookup(out.sequences.reshape(-1, out.sequences.shape[2])).view(out.scores.shape).cpu()
+        items = prepared.trie.lookup(out.sequences).cpu()  # [B, K]
         self.metrics.update_lists(items, batch["targets"], batch["request_ids"])
         self.stats.append(out.stats)
-        index = prepared.index
-        return [
-            {
-                "request": int(rid),
-                "items": [index.item_ids[i] if i >= 0 else None for i in row],
-                "scores": [round(s, 6) for s in srow],
-                "targets": [index.item_ids[t] for t in truth],
-            }
-            for rid, row, srow, truth in zip(
-                batch["request_ids"].tolist(), items.tolist(), out.scores.cpu().tolist(), batch["targets"], strict=True
-            )
-        ]
+        return prediction_rows(batch["request_ids"], items, out.scores.cpu(), batch["targets"], prepared.index)
 
     def progress_metrics(self) -> dict[str, float]:
         """Running decode statistics for the progress bar."""

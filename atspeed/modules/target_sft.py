@@ -12,6 +12,7 @@ from jsonargparse.typing import PositiveFloat, PositiveInt
 from lightning.pytorch.utilities import rank_zero_info
 from transformers import PreTrainedModel, get_cosine_schedule_with_warmup
 
+from atspeed.callbacks.predictions import prediction_rows
 from atspeed.data.batches import IGNORE
 from atspeed.data.datamodule import RecDataModule
 from atspeed.decoding.decoders import DecodeSettings, check_list_length, decode
@@ -129,8 +130,7 @@ class TargetSFT(pl.LightningModule):
         levels = prepared.index.levels
         settings = DecodeSettings(num_beams=max(self.hparams.eval_ks), levels=levels)
         out = decode("beam", self.model, batch["input_ids"], batch["attention_mask"], prepared.trie, settings)
-        items = prepared.trie.lookup(out.sequences.reshape(-1, levels)).view(out.scores.shape)
-        return items.cpu(), out.scores.cpu()
+        return prepared.trie.lookup(out.sequences).cpu(), out.scores.cpu()
 
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._eval_step(batch, dataloader_idx, "val", self.val_metrics)
@@ -180,15 +180,4 @@ class TargetSFT(pl.LightningModule):
 
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
         items, scores = self.recommend(batch)
-        index = self.dm.prepared.index
-        return [
-            {
-                "request": int(rid),
-                "items": [index.item_ids[i] for i in row if i >= 0],
-                "scores": srow[: len([i for i in row if i >= 0])],
-                "targets": [index.item_ids[t] for t in truth],
-            }
-            for rid, row, srow, truth in zip(
-                batch["request_ids"].tolist(), items.tolist(), scores.tolist(), batch["targets"], strict=True
-            )
-        ]
+        return prediction_rows(batch["request_ids"], items, scores, batch["targets"], self.dm.prepared.index)

@@ -127,7 +127,9 @@ def test_lookup_returns_row_or_minus_one() -> None:
     trie = PrefixTrie.build(identifiers, 8)
     queries = torch.tensor([[5, 2, 3], [1, 2, 4], [1, 2, 3], [1, 2, 5], [5, 2, 4], [9, 9, 9], [-1, 2, 3]])
     assert trie.lookup(queries).tolist() == [2, 1, 0, -1, -1, -1, -1]
-    with pytest.raises(ValueError, match=r"\[M, 3\]"):
+    lists = torch.stack([queries[:3], queries[3:6]])  # decoded lists [B=2, K=3, L=3]
+    assert trie.lookup(lists).tolist() == [[2, 1, 0], [-1, -1, -1]]
+    with pytest.raises(ValueError, match=r"\[\.\.\., 3\]"):
         trie.lookup(torch.tensor([[1, 2]]))
 
 
