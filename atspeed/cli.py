@@ -26,7 +26,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 import atspeed.modules.recommend
-import atspeed.modules.target_sft  # noqa: F401
+import atspeed.modules.sft  # noqa: F401
 from atspeed.callbacks.checkpoint import SaveLast
 from atspeed.callbacks.signals import StopPredictOnSigterm
 from atspeed.data.datamodule import EvalSpec, RecDataModule

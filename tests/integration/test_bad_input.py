@@ -42,7 +42,7 @@ def no_model_built(monkeypatch) -> None:
     def refuse(*args, **kwargs):
         raise AssertionError("a model was built before the bad input was reported")
 
-    monkeypatch.setattr("atspeed.modules.target_sft.build_causal_lm", refuse)
+    monkeypatch.setattr("atspeed.modules.sft.build_causal_lm", refuse)
     monkeypatch.setattr("atspeed.modules.recommend.load_model", refuse)
 
 
@@ -170,7 +170,7 @@ def _tiny_checkpoint(tmp_path: Path, data: Path) -> Path:
         patch.undo()
         import atspeed.models.build as build
 
-        patch.setattr("atspeed.modules.target_sft.build_causal_lm", build.build_causal_lm)
+        patch.setattr("atspeed.modules.sft.build_causal_lm", build.build_causal_lm)
         main(["fit", *tiny_args(data, tmp_path / "ok", "--trainer.max_steps", "2")])
     return tmp_path / "ok" / "checkpoints" / "last.ckpt"
 

@@ -1,4 +1,4 @@
-"""Target SFT: teach a causal LM to write the next item's identifier for a user's history."""
+"""SFT: teach a causal LM (the target, or a draft) to write the next item's identifier for a user's history."""
 
 from __future__ import annotations
 
@@ -21,8 +21,9 @@ from atspeed.metrics.ranking import RankingMetrics, popularity_ranking
 from atspeed.models.build import LoraSpec, ModelSpec, apply_lora, build_causal_lm, context_length
 
 
-class TargetSFT(pl.LightningModule):
-    """Cross-entropy fine-tuning of the target on (prompt, identifier + EOS), with Recall/NDCG from beam search."""
+class SFT(pl.LightningModule):
+    """Cross-entropy fine-tuning of a causal LM (target or draft) on (prompt, identifier + EOS), with Recall/NDCG from
+    beam search."""
 
     def __init__(
         self,
