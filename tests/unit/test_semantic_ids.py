@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -271,3 +274,29 @@ def test_embed_texts_is_independent_of_threads_and_batching() -> None:
         assert torch.get_num_threads() == 2  # the caller's setting is left alone
     assert torch.equal(one_thread, two_threads)
     assert torch.equal(one_thread, small_batches)
+
+
+_CODES_SCRIPT = """
+import sys
+sys.path.insert(0, sys.argv[1])
+from tests.unit.test_semantic_ids import _titles
+from atspeed.data.item_text import embed_texts
+from atspeed.items.semantic_ids import residual_kmeans
+codes = residual_kmeans(embed_texts(_titles(120)), levels=3, codebook_size=8).codes
+print(codes.flatten().tolist())
+"""
+
+
+@pytest.mark.slow
+@needs_text_model
+def test_identifiers_do_not_depend_on_the_cpu_kernels() -> None:
+    """Another CPU type, simulated: torch, oneDNN and MKL restricted to AVX2 kernels (a no-op on an AVX2 machine)."""
+    root = str(Path(__file__).resolve().parents[2])
+    runs = []
+    for env in ({}, {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}):
+        done = subprocess.run(
+            [sys.executable, "-c", _CODES_SCRIPT, root], env={**os.environ, **env}, capture_output=True, text=True
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        runs.append(done.stdout)
+    assert runs[0] == runs[1]
