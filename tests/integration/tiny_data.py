@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -78,5 +79,11 @@ def run_cli(subcommand: str, args: list[str], cwd: Path = ROOT) -> subprocess.Co
     env = {**os.environ, "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(ROOT)}
     return subprocess.run(
         [sys.executable, "-m", "atspeed", subcommand, *args], cwd=cwd, env=env, capture_output=True, text=True,
-        timeout=300,
+        timeout=300, preexec_fn=_default_sigint,
     )  # fmt: skip
+
+
+def _default_sigint() -> None:
+    """The child starts with Ctrl-C enabled, whatever this process inherited or set (a shell's background job
+    ignores SIGINT; Lightning ignores it for good after a KeyboardInterrupt), so Python raises KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
