@@ -1,0 +1,167 @@
+"""Teacher data on disk: safetensors shards of per-sample tensors, written atomically, with a manifest.
+
+A teacher run writes, per process (rank), shards ``shard-r<rank>-<n>.safetensors``: tensors whose first dimension is
+the sample (``sample_id`` [S] among them), and in the file's metadata the run's ``fingerprint`` (the target export's
+identity and the settings). A shard appears whole or not at all (temporary file + ``os.replace``), so after an
+interruption the complete shards are exactly the ones present, and a resumed run skips their samples. When every
+rank is done, ``manifest.json`` lists the shards. Data made by another target, index or settings is refused with one
+message naming the file, before any work.
+
+Tensors other than ``sample_id`` may differ in their later dimensions from shard to shard (e.g. the number of tree
+nodes); ``TeacherStore`` hands out one sample at a time and leaves padding to the collate function.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from atspeed.atomic import write_text_atomic
+from atspeed.data.export_dir import INDEX_FILE, META_FILE
+from atspeed.data.json_file import read_json
+from atspeed.errors import DataError
+
+FORMAT = "atspeed-teacher-1"
+MANIFEST = "manifest.json"
+SAMPLE_ID = "sample_id"
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def fingerprint(target_dir: str | Path, settings: Mapping[str, Any]) -> dict[str, Any]:
+    """What makes teacher data valid for a run: the target export (its identifier index and export metadata, which
+    records the training step) and the teacher settings; ``hash`` summarises them."""
+    target = Path(target_dir)
+    identity = {
+        "format": FORMAT,
+        "target": str(target.resolve()),
+        "index_sha256": _sha256(target / INDEX_FILE),
+        "export_sha256": _sha256(target / META_FILE),
+        "settings": dict(sorted(settings.items())),
+    }
+    digest = hashlib.sha256(json.dumps({k: v for k, v in identity.items() if k != "target"}, sort_keys=True).encode())
+    return {**identity, "hash": digest.hexdigest()[:16]}
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """One complete shard: its file, the process that wrote it and its samples."""
+
+    path: Path
+    rank: int
+    samples: int
+    fingerprint_hash: str
+
+
+def shard_path(root: Path, rank: int, number: int) -> Path:
+    return root / f"shard-r{rank}-{number:05d}.safetensors"
+
+
+def read_shard_info(path: Path) -> ShardInfo:
+    """The metadata of a shard; DataError naming the file when it is empty, truncated or not a teacher shard."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            meta = handle.metadata() or {}
+            keys = set(handle.keys())
+    except (SafetensorError, OSError, ValueError) as err:
+        raise DataError(f"{path}: not a readable teacher shard (truncated or empty?): {err}") from None
+    if meta.get("format") != FORMAT or SAMPLE_ID not in keys or "fingerprint" not in meta:
+        raise DataError(f"{path}: not an atspeed teacher shard (format {meta.get('format')!r})")
+    return ShardInfo(path, int(meta["rank"]), int(meta["samples"]), meta["fingerprint"])
+
+
+def existing_shards(root: str | Path, expected: Mapping[str, Any]) -> list[ShardInfo]:
+    """The complete shards under ``root``, after checking they (and any manifest) match ``expected`` (a
+    ``fingerprint``): teacher data of another target, index or settings is refused, never mixed or overwritten."""
+    root = Path(root)
+    manifest = root / MANIFEST
+    if manifest.exists():
+        found = read_json(manifest, "teacher manifest")
+        if not isinstance(found, dict) or found.get("fingerprint", {}).get("hash") != expected["hash"]:
+            raise DataError(_mismatch(manifest, found.get("fingerprint", {}) if isinstance(found, dict) else {}))
+    shards = [read_shard_info(path) for path in sorted(root.glob("shard-r*-*.safetensors"))]
+    for shard in shards:
+        if shard.fingerprint_hash != expected["hash"]:
+            raise DataError(_mismatch(shard.path, {"hash": shard.fingerprint_hash}))
+    return shards
+
+
+def _mismatch(path: Path, found: Mapping[str, Any]) -> str:
+    what = f"target {found['target']}" if "target" in found else f"fingerprint {found.get('hash')}"
+    return (
+        f"{path}: teacher data made by another target, item index or settings ({what}); "
+        "write this run's teacher data to another directory"
+    )
+
+
+def write_shard(root: str | Path, rank: int, number: int, tensors: Mapping[str, torch.Tensor], fp_hash: str) -> Path:
+    """Write one shard atomically; every tensor's first dimension is the sample (``tensors[SAMPLE_ID]`` [S])."""
+    root = Path(root)
+    samples = tensors[SAMPLE_ID].shape[0]
+    if any(t.shape[0] != samples for t in tensors.values()):
+        raise ValueError(f"every tensor of a shard needs {samples} rows (one per sample)")
+    root.mkdir(parents=True, exist_ok=True)
+    path = shard_path(root, rank, number)
+    fd, tmp = tempfile.mkstemp(dir=root, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        meta = {"format": FORMAT, "rank": str(rank), "samples": str(samples), "fingerprint": fp_hash}
+        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=meta)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_manifest(root: str | Path, fp: Mapping[str, Any], shards: list[ShardInfo]) -> None:
+    """``manifest.json``: the fingerprint and every shard (file, rank, samples)."""
+    entries = [{"file": s.path.name, "rank": s.rank, "samples": s.samples} for s in shards]
+    body = {"fingerprint": dict(fp), "samples": sum(s.samples for s in shards), "shards": entries}
+    write_text_atomic(Path(root) / MANIFEST, json.dumps(body, indent=2) + "\n")
+
+
+class TeacherStore:
+    """Read-only access to complete teacher data: ``store[sample_id]`` -> {name: tensor} of that sample."""
+
+    def __init__(self, root: str | Path, expected: Mapping[str, Any]) -> None:
+        self.root = Path(root)
+        manifest = self.root / MANIFEST
+        if not manifest.is_file():
+            raise DataError(f"{manifest}: no teacher manifest (the teacher run is incomplete or elsewhere)")
+        listed = {entry["file"] for entry in read_json(manifest, "teacher manifest").get("shards", [])}
+        shards = existing_shards(self.root, expected)
+        missing = listed - {s.path.name for s in shards}
+        if missing:
+            raise DataError(f"{manifest}: lists shards that are missing: {sorted(missing)[:3]}")
+        self._where: dict[int, tuple[Path, int]] = {}
+        for shard in shards:
+            if shard.path.name not in listed:
+                continue
+            with safe_open(str(shard.path), framework="pt") as handle:
+                for row, sample in enumerate(handle.get_tensor(SAMPLE_ID).tolist()):
+                    self._where[sample] = (shard.path, row)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def sample_ids(self) -> list[int]:
+        return sorted(self._where)
+
+    def __getitem__(self, sample: int) -> dict[str, torch.Tensor]:
+        path, row = self._where[sample]
+        with safe_open(str(path), framework="pt") as handle:
+            return {key: handle.get_slice(key)[row] for key in handle.keys()}

@@ -1,0 +1,127 @@
+"""Teacher shards: written whole or not at all, read back per sample, refused when made by another target."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from atspeed.data import teacher_store
+from atspeed.data.teacher_store import (
+    MANIFEST,
+    SAMPLE_ID,
+    TeacherStore,
+    existing_shards,
+    fingerprint,
+    read_shard_info,
+    write_manifest,
+    write_shard,
+)
+from atspeed.errors import DataError
+
+SETTINGS = {"beams": 4, "top_k": None, "batch_size": 2}
+
+
+@pytest.fixture
+def target(tmp_path) -> Path:
+    export = tmp_path / "target"
+    export.mkdir()
+    (export / "index.json").write_text(json.dumps({"0": ["<a_0>", "<b_0>"], "1": ["<a_0>", "<b_1>"]}))
+    (export / "atspeed.json").write_text(json.dumps({"global_step": 8}))
+    return export
+
+
+def _batch(first: int, count: int, nodes: int) -> dict[str, torch.Tensor]:
+    ids = torch.arange(first, first + count)
+    return {
+        SAMPLE_ID: ids,
+        "beams": ids[:, None, None].expand(count, 4, 2).clone(),
+        "node_logprobs": torch.randn(count, nodes, 3).half(),  # nodes differ between shards
+    }
+
+
+def test_shards_read_back_per_sample_and_the_manifest_lists_them(tmp_path, target) -> None:
+    fp = fingerprint(target, SETTINGS)
+    root = tmp_path / "teacher"
+    batches = [_batch(0, 3, 5), _batch(3, 2, 7), _batch(5, 4, 6)]
+    for number, batch in enumerate(batches):
+        write_shard(root, rank=number % 2, number=number, tensors=batch, fp_hash=fp["hash"])
+    shards = existing_shards(root, fp)
+    assert [s.samples for s in sorted(shards, key=lambda s: s.path.name)] == [3, 4, 2]  # r0-0, r0-2, r1-1
+    write_manifest(root, fp, shards)
+    store = TeacherStore(root, fp)
+    assert len(store) == 9 and store.sample_ids() == list(range(9))
+    for batch in batches:
+        for row, sample in enumerate(batch[SAMPLE_ID].tolist()):
+            got = store[sample]
+            for key, tensor in batch.items():
+                assert torch.equal(got[key], tensor[row]), (sample, key)
+    manifest = json.loads((root / MANIFEST).read_text())
+    assert manifest["samples"] == 9 and manifest["fingerprint"]["hash"] == fp["hash"]
+    assert not list(root.glob(".*")), "no temporary file left"
+
+
+def test_the_fingerprint_follows_the_index_the_export_and_the_settings_not_the_path(tmp_path, target) -> None:
+    base = fingerprint(target, SETTINGS)["hash"]
+    assert fingerprint(target, {**SETTINGS, "beams": 8})["hash"] != base
+    moved = tmp_path / "moved"
+    target.rename(moved)
+    assert fingerprint(moved, SETTINGS)["hash"] == base
+    (moved / "index.json").write_text(json.dumps({"0": ["<a_0>", "<b_1>"], "1": ["<a_0>", "<b_0>"]}))
+    assert fingerprint(moved, SETTINGS)["hash"] != base
+    (moved / "index.json").write_text(json.dumps({"0": ["<a_0>", "<b_0>"], "1": ["<a_0>", "<b_1>"]}))
+    (moved / "atspeed.json").write_text(json.dumps({"global_step": 9}))  # the same target trained further
+    assert fingerprint(moved, SETTINGS)["hash"] != base
+
+
+def test_teacher_data_of_another_target_or_settings_is_refused(tmp_path, target) -> None:
+    fp = fingerprint(target, SETTINGS)
+    other = fingerprint(target, {**SETTINGS, "beams": 8})
+    root = tmp_path / "teacher"
+    write_shard(root, 0, 0, _batch(0, 2, 3), other["hash"])
+    with pytest.raises(DataError, match=r"shard-r0-00000\.safetensors: teacher data made by another target"):
+        existing_shards(root, fp)
+    write_manifest(root, other, existing_shards(root, other))
+    with pytest.raises(DataError, match=r"manifest\.json: teacher data made by another target.*target "):
+        existing_shards(root, fp)
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated", "foreign"])
+def test_a_damaged_shard_is_named(tmp_path, target, damage) -> None:
+    fp = fingerprint(target, SETTINGS)
+    root = tmp_path / "teacher"
+    path = write_shard(root, 0, 0, _batch(0, 2, 3), fp["hash"])
+    if damage == "empty":
+        path.write_bytes(b"")
+    elif damage == "truncated":
+        path.write_bytes(path.read_bytes()[:-20])
+    else:
+        from safetensors.torch import save_file
+
+        save_file({"x": torch.zeros(2)}, str(path))
+    with pytest.raises(DataError, match=r"shard-r0-00000\.safetensors: not a"):
+        read_shard_info(path)
+
+
+def test_an_interrupted_write_leaves_nothing(tmp_path, target, monkeypatch) -> None:
+    def fail(tensors, path, metadata=None):
+        Path(path).write_bytes(b"half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(teacher_store, "save_file", fail)
+    root = tmp_path / "teacher"
+    with pytest.raises(KeyboardInterrupt):
+        write_shard(root, 0, 0, _batch(0, 2, 3), "abc")
+    assert list(root.iterdir()) == []
+
+
+def test_the_store_needs_a_complete_run(tmp_path, target) -> None:
+    fp = fingerprint(target, SETTINGS)
+    root = tmp_path / "teacher"
+    write_shard(root, 0, 0, _batch(0, 2, 3), fp["hash"])
+    with pytest.raises(DataError, match="no teacher manifest"):
+        TeacherStore(root, fp)
+    write_manifest(root, fp, existing_shards(root, fp))
+    (root / "shard-r0-00000.safetensors").unlink()
+    with pytest.raises(DataError, match="lists shards that are missing"):
+        TeacherStore(root, fp)
