@@ -164,4 +164,4 @@ class TeacherStore:
     def __getitem__(self, sample: int) -> dict[str, torch.Tensor]:
         path, row = self._where[sample]
         with safe_open(str(path), framework="pt") as handle:
-            return {key: handle.get_slice(key)[row] for key in handle.keys()}
+            return {key: handle.get_slice(key)[row] for key in handle.keys()}  # noqa: SIM118 (not a dict)
