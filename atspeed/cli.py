@@ -26,7 +26,8 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 import atspeed.modules.recommend
-import atspeed.modules.sft  # noqa: F401
+import atspeed.modules.sft
+import atspeed.modules.teacher  # noqa: F401
 from atspeed.callbacks.checkpoint import SaveLast
 from atspeed.callbacks.signals import StopPredictOnSigterm
 from atspeed.data.datamodule import EvalSpec, RecDataModule

@@ -83,6 +83,7 @@ class RecDataModule(pl.LightningDataModule):
         num_workers: NonNegativeInt = 0,
         seed: int = 0,
         model_dir: str | None = None,
+        predict_set: Literal["test", "train"] = "test",
     ) -> None:
         """
         Args:
@@ -112,6 +113,8 @@ class RecDataModule(pl.LightningDataModule):
             seed: seed of the validation subset.
             model_dir: a model exported by the SFT stage: its tokenizer, index.json and the prompt, max_history and
                 constraint of its atspeed.json replace the fields above, so requests match what it was trained on.
+            predict_set: what ``predict`` decodes: the test users, or every training sample (teacher data; request id =
+                the sample's position in ``training_requests``).
         """
         super().__init__()
         self.save_hyperparameters()
@@ -249,10 +252,15 @@ class RecDataModule(pl.LightningDataModule):
     def test_dataloader(self) -> list[DataLoader]:
         return self._eval_loaders(self.eval_requests("test"))
 
+    def training_requests(self) -> list[tuple[int, tuple[int, ...], tuple[int, ...]]]:
+        """Every training sample as a request (sample id, history, (target,)), in a fixed order."""
+        pairs = training_pairs(self.prepared.split.train, self.hparams.train_samples, self.hparams.max_history)
+        return [(i, history, (target,)) for i, (history, target) in enumerate(pairs)]
+
     def predict_dataloader(self) -> DataLoader:
-        return self._loader(
-            self.eval_requests("test"), EvalCollator(self.prepared.encoder), self.hparams.eval_batch_size
-        )
+        hp = self.hparams
+        requests = self.training_requests() if hp.predict_set == "train" else self.eval_requests("test")
+        return self._loader(requests, EvalCollator(self.prepared.encoder), hp.eval_batch_size)
 
 
 def _remap(split: Split, positions: list[int]) -> Split:

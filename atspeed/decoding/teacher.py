@@ -1,0 +1,244 @@
+"""Teacher targets for draft alignment (SPEC section 4, stage 2): the target's K_t beams and its distributions.
+
+For each prompt x the target runs its own constrained beam search of width K_t (``decode("beam")``). The K_t beams
+plus the ground truth y* (N = K_t + 1 sequences of L tokens) form a prefix tree whose nodes are their distinct
+prefixes y_<t, t = 1..L (the empty prefix is the root, node 0). Every node gets the target's next-token
+distribution p(. | x, y_<t) from ONE prefill of the prompts (the root) plus ONE tree-attention forward over the
+non-root nodes (each node attends the prompt, its ancestors and itself; position = real prompt length + depth - 1).
+
+What is stored, and why:
+
+- ``node_logprobs`` [B, M, C]: the target's log-softmax over the FULL vocabulary, read at the codes of the node's
+  level (``codes[depth]``, C = the most codes of any level, e.g. 256), and -inf at the codes the trie forbids after
+  that prefix (and at the level's padding columns). The values are not renormalised over the allowed codes: they
+  are exactly the terms of the beam step (so a beam's score is the sum of its tokens' entries), and the losses
+  renormalise on their support anyway (softmax is shift-invariant). The support of a node is where the entry is
+  finite: pass ``allowed = node_logprobs.isfinite()`` (or ``TeacherTargets.along(...).isfinite()``) as the loss
+  mask; that is the trie mask, or the kept top-k codes under ``top_k`` truncation.
+- Compact: a level holds at most a few hundred identifier codes of a vocabulary of tens of thousands, and shared
+  beam prefixes are stored once. ``expand_to_vocab`` maps code columns back to the vocabulary, ``gather_codes``
+  reads student logits [..., V] at the same columns.
+- Nodes are numbered level by level (parents before children), the root first; rows are padded to the batch's
+  largest node count M (``node_valid``). Complete identifiers (depth L) need no distribution and are not nodes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from atspeed.decoding.decoders import DecodeSettings, decode
+from atspeed.decoding.kv_cache import new_cache
+from atspeed.decoding.tree_attention import forward_tree, prefill
+from atspeed.items.trie import PrefixTrie
+
+
+@dataclass(frozen=True)
+class PrefixForest:
+    """The distinct prefixes (depth 0..L-1) of N sequences per row, as a tree per row; M nodes, padded."""
+
+    slot_node: torch.Tensor  # [B, N, L] node of prefix seq[:t] (the node whose distribution applies at position t)
+    parent: torch.Tensor  # [B, M] parent node (-1: root and padding)
+    token: torch.Tensor  # [B, M] last token of the node's prefix (-1: root and padding)
+    depth: torch.Tensor  # [B, M] prefix length (0: root and padding)
+    valid: torch.Tensor  # [B, M] bool: a real node
+    ancestors: torch.Tensor  # [B, M, M] bool: node j is a non-root ancestor of node i, or i itself
+
+    @property
+    def num_nodes(self) -> int:
+        return self.parent.shape[1]
+
+
+@dataclass(frozen=True)
+class TeacherTargets:
+    """Teacher data of a batch of B prompts: K_t beams with scores, and the target's distribution at each node."""
+
+    beams: torch.Tensor  # [B, K, L] long, best first
+    scores: torch.Tensor  # [B, K] float32 cumulative log-probabilities
+    truth: torch.Tensor  # [B, L] long, the ground-truth identifiers
+    node_parent: torch.Tensor  # [B, M] long (-1: root and padding)
+    node_token: torch.Tensor  # [B, M] long (-1: root and padding)
+    node_depth: torch.Tensor  # [B, M] long prefix length (0: root and padding)
+    node_valid: torch.Tensor  # [B, M] bool
+    node_logprobs: torch.Tensor  # [B, M, C] full-vocabulary log-softmax at codes[depth]; -inf: not in the support
+    beam_nodes: torch.Tensor  # [B, K, L] long: node of prefix beams[:, :, :t]
+    truth_nodes: torch.Tensor  # [B, L] long: node of prefix truth[:, :t]
+    codes: torch.Tensor  # [L, C] long: each level's sorted code token ids (-1: padding); shared by all rows
+
+    def along(self, nodes: torch.Tensor) -> torch.Tensor:
+        """The distributions [B, N, L, C] at every position of sequences whose prefix nodes are ``nodes`` [B, N, L]
+        (``beam_nodes``, or ``truth_nodes[:, None]``); position t uses the codes ``codes[t]``."""
+        b, n, levels = nodes.shape
+        flat = nodes.reshape(b, n * levels, 1).expand(b, n * levels, self.node_logprobs.shape[2])
+        return self.node_logprobs.gather(1, flat).view(b, n, levels, -1)
+
+
+def level_codes(trie: PrefixTrie) -> torch.Tensor:
+    """Sorted token ids [L, C] of each identifier level (the codes that some identifier has at that position),
+    padded with -1 to the largest level; read from the exact trie, so it holds whatever the rule."""
+    g = trie.exact
+    counts = g.child_ptr[1:] - g.child_ptr[:-1]  # [S]
+    edge_depth = torch.repeat_interleave(g.depth, counts)  # [E] depth of each edge's parent
+    per_level = [torch.unique(g.child_token[edge_depth == t], sorted=True) for t in range(trie.levels)]
+    width = max(u.numel() for u in per_level)
+    return torch.stack([F.pad(u, (0, width - u.numel()), value=-1) for u in per_level])
+
+
+def gather_codes(values: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """``values`` [..., V] read at ``codes`` [..., C] (broadcastable; -1 columns give -inf): [..., C]."""
+    shape = torch.broadcast_shapes(values.shape[:-1], codes.shape[:-1])
+    codes = codes.expand(*shape, codes.shape[-1])
+    out = values.expand(*shape, values.shape[-1]).gather(-1, codes.clamp(min=0))
+    return out.masked_fill(codes < 0, float("-inf"))
+
+
+def expand_to_vocab(values: torch.Tensor, codes: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Code columns ``values`` [..., C] back to the vocabulary [..., V] (``codes`` [..., C] broadcastable; -1
+    columns dropped); every other token gets -inf."""
+    codes = codes.expand_as(values)
+    out = torch.full((*values.shape[:-1], vocab + 1), float("-inf"), dtype=values.dtype, device=values.device)
+    out.scatter_(-1, torch.where(codes < 0, vocab, codes), values)  # padding goes to a spare column
+    return out[..., :vocab]
+
+
+def truncate_top_k(logprobs: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the ``k`` largest entries of each row of ``logprobs`` [..., C]; the rest (and -inf ones) stay -inf."""
+    k = min(k, logprobs.shape[-1])
+    index = logprobs.topk(k, dim=-1).indices
+    keep = torch.zeros_like(logprobs, dtype=torch.bool).scatter_(-1, index, True)
+    return logprobs.masked_fill(~keep, float("-inf"))
+
+
+def prefix_forest(sequences: torch.Tensor) -> PrefixForest:
+    """The tree of the distinct prefixes of ``sequences`` [B, N, L] (lengths 0..L-1), per row.
+
+    A prefix's node is owned by the first sequence that has it; nodes are numbered by (depth, owner).
+    """
+    b, n, levels = sequences.shape
+    device = sequences.device
+    same = sequences[:, :, None, :] == sequences[:, None, :, :]  # [B, N, N, L]
+    equal_prefix = torch.cat([torch.ones_like(same[..., :1]), same.long().cumprod(-1)[..., :-1].bool()], -1)
+    owner = equal_prefix.permute(0, 3, 1, 2).long().argmax(-1)  # [B, L, N] first sequence with the same prefix
+    new = owner == torch.arange(n, device=device)  # [B, L, N]
+    number = new.reshape(b, -1).long().cumsum(1).view(b, levels, n) - 1  # [B, L, N] valid where new
+    slot_node = number.gather(2, owner).transpose(1, 2)  # [B, N, L]
+    count = new.reshape(b, -1).sum(1)  # [B]
+    m = int(count.max())
+    depth_of_slot = torch.arange(levels, device=device).expand(b, n, levels)
+    parent_of_slot = torch.cat([torch.full_like(slot_node[..., :1], -1), slot_node[..., :-1]], -1)
+    token_of_slot = torch.cat([torch.full_like(sequences[..., :1], -1), sequences[..., :-1]], -1)
+    flat = slot_node.reshape(b, -1)  # [B, N * L]; duplicates write equal values
+
+    def scatter(values: torch.Tensor, fill: int) -> torch.Tensor:
+        return torch.full((b, m), fill, dtype=torch.long, device=device).scatter(1, flat, values.reshape(b, -1))
+
+    # ancestors: slot (i, t) -> nodes of slots (i, s) for 1 <= s <= t; the rest point at the node itself
+    s, t = torch.arange(levels, device=device)[:, None], torch.arange(levels, device=device)[None, :]
+    keep = (s >= 1) & (s <= t)  # [L(s), L(t)]
+    node = slot_node[:, :, None, :].expand(b, n, levels, levels)  # [B, N, s, t]: node of (i, t)
+    ancestor = torch.where(keep, slot_node[:, :, :, None].expand(b, n, levels, levels), node)
+    ancestors = torch.zeros(b, m * m, dtype=torch.bool, device=device)
+    ancestors.scatter_(1, (node * m + ancestor).reshape(b, -1), True)
+    return PrefixForest(
+        slot_node=slot_node,
+        parent=scatter(parent_of_slot, -1),
+        token=scatter(token_of_slot, -1),
+        depth=scatter(depth_of_slot, 0),
+        valid=torch.arange(m, device=device)[None, :] < count[:, None],
+        ancestors=ancestors.view(b, m, m),
+    )
+
+
+def node_states(trie: PrefixTrie, sequences: torch.Tensor, forest: PrefixForest) -> torch.Tensor:
+    """Trie state [B, M] of each node's prefix under the trie's rule (-1: padding, or a prefix the trie forbids)."""
+    b, n, levels = sequences.shape
+    states = [trie.start(b * n)]
+    for t in range(levels - 1):
+        states.append(trie.advance(states[-1], sequences[:, :, t].reshape(-1).to(trie.device)))
+    slot_states = torch.stack(states, 1).view(b, n * levels).to(sequences.device)  # [B, N * L]
+    out = torch.full(forest.valid.shape, -1, dtype=torch.long, device=sequences.device)
+    return out.scatter(1, forest.slot_node.reshape(b, -1), slot_states)
+
+
+def node_logits(
+    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, forest: PrefixForest
+) -> torch.Tensor:
+    """The target's next-token logits [B, M, V] at every node: the prefill's last position for the root, one
+    tree-attention forward over nodes 1..M-1 for the others (padding nodes attend the prompt and themselves)."""
+    cache = new_cache()
+    root = prefill(model, cache, input_ids, attention_mask)[:, None]  # [B, 1, V]
+    b, q = forest.valid.shape[0], forest.num_nodes - 1
+    if q == 0:
+        return root
+    lengths = attention_mask.long().sum(1)  # [B]
+    tokens = forest.token[:, 1:].clamp(min=0)  # [B, Q]
+    positions = (lengths[:, None] + forest.depth[:, 1:] - 1).clamp(min=0)  # [B, Q]
+    past = attention_mask.bool()[:, None, :].expand(b, q, attention_mask.shape[1])  # [B, Q, P]
+    valid = forest.valid[:, 1:]
+    tree = forest.ancestors[:, 1:, 1:] & valid[:, :, None] & valid[:, None, :]  # [B, Q, Q]
+    logits = forward_tree(model, cache, tokens, positions, past, tree)  # [B, Q, V]
+    return torch.cat([root, logits], 1)
+
+
+def _check_inputs(truth: torch.Tensor, trie: PrefixTrie, codes: torch.Tensor, batch: int) -> None:
+    if truth.shape != (batch, trie.levels):
+        raise ValueError(f"truth must be [B={batch}, L={trie.levels}], got {tuple(truth.shape)}")
+    if codes.dim() != 2 or codes.shape[0] != trie.levels:
+        raise ValueError(f"codes must be [L={trie.levels}, C], got {tuple(codes.shape)}")
+    if bool((trie.states_for(truth.to(trie.device)) < 0).any()):
+        raise ValueError("a ground-truth identifier is not allowed by the trie")
+
+
+@torch.no_grad()
+def teacher_targets(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    truth: torch.Tensor,
+    trie: PrefixTrie,
+    num_beams: int,
+    codes: torch.Tensor | None = None,
+    top_k: int | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> TeacherTargets:
+    """Teacher data for left-padded prompts [B, P] with ground truths ``truth`` [B, L] (see the module docstring).
+
+    ``num_beams``: K_t. ``codes`` [L, C]: the level code lists (default ``level_codes(trie)``). ``top_k``: keep
+    each node's k most likely allowed codes only. ``dtype``: of ``node_logprobs`` (float16 for storage).
+    Runs without gradients but not in inference mode, so the results can serve an on-policy loss directly.
+    """
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
+    codes = (level_codes(trie) if codes is None else codes).to(input_ids.device)
+    _check_inputs(truth, trie, codes, input_ids.shape[0])
+    out = decode("beam", model, input_ids, attention_mask, trie, DecodeSettings(num_beams, trie.levels))
+    beams, scores = out.sequences.clone(), out.scores.clone()  # ordinary tensors (decode runs in inference mode)
+    if not bool(torch.isfinite(scores).all()):
+        raise ValueError(f"fewer than K_t = {num_beams} identifiers are reachable: lower the beam width")
+    truth = truth.to(input_ids.device, torch.long)
+    sequences = torch.cat([beams, truth[:, None]], 1)  # [B, N = K + 1, L]
+    forest = prefix_forest(sequences)
+    states = node_states(trie, sequences, forest)  # [B, M]
+    logprobs = torch.log_softmax(node_logits(model, input_ids, attention_mask, forest), -1)  # [B, M, V]
+    b, m = states.shape
+    allowed = trie.mask(states.reshape(-1).to(trie.device)).view(b, m, -1).to(input_ids.device)  # [B, M, V]
+    node_codes = codes[forest.depth]  # [B, M, C]
+    allowed_codes = allowed.gather(2, node_codes.clamp(min=0)) & (node_codes >= 0)  # [B, M, C]
+    values = gather_codes(logprobs, node_codes).masked_fill(~allowed_codes, float("-inf"))
+    if top_k is not None:
+        values = truncate_top_k(values, top_k)
+    return TeacherTargets(
+        beams=beams,
+        scores=scores,
+        truth=truth,
+        node_parent=forest.parent,
+        node_token=forest.token,
+        node_depth=forest.depth,
+        node_valid=forest.valid,
+        node_logprobs=values.to(dtype),
+        beam_nodes=forest.slot_node[:, :-1],
+        truth_nodes=forest.slot_node[:, -1],
+        codes=codes,
+    )
