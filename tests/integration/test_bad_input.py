@@ -14,7 +14,7 @@ import torch
 
 from atspeed.cli import main
 from atspeed.models.tokenizer import build_word_tokenizer
-from tests.integration.tiny_data import decode_args, tiny_args, write_processed
+from tests.integration.tiny_data import decode_args, teacher_args, tiny_args, write_processed
 
 
 def fails(args: list[str], capsys, subcommand: str = "fit") -> str:
@@ -44,6 +44,7 @@ def no_model_built(monkeypatch) -> None:
 
     monkeypatch.setattr("atspeed.modules.sft.build_causal_lm", refuse)
     monkeypatch.setattr("atspeed.modules.recommend.load_model", refuse)
+    monkeypatch.setattr("atspeed.modules.teacher.load_model", refuse)
 
 
 @pytest.mark.parametrize(
@@ -293,3 +294,20 @@ def test_an_export_path_atspeed_did_not_write_is_refused_before_training(data, t
     assert "ExportHuggingFace.dirpath" in err
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and p in before} == before
     assert not (run / "checkpoints").exists(), "refused before training"
+
+
+# -- teacher data ----------------------------------------------------------------------------------
+
+
+def test_teacher_data_of_other_settings_is_refused(exported, tmp_path, capsys, monkeypatch) -> None:
+    monkeypatch.undo()  # the first run decodes for real
+    main(["predict", *teacher_args(exported, tmp_path)])
+    before = {p.name: p.read_bytes() for p in (tmp_path / "data").iterdir()}
+    err = fails(teacher_args(exported, tmp_path, "--model.init_args.beams", "3"), capsys, "predict")
+    assert "made by another target, item index or settings" in err
+    assert {p.name: p.read_bytes() for p in (tmp_path / "data").iterdir()} == before
+
+
+def test_teacher_data_needs_the_training_samples(exported, tmp_path, capsys) -> None:
+    err = fails(teacher_args(exported, tmp_path, "--data.predict_set", "test"), capsys, "predict")
+    assert "data.predict_set must be train" in err

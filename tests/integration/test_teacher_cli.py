@@ -11,23 +11,9 @@ import torch
 
 from atspeed.cli import main
 from atspeed.data.teacher_store import TeacherStore, fingerprint
-from tests.integration.tiny_data import ROOT
+from tests.integration.tiny_data import teacher_args
 
-TEACHER_CONFIG = str(ROOT / "configs/tiny/teacher.yaml")
 SAMPLES = 96  # training samples of the tiny data (24 users x 4 sliding positions)
-
-
-def teacher_args(exported, out: Path, *extra: str) -> list[str]:
-    data, target, _ = exported
-    return [
-        "--config", TEACHER_CONFIG,
-        "--data.path", str(data),
-        "--data.model_dir", str(target),
-        "--model.init_args.target", str(target),
-        "--trainer.default_root_dir", str(out),
-        "--trainer.callbacks.init_args.dirpath", str(out / "data"),
-        *extra,
-    ]  # fmt: skip
 
 
 class CrashAtPredictBatch(pl.Callback):
@@ -101,19 +87,3 @@ def test_an_interrupted_run_resumes_after_its_complete_shards(exported, straight
         assert got.keys() == want.keys()
         for key in want:
             assert torch.equal(got[key], want[key]), (sample, key)
-
-
-def test_teacher_data_of_other_settings_is_refused(exported, straight, tmp_path, capsys) -> None:
-    out = tmp_path / "teacher"
-    _run(exported, out)
-    with pytest.raises(SystemExit) as exit_info:
-        main(["predict", *teacher_args(exported, out, "--model.init_args.beams", "3")])
-    assert exit_info.value.code == 2
-    assert "made by another target, item index or settings" in capsys.readouterr().err
-
-
-def test_teacher_data_needs_the_training_samples(exported, tmp_path, capsys) -> None:
-    with pytest.raises(SystemExit) as exit_info:
-        main(["predict", *teacher_args(exported, tmp_path, "--data.predict_set", "test")])
-    assert exit_info.value.code == 2
-    assert "data.predict_set must be train" in capsys.readouterr().err

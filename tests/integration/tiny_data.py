@@ -12,6 +12,7 @@ from pathlib import Path
 NUM_ITEMS = 16
 ROOT = Path(__file__).resolve().parents[2]
 DECODE_CONFIG = str(ROOT / "configs/tiny/decode.yaml")
+TEACHER_CONFIG = str(ROOT / "configs/tiny/teacher.yaml")
 
 
 def identifier(item: int) -> list[str]:
@@ -87,3 +88,16 @@ def _default_sigint() -> None:
     """The child starts with Ctrl-C enabled, whatever this process inherited or set (a shell's background job
     ignores SIGINT; Lightning ignores it for good after a KeyboardInterrupt), so Python raises KeyboardInterrupt."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def teacher_args(exported, out: Path, *extra: str) -> list[str]:
+    data, target, _ = exported
+    return [
+        "--config", TEACHER_CONFIG,
+        "--data.path", str(data),
+        "--data.model_dir", str(target),
+        "--model.init_args.target", str(target),
+        "--trainer.default_root_dir", str(out),
+        "--trainer.callbacks.init_args.dirpath", str(out / "data"),
+        *extra,
+    ]  # fmt: skip
