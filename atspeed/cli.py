@@ -25,6 +25,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+import atspeed.modules.align
 import atspeed.modules.recommend
 import atspeed.modules.sft
 import atspeed.modules.teacher  # noqa: F401
@@ -33,12 +34,13 @@ from atspeed.callbacks.signals import StopPredictOnSigterm
 from atspeed.data.datamodule import EvalSpec, RecDataModule
 from atspeed.data.item_index import SemanticIdSpec
 from atspeed.errors import DataError
+from atspeed.losses import LossOptions
 from atspeed.models.build import LoraSpec, ModelSpec
 from atspeed.preflight import check_checkpoint, check_output_dir
 
 # Config dataclasses travel in checkpoint hyper-parameters; allow them through torch.load(weights_only=True).
 torch.serialization.add_safe_globals(
-    [ModelSpec, LoraSpec, SemanticIdSpec, EvalSpec, PositiveInt, NonNegativeInt, PositiveFloat]
+    [ModelSpec, LoraSpec, SemanticIdSpec, EvalSpec, LossOptions, PositiveInt, NonNegativeInt, PositiveFloat]
 )
 
 TRAINER_DEFAULTS = {

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import uuid
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -56,6 +57,7 @@ class ExportHuggingFace(pl.Callback):
             "dataset": prepared.data.name,
             "split": dm.hparams.split,
             "global_step": trainer.global_step,
+            "export_id": uuid.uuid4().hex,  # tells two exports apart (teacher data names the one it came from)
         }
         with atomic_directory(self.dirpath, KEY) as tmp:
             pl_module.export_model().save_pretrained(tmp)

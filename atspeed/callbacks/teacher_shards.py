@@ -15,20 +15,17 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from safetensors import safe_open
 
-from atspeed.data.teacher_store import SAMPLE_ID, existing_shards, fingerprint, write_manifest, write_shard
+from atspeed.data.teacher_store import (
+    SAMPLE_ID,
+    existing_shards,
+    fingerprint,
+    stack_padded,
+    write_manifest,
+    write_shard,
+)
 
 log = logging.getLogger(__name__)
 LOG_SECONDS = 10.0
-
-
-def _stack_padded(parts: list[torch.Tensor]) -> torch.Tensor:
-    """Concatenate along dim 0, padding later dims to the largest (zeros / False; padded nodes are invalid)."""
-    shape = [max(p.shape[d] for p in parts) for d in range(1, parts[0].dim())]
-    padded = []
-    for part in parts:
-        pad = [amount for d in reversed(range(1, part.dim())) for amount in (0, shape[d - 1] - part.shape[d])]
-        padded.append(torch.nn.functional.pad(part, pad) if any(pad) else part)
-    return torch.cat(padded)
 
 
 class TeacherShardWriter(BasePredictionWriter):
@@ -89,7 +86,7 @@ class TeacherShardWriter(BasePredictionWriter):
     def _flush(self, trainer: pl.Trainer) -> None:
         if not self._pending:
             return
-        tensors = {key: _stack_padded([p[key] for p in self._pending]) for key in self._pending[0]}
+        tensors = {key: stack_padded([p[key] for p in self._pending]) for key in self._pending[0]}
         path = write_shard(self.dirpath, trainer.global_rank, self._next, tensors, self._fp["hash"])
         self._written += tensors[SAMPLE_ID].shape[0]
         self._pending, self._next = [], self._next + 1

@@ -84,6 +84,7 @@ class RecDataModule(pl.LightningDataModule):
         seed: int = 0,
         model_dir: str | None = None,
         predict_set: Literal["test", "train"] = "test",
+        train_batches: Literal["pairs", "requests"] = "pairs",
     ) -> None:
         """
         Args:
@@ -115,6 +116,8 @@ class RecDataModule(pl.LightningDataModule):
                 constraint of its atspeed.json replace the fields above, so requests match what it was trained on.
             predict_set: what ``predict`` decodes: the test users, or every training sample (teacher data; request id =
                 the sample's position in ``training_requests``).
+            train_batches: pairs (prompt + response, teacher-forced: SFT) or requests (left-padded prompts with the
+                sample id and target: alignment, which looks up the sample's teacher data).
         """
         super().__init__()
         self.save_hyperparameters()
@@ -235,8 +238,11 @@ class RecDataModule(pl.LightningDataModule):
             raise DataError(f"dataset {self.prepared.data.name}: no training samples (data.train_samples)")
         hp, trainer = self.hparams, self.trainer
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-        collate = TrainCollator(self.prepared.encoder)
-        return resumable_loader(pairs, hp.batch_size, collate, hp.seed, hp.num_workers, rank, world)
+        if hp.train_batches == "requests":
+            items, collate = self.training_requests(), EvalCollator(self.prepared.encoder)
+        else:
+            items, collate = pairs, TrainCollator(self.prepared.encoder)
+        return resumable_loader(items, hp.batch_size, collate, hp.seed, hp.num_workers, rank, world)
 
     def _eval_loaders(self, requests: list[tuple]) -> list[DataLoader]:
         enc = self.prepared.encoder

@@ -36,6 +36,16 @@ MANIFEST = "manifest.json"
 SAMPLE_ID = "sample_id"
 
 
+def stack_padded(parts: list[torch.Tensor]) -> torch.Tensor:
+    """Concatenate along dim 0, padding later dims to the largest (zeros / False: padded nodes are invalid)."""
+    shape = [max(p.shape[d] for p in parts) for d in range(1, parts[0].dim())]
+    padded = []
+    for part in parts:
+        pad = [amount for d in reversed(range(1, part.dim())) for amount in (0, shape[d - 1] - part.shape[d])]
+        padded.append(torch.nn.functional.pad(part, pad) if any(pad) else part)
+    return torch.cat(padded)
+
+
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -132,6 +142,19 @@ def write_manifest(root: str | Path, fp: Mapping[str, Any], shards: list[ShardIn
     entries = [{"file": s.path.name, "rank": s.rank, "samples": s.samples} for s in shards]
     body = {"fingerprint": dict(fp), "samples": sum(s.samples for s in shards), "shards": entries}
     write_text_atomic(Path(root) / MANIFEST, json.dumps(body, indent=2) + "\n")
+
+
+def teacher_fingerprint(target_dir: str | Path, teacher_dir: str | Path) -> dict[str, Any]:
+    """The fingerprint complete teacher data in ``teacher_dir`` must carry to belong to the target export
+    ``target_dir`` (with the settings it was made with, from its manifest)."""
+    manifest = Path(teacher_dir) / MANIFEST
+    if not manifest.is_file():
+        raise DataError(f"{manifest}: no teacher manifest (run the teacher stage first, or let it finish)")
+    found = read_json(manifest, "teacher manifest")
+    settings = found.get("fingerprint", {}).get("settings") if isinstance(found, dict) else None
+    if not isinstance(settings, dict):
+        raise DataError(f"{manifest}: no fingerprint settings: not an atspeed teacher manifest")
+    return fingerprint(target_dir, settings)
 
 
 class TeacherStore:

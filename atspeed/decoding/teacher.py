@@ -70,9 +70,15 @@ class TeacherTargets:
     def along(self, nodes: torch.Tensor) -> torch.Tensor:
         """The distributions [B, N, L, C] at every position of sequences whose prefix nodes are ``nodes`` [B, N, L]
         (``beam_nodes``, or ``truth_nodes[:, None]``); position t uses the codes ``codes[t]``."""
-        b, n, levels = nodes.shape
-        flat = nodes.reshape(b, n * levels, 1).expand(b, n * levels, self.node_logprobs.shape[2])
-        return self.node_logprobs.gather(1, flat).view(b, n, levels, -1)
+        return along(self.node_logprobs, nodes)
+
+
+def along(values: torch.Tensor, nodes: torch.Tensor) -> torch.Tensor:
+    """Per-node values [B, M, C] read at every position of sequences whose prefix nodes are ``nodes`` [B, N, L]:
+    [B, N, L, C] (the teacher's stored distributions, or a student's logits at the same nodes)."""
+    b, n, levels = nodes.shape
+    flat = nodes.reshape(b, n * levels, 1).expand(b, n * levels, values.shape[2])
+    return values.gather(1, flat).view(b, n, levels, -1)
 
 
 def level_codes(trie: PrefixTrie) -> torch.Tensor:

@@ -25,3 +25,13 @@ def exported(tmp_path_factory) -> tuple[Path, Path, Path]:
     draft_sizes = ["--model.init_args.model.hidden_size", "8", "--model.init_args.model.num_layers", "1"]
     main(["fit", *tiny_args(data, root / "draft"), *draft_sizes])
     return data, root / "target" / "hf", root / "draft" / "hf"
+
+
+@pytest.fixture(scope="session")
+def teacher_data(exported, tmp_path_factory) -> Path:
+    """Teacher data of the exported tiny target (configs/tiny/teacher.yaml)."""
+    from tests.integration.tiny_data import teacher_args
+
+    out = tmp_path_factory.mktemp("teacher")
+    main(["predict", *teacher_args(exported, out)])
+    return out / "data"

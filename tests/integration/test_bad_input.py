@@ -14,7 +14,7 @@ import torch
 
 from atspeed.cli import main
 from atspeed.models.tokenizer import build_word_tokenizer
-from tests.integration.tiny_data import decode_args, teacher_args, tiny_args, write_processed
+from tests.integration.tiny_data import align_args, decode_args, teacher_args, tiny_args, write_processed
 
 
 def fails(args: list[str], capsys, subcommand: str = "fit") -> str:
@@ -45,6 +45,8 @@ def no_model_built(monkeypatch) -> None:
     monkeypatch.setattr("atspeed.modules.sft.build_causal_lm", refuse)
     monkeypatch.setattr("atspeed.modules.recommend.load_model", refuse)
     monkeypatch.setattr("atspeed.modules.teacher.load_model", refuse)
+    monkeypatch.setattr("atspeed.modules.align.build_causal_lm", refuse)
+    monkeypatch.setattr("atspeed.modules.align.load_model", refuse)
 
 
 @pytest.mark.parametrize(
@@ -311,3 +313,30 @@ def test_teacher_data_of_other_settings_is_refused(exported, tmp_path, capsys, m
 def test_teacher_data_needs_the_training_samples(exported, tmp_path, capsys) -> None:
     err = fails(teacher_args(exported, tmp_path, "--data.predict_set", "test"), capsys, "predict")
     assert "data.predict_set must be train" in err
+
+
+# -- alignment -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--model.init_args.alpha", "1.5"], "model.alpha must be in [0, 1]"),
+        (["--model.init_args.loss", "atspeed_x"], "'atspeed_s', 'atspeed_r', 'sft', 'word_kd'"),
+        (["--model.init_args.loss_options.temperature", "0"], "temperature"),
+        (["--model.init_args.loss_options.top_k", "9"], "top_k"),
+        (["--data.train_batches", "pairs"], "data.train_batches must be requests"),
+    ],
+)
+def test_bad_alignment_settings(exported, teacher_data, tmp_path, capsys, extra, message) -> None:
+    err = fails(align_args(exported, teacher_data, tmp_path / "run", *extra), capsys)
+    assert message in err
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_teacher_data_of_another_target_or_none_is_refused(exported, teacher_data, tmp_path, capsys) -> None:
+    other = ["--model.init_args.target", str(exported[2]), "--data.model_dir", str(exported[2])]  # the draft export
+    err = fails(align_args(exported, teacher_data, tmp_path / "run", *other), capsys)
+    assert "made by another target, item index or settings" in err
+    err = fails(align_args(exported, tmp_path / "nothing", tmp_path / "run"), capsys)
+    assert "no teacher manifest" in err

@@ -24,7 +24,7 @@ def test_config_parses(config: Path, tmp_path, monkeypatch) -> None:
         from tests.integration.tiny_data import write_processed
 
         args += ["--data.path", str(write_processed(data))]
-    if config.name in ("decode.yaml", "teacher.yaml"):  # these name exported models: give them a stand-in export
+    if config.name in ("decode.yaml", "teacher.yaml", "align.yaml"):  # these name exported models: a stand-in
         export = str(_fake_export(tmp_path / "export"))
         args += ["--model.init_args.target", export, "--data.model_dir", export]
         if config.name == "decode.yaml":

@@ -101,3 +101,22 @@ def teacher_args(exported, out: Path, *extra: str) -> list[str]:
         "--trainer.callbacks.init_args.dirpath", str(out / "data"),
         *extra,
     ]  # fmt: skip
+
+
+ALIGN_CONFIG = str(ROOT / "configs/tiny/align.yaml")
+
+
+def align_args(exported, teacher_dir: Path, out: Path, *extra: str) -> list[str]:
+    """CLI arguments for configs/tiny/align.yaml: a draft aligned to the exported tiny target, under ``out``."""
+    data, target, _ = exported
+    return [
+        "--config", ALIGN_CONFIG,
+        "--data.path", str(data),
+        "--data.model_dir", str(target),
+        "--model.init_args.target", str(target),
+        "--model.init_args.teacher_dir", str(teacher_dir),
+        "--trainer.default_root_dir", str(out),
+        "--trainer.logger.init_args.save_dir", str(out),
+        "--trainer.callbacks.init_args.dirpath", str(out / "hf"),
+        *extra,
+    ]  # fmt: skip

@@ -1,0 +1,194 @@
+"""Draft alignment: loss = (1 - alpha) * CE(ground truth) + alpha * LOSSES[loss] against the target's teacher data.
+
+``python -m atspeed fit --config configs/<dataset>/align.yaml`` trains a draft (built from sizes, sharing the target's
+tokenizer and identifiers) on the cached teacher data of ``atspeed.modules.teacher``: per training sample the
+target's K_t beams and its distributions at every distinct prefix. One draft forward per batch (a prefill plus one
+tree-attention forward over the prefix tree of beams and ground truth, as the teacher stage) gives the draft's
+logits at every node: the CE term reads them along the ground truth, the alignment term along the beams (or the
+ground truth, per the loss's ``positions``), both over each level's codes. The target stays frozen and out of the
+optimizer and of the checkpoints; it is loaded only to measure, at validation, what predicts speed: the mean accepted
+depth and target calls per list of ``spec_strict`` decoding with the current draft.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import lightning.pytorch as pl
+import torch
+from jsonargparse.typing import PositiveFloat, PositiveInt
+from lightning.pytorch.utilities import rank_zero_info
+from transformers import PreTrainedModel, get_cosine_schedule_with_warmup
+
+from atspeed.data.datamodule import RecDataModule
+from atspeed.data.teacher_store import TeacherStore, stack_padded, teacher_fingerprint
+from atspeed.decoding.decoders import DecodeSettings, check_list_length, decode
+from atspeed.decoding.teacher import along, gather_codes, level_codes, node_logits, prefix_forest
+from atspeed.errors import DataError
+from atspeed.losses import LOSSES, LossName, LossOptions, beam_weights, check_top_k, reduce
+from atspeed.models.build import ModelSpec, build_causal_lm, load_model
+
+
+@dataclass
+class _Frozen:
+    """Holds the target outside the module tree: not trained, not saved, not moved by Lightning."""
+
+    model: torch.nn.Module
+
+
+class Align(pl.LightningModule):
+    """Train a draft towards the target's top-K (AtSpeed-S, AtSpeed-R and the baseline losses)."""
+
+    def __init__(
+        self,
+        target: str,
+        teacher_dir: str,
+        draft: ModelSpec | None = None,
+        loss: LossName = "atspeed_s",
+        alpha: float = 0.5,
+        loss_options: LossOptions | None = None,
+        weight_beams: bool = False,
+        lr: PositiveFloat = 1e-3,
+        weight_decay: float = 0.01,
+        warmup_steps: int = 100,
+        num_beams: PositiveInt = 20,
+        draft_beams: PositiveInt = 40,
+        gamma: PositiveInt = 3,
+        seed: int = 0,
+    ) -> None:
+        """
+        Args:
+            target: the target's export (SFT stage): its tokenizer and identifiers are the draft's.
+            teacher_dir: the teacher data of that target (``TeacherShardWriter.dirpath``).
+            draft: the draft Llama's sizes.
+            loss: the alignment loss, a name of ``atspeed.losses.LOSSES``.
+            alpha: weight of the alignment loss; 1 - alpha weighs the ground-truth cross-entropy.
+            loss_options: temperature, top-k support (atspeed_s), beta (jsd).
+            weight_beams: weigh the target's beams by their normalised probabilities instead of uniformly.
+            lr: peak AdamW learning rate.
+            weight_decay: AdamW weight decay.
+            warmup_steps: linear warm-up steps before the cosine decay.
+            num_beams: K of the validation decoding (spec_strict against the target).
+            draft_beams: N of the validation decoding.
+            gamma: draft steps per target call in the validation decoding.
+            seed: initialisation seed of the draft.
+        """
+        super().__init__()
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"model.alpha must be in [0, 1], got {alpha}")
+        if warmup_steps < 0:
+            raise ValueError(f"model.warmup_steps must be >= 0, got {warmup_steps}")
+        if draft_beams < num_beams:
+            raise ValueError(f"model.draft_beams (N = {draft_beams}) must be >= model.num_beams (K = {num_beams})")
+        self.save_hyperparameters()
+        self.spec = draft or ModelSpec()
+        self.options = loss_options or LossOptions()
+        self.draft: PreTrainedModel | None = None
+        self.frozen: _Frozen | None = None
+        self.store: TeacherStore | None = None
+        self.codes: torch.Tensor | None = None
+
+    @property
+    def dm(self) -> RecDataModule:
+        return self.trainer.datamodule
+
+    # -- set-up ---------------------------------------------------------------------------------------
+
+    def setup(self, stage: str) -> None:
+        """Before any model is built: batches of requests, teacher data of this target, a valid top-k support."""
+        hp, prepared = self.hparams, self.dm.prepared
+        if self.dm.hparams.train_batches != "requests":
+            raise DataError("data.train_batches must be requests: alignment looks up each sample's teacher data")
+        check_list_length(hp.num_beams, len(prepared.index), "model.num_beams")
+        self.store = TeacherStore(hp.teacher_dir, teacher_fingerprint(hp.target, hp.teacher_dir))
+        self.codes = level_codes(prepared.trie)  # [L, C]
+        level_masks = torch.zeros(prepared.trie.levels, len(prepared.tokenizer), dtype=torch.bool)
+        level_masks.scatter_(1, self.codes.clamp(min=0), self.codes >= 0)
+        try:
+            check_top_k(self.options.top_k, level_masks)
+        except ValueError as err:
+            raise DataError(str(err)) from None
+
+    def configure_model(self) -> None:
+        if self.draft is None:
+            self.draft = build_causal_lm(self.spec, self.dm.prepared.tokenizer, seed=self.hparams.seed)
+
+    def export_model(self) -> PreTrainedModel:
+        return self.draft
+
+    def _target(self) -> torch.nn.Module:
+        if self.frozen is None:
+            model = load_model(self.hparams.target).to(self.device)
+            model.requires_grad_(False)
+            self.frozen = _Frozen(model)
+        return self.frozen.model
+
+    # -- training -------------------------------------------------------------------------------------
+
+    def _teacher(self, sample_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        rows = [self.store[i] for i in sample_ids.tolist()]
+        return {key: stack_padded([row[key][None] for row in rows]).to(self.device) for key in rows[0]}
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        losses = self._losses(batch)
+        size = batch["input_ids"].shape[0]
+        for name, value in losses.items():
+            self.log(f"train/{name}", value, prog_bar=name == "loss", batch_size=size)
+        return losses["loss"]
+
+    def _losses(self, batch: dict) -> dict[str, torch.Tensor]:
+        hp = self.hparams
+        teacher = self._teacher(batch["request_ids"])
+        sequences = torch.cat([teacher["beams"], teacher["truth"][:, None]], 1)  # [B, K + 1, L]
+        forest = prefix_forest(sequences)
+        m = forest.num_nodes
+        if not torch.equal(teacher["node_token"][:, :m].masked_fill(~forest.valid, -1), forest.token):
+            raise DataError(f"{hp.teacher_dir}: stored tree nodes differ from the recomputed ones (another version?)")
+        logits = node_logits(self.draft, batch["input_ids"], batch["attention_mask"], forest)  # [B, M, V]
+        codes = self.codes.to(self.device)
+        student = gather_codes(logits, codes[forest.depth])  # [B, M, C]
+        target_lp = teacher["node_logprobs"][:, :m].float()  # [B, M, C]
+        truth_nodes = forest.slot_node[:, -1:]  # [B, 1, L]
+        truth_logits = along(logits, truth_nodes)[:, 0]  # [B, L, V]
+        ce = torch.nn.functional.cross_entropy(truth_logits.flatten(0, 1), teacher["truth"].flatten())
+        spec = LOSSES[hp.loss]
+        if spec.positions == "none" or hp.alpha == 0:
+            return {"loss": ce, "ce": ce}
+        on_beams = spec.positions == "beams"
+        nodes = forest.slot_node[:, :-1] if on_beams else truth_nodes  # [B, N, L]
+        seqs = teacher["beams"] if on_beams else teacher["truth"][:, None]  # [B, N, L]
+        t_values = along(target_lp, nodes)  # [B, N, L, C]
+        allowed = torch.isfinite(t_values)
+        labels = (codes[None, None] == seqs[..., None]).long().argmax(-1)  # [B, N, L] column of each token
+        per = spec.fn(along(student, nodes), t_values.masked_fill(~allowed, 0.0), allowed, labels, self.options)
+        weights = beam_weights(teacher["scores"]) if hp.weight_beams and on_beams else None
+        aligned = reduce(per, weights, allowed.any(-1))
+        return {"loss": (1 - hp.alpha) * ce + hp.alpha * aligned, "ce": ce, "align": aligned}
+
+    def configure_optimizers(self):
+        params = [p for p in self.draft.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        sched = get_cosine_schedule_with_warmup(opt, min(self.hparams.warmup_steps, total), total)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # -- validation: what predicts speed --------------------------------------------------------------
+
+    def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        if dataloader_idx == 0:
+            return  # the teacher-forced pairs: the CE is logged in training
+        hp = self.hparams
+        settings = DecodeSettings(hp.num_beams, self.dm.prepared.index.levels, hp.draft_beams, hp.gamma)
+        out = decode(
+            "spec_strict", self._target(), batch["input_ids"], batch["attention_mask"], self.dm.prepared.trie,
+            settings, self.draft,
+        )  # fmt: skip
+        summary = out.stats.summary(self.dm.prepared.index.levels)
+        size = batch["input_ids"].shape[0]
+        for name in ("mean_accepted_depth", "target_calls_per_list"):
+            self.log(f"val/{name}", summary[name], batch_size=size, add_dataloader_idx=False, sync_dist=True)
+
+    def on_fit_end(self) -> None:
+        found = {k: float(v) for k, v in self.trainer.callback_metrics.items() if k.startswith("val/")}
+        if found:
+            rank_zero_info("\n".join(f"{k:<28}{v:>10.4f}" for k, v in sorted(found.items())))

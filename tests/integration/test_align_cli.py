@@ -1,0 +1,47 @@
+"""Draft alignment through the CLI: teacher data -> align -> decode on tiny models; every loss of the table trains."""
+
+from __future__ import annotations
+
+import csv
+import json
+from typing import get_args
+
+import pytest
+import torch
+
+from atspeed.cli import main
+from atspeed.losses import LossName
+from tests.integration.tiny_data import align_args, decode_args
+
+
+def test_teacher_align_decode(exported, teacher_data, tmp_path) -> None:
+    out = tmp_path / "align"
+    main(["fit", *align_args(exported, teacher_data, out)])
+    (log,) = out.glob("logs/version_*/metrics.csv")
+    rows = list(csv.DictReader(log.read_text().splitlines()))
+    assert any(r.get("train/align") for r in rows) and any(r.get("val/mean_accepted_depth") for r in rows)
+    checkpoint = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
+    assert checkpoint["global_step"] == 8
+    assert all(key.startswith("draft.") for key in checkpoint["state_dict"]), "the frozen target is never saved"
+    # the aligned draft decodes: strict lists equal the target's own beam search
+    draft = out / "hf"
+    main(["predict", *decode_args(exported, tmp_path / "beam", "--model.init_args.decoder", "beam")])
+    spec = ["--model.init_args.decoder", "spec_strict", "--model.init_args.draft", str(draft)]
+    main(["predict", *decode_args(exported, tmp_path / "strict", *spec)])
+    lists = [
+        [json.loads(r)["items"] for r in (tmp_path / d / "p.jsonl").read_text().splitlines()]
+        for d in ("beam", "strict")
+    ]
+    assert lists[0] == lists[1]
+
+
+@pytest.mark.parametrize("loss", get_args(LossName))
+def test_every_loss_trains_the_draft_only(exported, teacher_data, tmp_path, loss) -> None:
+    extra = ["--model.init_args.loss", loss, "--trainer.max_steps", "2", "--trainer.limit_val_batches", "0"]
+    cli = main(align_args(exported, teacher_data, tmp_path, *extra), run=False)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    optimized = {id(p) for group in cli.trainer.optimizers[0].param_groups for p in group["params"]}
+    assert optimized == {id(p) for p in cli.model.draft.parameters()}
+    assert torch.isfinite(torch.tensor(float(cli.trainer.callback_metrics["train/loss"])))
+    if loss != "sft":
+        assert "train/align" in cli.trainer.callback_metrics
