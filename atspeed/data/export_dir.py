@@ -9,6 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from transformers import AutoTokenizer
+
 from atspeed.data.json_file import read_json
 from atspeed.errors import DataError
 
@@ -37,3 +39,16 @@ def read_export(model_dir: str | Path) -> dict[str, Any]:
     if missing:
         raise DataError(f"{path}: missing {', '.join(missing)}")
     return meta
+
+
+def check_same_identifiers(target: str, draft: str, key: str = "model.draft") -> None:
+    """The draft export must share the target's tokenizer vocabulary and item index (``key`` names the setting)."""
+    read_export(draft)
+    if (Path(target) / INDEX_FILE).read_text() != (Path(draft) / INDEX_FILE).read_text():
+        raise DataError(f"{key}: {draft}/{INDEX_FILE} differs from the target's: different identifiers")
+    vocabs = [
+        AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False).get_vocab()
+        for path in (target, draft)
+    ]
+    if vocabs[0] != vocabs[1]:
+        raise DataError(f"{key}: the tokenizer of {draft} differs from the target's ({target})")

@@ -21,6 +21,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from transformers import PreTrainedModel, get_cosine_schedule_with_warmup
 
 from atspeed.data.datamodule import RecDataModule
+from atspeed.data.export_dir import check_same_identifiers
 from atspeed.data.teacher_store import TeacherStore, stack_padded, teacher_fingerprint
 from atspeed.decoding.decoders import DecodeSettings, check_list_length, decode
 from atspeed.decoding.teacher import along, gather_codes, level_codes, node_logits, prefix_forest
@@ -44,6 +45,7 @@ class Align(pl.LightningModule):
         target: str,
         teacher_dir: str,
         draft: ModelSpec | None = None,
+        draft_init: str | None = None,
         loss: LossName = "atspeed_s",
         alpha: float = 0.5,
         loss_options: LossOptions | None = None,
@@ -60,7 +62,8 @@ class Align(pl.LightningModule):
         Args:
             target: the target's export (SFT stage): its tokenizer and identifiers are the draft's.
             teacher_dir: the teacher data of that target (``TeacherShardWriter.dirpath``).
-            draft: the draft Llama's sizes.
+            draft: the draft Llama's sizes (a draft built from scratch).
+            draft_init: start instead from this exported draft (e.g. the SFT stage's non-aligned draft).
             loss: the alignment loss, a name of ``atspeed.losses.LOSSES``.
             alpha: weight of the alignment loss; 1 - alpha weighs the ground-truth cross-entropy.
             loss_options: temperature, top-k support (atspeed_s), beta (jsd).
@@ -101,6 +104,14 @@ class Align(pl.LightningModule):
             raise DataError("data.train_batches must be requests: alignment looks up each sample's teacher data")
         check_list_length(hp.num_beams, len(prepared.index), "model.num_beams")
         self.store = TeacherStore(hp.teacher_dir, teacher_fingerprint(hp.target, hp.teacher_dir))
+        wanted = len(self.dm.training_requests())
+        if self.store.sample_ids() != list(range(wanted)):
+            raise DataError(
+                f"{hp.teacher_dir}: teacher data covers {len(self.store)} samples, training has {wanted}: make it with "
+                "the same data settings (data.train_samples, max_history)"
+            )
+        if hp.draft_init is not None:
+            check_same_identifiers(hp.target, hp.draft_init, "model.draft_init")
         self.codes = level_codes(prepared.trie)  # [L, C]
         level_masks = torch.zeros(prepared.trie.levels, len(prepared.tokenizer), dtype=torch.bool)
         level_masks.scatter_(1, self.codes.clamp(min=0), self.codes >= 0)
@@ -110,8 +121,12 @@ class Align(pl.LightningModule):
             raise DataError(str(err)) from None
 
     def configure_model(self) -> None:
-        if self.draft is None:
+        if self.draft is not None:
+            return
+        if self.hparams.draft_init is None:
             self.draft = build_causal_lm(self.spec, self.dm.prepared.tokenizer, seed=self.hparams.seed)
+        else:
+            self.draft = load_model(self.hparams.draft_init).train()
 
     def export_model(self) -> PreTrainedModel:
         return self.draft

@@ -16,11 +16,10 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from jsonargparse.typing import PositiveInt
-from transformers import AutoTokenizer
 
 from atspeed.callbacks.predictions import prediction_rows
 from atspeed.data.datamodule import RecDataModule
-from atspeed.data.export_dir import INDEX_FILE, read_export
+from atspeed.data.export_dir import INDEX_FILE, check_same_identifiers, read_export
 from atspeed.decoding.decoders import (
     SPECULATIVE,
     DecoderName,
@@ -74,7 +73,7 @@ class Recommender(pl.LightningModule):
             raise ValueError(f"model.draft: decoder {decoder} needs a draft model directory")
         self.meta = read_export(target)
         if draft is not None and decoder in SPECULATIVE:
-            _check_same_identifiers(target, draft)
+            check_same_identifiers(target, draft)
         self.target_model: torch.nn.Module | None = None
         self.draft_model: torch.nn.Module | None = None
         self.metrics = RankingMetrics(eval_ks, prefix="test/")
@@ -156,16 +155,3 @@ class Recommender(pl.LightningModule):
         if hp.decoder in SPECULATIVE and merged:
             lines.append(f"{'accepted depths':<22}{self.results['accepted_histogram']!s:>12}")
         log.info("decoded with %s:\n%s", hp.decoder, "\n".join(lines))
-
-
-def _check_same_identifiers(target: str, draft: str) -> None:
-    """The draft must share the target's tokenizer vocabulary and item index."""
-    read_export(draft)
-    if (Path(target) / INDEX_FILE).read_text() != (Path(draft) / INDEX_FILE).read_text():
-        raise DataError(f"model.draft: {draft}/{INDEX_FILE} differs from the target's: different identifiers")
-    vocabs = [
-        AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False).get_vocab()
-        for path in (target, draft)
-    ]
-    if vocabs[0] != vocabs[1]:
-        raise DataError(f"model.draft: the tokenizer of {draft} differs from the target's ({target})")
