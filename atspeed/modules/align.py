@@ -18,7 +18,7 @@ import lightning.pytorch as pl
 import torch
 from jsonargparse.typing import PositiveFloat, PositiveInt
 from lightning.pytorch.utilities import rank_zero_info
-from transformers import PreTrainedModel, get_cosine_schedule_with_warmup
+from transformers import PreTrainedModel
 
 from atspeed.data.datamodule import RecDataModule
 from atspeed.data.export_dir import check_same_identifiers
@@ -28,6 +28,7 @@ from atspeed.decoding.teacher import along, gather_codes, level_codes, node_logi
 from atspeed.errors import DataError
 from atspeed.losses import LOSSES, LossName, LossOptions, beam_weights, check_top_k, reduce
 from atspeed.models.build import ModelSpec, build_causal_lm, load_model
+from atspeed.modules.optim import adamw_cosine
 
 
 @dataclass
@@ -181,11 +182,7 @@ class Align(pl.LightningModule):
         return {"loss": (1 - hp.alpha) * ce + hp.alpha * aligned, "ce": ce, "align": aligned}
 
     def configure_optimizers(self):
-        params = [p for p in self.draft.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
-        total = max(int(self.trainer.estimated_stepping_batches), 1)
-        sched = get_cosine_schedule_with_warmup(opt, min(self.hparams.warmup_steps, total), total)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return adamw_cosine(self, self.draft)
 
     # -- validation: what predicts speed --------------------------------------------------------------
 

@@ -10,7 +10,7 @@ import lightning.pytorch as pl
 import torch
 from jsonargparse.typing import PositiveFloat, PositiveInt
 from lightning.pytorch.utilities import rank_zero_info
-from transformers import PreTrainedModel, get_cosine_schedule_with_warmup
+from transformers import PreTrainedModel
 
 from atspeed.callbacks.predictions import prediction_rows
 from atspeed.data.batches import IGNORE
@@ -19,6 +19,7 @@ from atspeed.decoding.decoders import DecodeSettings, check_list_length, decode
 from atspeed.errors import DataError
 from atspeed.metrics.ranking import RankingMetrics, popularity_ranking
 from atspeed.models.build import LoraSpec, ModelSpec, apply_lora, build_causal_lm, context_length
+from atspeed.modules.optim import adamw_cosine
 
 
 class SFT(pl.LightningModule):
@@ -108,11 +109,7 @@ class SFT(pl.LightningModule):
         return loss
 
     def configure_optimizers(self):
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
-        total = max(int(self.trainer.estimated_stepping_batches), 1)
-        sched = get_cosine_schedule_with_warmup(opt, min(self.hparams.warmup_steps, total), total)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return adamw_cosine(self, self.model)
 
     # -- evaluation -----------------------------------------------------------------------------
 
