@@ -340,3 +340,5 @@ def test_teacher_data_of_another_target_or_none_is_refused(exported, teacher_dat
     assert "made by another target, item index or settings" in err
     err = fails(align_args(exported, tmp_path / "nothing", tmp_path / "run"), capsys)
     assert "no teacher manifest" in err
+    err = fails(align_args(exported, teacher_data, tmp_path / "run", "--data.train_samples", "last"), capsys)
+    assert "teacher data covers 96 samples, training has 24" in err
