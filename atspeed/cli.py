@@ -99,7 +99,8 @@ class AtspeedCLI(LightningCLI):
 
     def _parse_ckpt_path(self) -> None:
         """Right after parsing (LightningCLI reads the checkpoint's hyper-parameters next): check the run's paths
-        and the checkpoint, and load checkpoints with ``weights_only=True`` (Lightning's default is False)."""
+        and the checkpoint, and load checkpoints with ``weights_only=True`` set explicitly (Lightning passes None on:
+        torch's default for local files, False for http URLs)."""
         subcommand = self.config.get("subcommand")
         config = self.config[subcommand] if subcommand else self.config
         try:
