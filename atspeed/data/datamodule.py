@@ -232,17 +232,20 @@ class RecDataModule(pl.LightningDataModule):
         return DataLoader(items, batch_size=batch_size, collate_fn=collate, num_workers=self.hparams.num_workers)
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled training pairs; Lightning checkpoints the loader's position, so a resumed epoch continues."""
-        pairs = training_pairs(self.prepared.split.train, self.hparams.train_samples, self.hparams.max_history)
-        if not pairs:
-            raise DataError(f"dataset {self.prepared.data.name}: no training samples (data.train_samples)")
+        """Shuffled training samples; Lightning checkpoints the loader's position, so a resumed epoch continues."""
         hp, trainer = self.hparams, self.trainer
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         if hp.train_batches == "requests":
             items, collate = self.training_requests(), EvalCollator(self.prepared.encoder)
         else:
-            items, collate = pairs, TrainCollator(self.prepared.encoder)
+            items, collate = self._training_pairs(), TrainCollator(self.prepared.encoder)
         return resumable_loader(items, hp.batch_size, collate, hp.seed, hp.num_workers, rank, world)
+
+    def _training_pairs(self) -> list[tuple[tuple[int, ...], int]]:
+        pairs = training_pairs(self.prepared.split.train, self.hparams.train_samples, self.hparams.max_history)
+        if not pairs:
+            raise DataError(f"dataset {self.prepared.data.name}: no training samples (data.train_samples)")
+        return pairs
 
     def _eval_loaders(self, requests: list[tuple]) -> list[DataLoader]:
         enc = self.prepared.encoder
@@ -260,8 +263,7 @@ class RecDataModule(pl.LightningDataModule):
 
     def training_requests(self) -> list[tuple[int, tuple[int, ...], tuple[int, ...]]]:
         """Every training sample as a request (sample id, history, (target,)), in a fixed order."""
-        pairs = training_pairs(self.prepared.split.train, self.hparams.train_samples, self.hparams.max_history)
-        return [(i, history, (target,)) for i, (history, target) in enumerate(pairs)]
+        return [(i, history, (target,)) for i, (history, target) in enumerate(self._training_pairs())]
 
     def predict_dataloader(self) -> DataLoader:
         hp = self.hparams

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +24,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from atspeed.atomic import write_text_atomic
+from atspeed.atomic import atomic_file, write_text_atomic
 from atspeed.data.export_dir import INDEX_FILE, META_FILE
 from atspeed.data.json_file import read_json
 from atspeed.errors import DataError
@@ -37,12 +35,14 @@ SAMPLE_ID = "sample_id"
 
 
 def stack_padded(parts: list[torch.Tensor]) -> torch.Tensor:
-    """Concatenate along dim 0, padding later dims to the largest (zeros / False: padded nodes are invalid)."""
+    """Concatenate along dim 0, padding later dims to the largest: -inf for floats (log-probabilities of nodes that
+    do not exist), 0 otherwise."""
     shape = [max(p.shape[d] for p in parts) for d in range(1, parts[0].dim())]
     padded = []
     for part in parts:
         pad = [amount for d in reversed(range(1, part.dim())) for amount in (0, shape[d - 1] - part.shape[d])]
-        padded.append(torch.nn.functional.pad(part, pad) if any(pad) else part)
+        fill = float("-inf") if part.is_floating_point() else 0
+        padded.append(torch.nn.functional.pad(part, pad, value=fill) if any(pad) else part)
     return torch.cat(padded)
 
 
@@ -122,18 +122,10 @@ def write_shard(root: str | Path, rank: int, number: int, tensors: Mapping[str, 
     samples = tensors[SAMPLE_ID].shape[0]
     if any(t.shape[0] != samples for t in tensors.values()):
         raise ValueError(f"every tensor of a shard needs {samples} rows (one per sample)")
-    root.mkdir(parents=True, exist_ok=True)
     path = shard_path(root, rank, number)
-    fd, tmp = tempfile.mkstemp(dir=root, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        meta = {"format": FORMAT, "rank": str(rank), "samples": str(samples), "fingerprint": fp_hash}
-        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=meta)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    meta = {"format": FORMAT, "rank": str(rank), "samples": str(samples), "fingerprint": fp_hash}
+    with atomic_file(path) as tmp:
+        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=meta)
     return path
 
 

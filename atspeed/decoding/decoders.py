@@ -124,7 +124,7 @@ def check_context(model, prompt_tokens: int, levels: int, what: str = "target") 
     or its config alone, so the check can run before any weights load)."""
     limit = getattr(getattr(model, "config", model), "max_position_embeddings", None)
     if limit is not None and prompt_tokens + levels > limit:
-        raise ValueError(
+        raise DataError(
             f"prompts of {prompt_tokens} tokens + {levels} identifier tokens exceed the {what}'s context of {limit} "
             "positions: lower data.max_history"
         )

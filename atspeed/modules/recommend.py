@@ -98,12 +98,9 @@ class Recommender(pl.LightningModule):
             raise DataError(f"data: the item index differs from {hp.target}/{INDEX_FILE}; set data.model_dir")
         check_list_length(hp.num_beams, len(prepared.index), "model.num_beams")
         longest, levels = self.dm.longest_prompt(), int(self.meta["levels"])
-        try:
-            check_context(model_config(hp.target), longest, levels)
-            if hp.decoder in SPECULATIVE:
-                check_context(model_config(hp.draft), longest, levels, "draft")
-        except ValueError as err:
-            raise DataError(str(err)) from None
+        check_context(model_config(hp.target), longest, levels)
+        if hp.decoder in SPECULATIVE:
+            check_context(model_config(hp.draft), longest, levels, "draft")
 
     def configure_model(self) -> None:
         if self.target_model is not None:

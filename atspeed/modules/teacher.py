@@ -22,8 +22,9 @@ from atspeed.decoding.teacher import teacher_targets
 from atspeed.errors import DataError
 from atspeed.models.build import load_model, model_config
 
-STORED = ("beams", "scores", "truth", "node_parent", "node_token", "node_depth", "node_valid", "node_logprobs")
-STORED += ("beam_nodes", "truth_nodes")
+# The node tables (parent, token, depth, which node each position reads) follow from beams + truth through
+# ``prefix_forest``, so only the sequences and the distributions are stored.
+STORED = ("beams", "scores", "truth", "node_logprobs")
 
 
 class Teacher(pl.LightningModule):
@@ -63,10 +64,7 @@ class Teacher(pl.LightningModule):
             raise DataError("data.predict_set must be train: teacher data covers the training samples")
         prepared = self.dm.prepared
         check_list_length(self.hparams.beams, len(prepared.index), "model.beams")
-        try:
-            check_context(model_config(self.hparams.target), self.dm.longest_prompt(), prepared.index.levels)
-        except ValueError as err:
-            raise DataError(str(err)) from None
+        check_context(model_config(self.hparams.target), self.dm.longest_prompt(), prepared.index.levels)
 
     def configure_model(self) -> None:
         if self.target_model is None:

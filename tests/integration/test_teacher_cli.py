@@ -11,6 +11,7 @@ import torch
 
 from atspeed.cli import main
 from atspeed.data.teacher_store import TeacherStore, fingerprint
+from atspeed.decoding.teacher import level_codes, prefix_forest
 from tests.integration.tiny_data import teacher_args
 
 SAMPLES = 96  # training samples of the tiny data (24 users x 4 sliding positions)
@@ -50,18 +51,19 @@ def test_every_training_sample_has_beams_and_distributions(straight) -> None:
     beams, scores, logprobs = sample["beams"], sample["scores"], sample["node_logprobs"]
     assert beams.shape == (4, 2) and torch.all(scores[:-1] >= scores[1:])
     assert logprobs.dtype == torch.float16
-    valid = sample["node_valid"]
+    assert set(sample) == {"sample_id", "beams", "scores", "truth", "node_logprobs"}  # node tables are derived
+    forest = prefix_forest(torch.cat([beams, sample["truth"][None]])[None])  # the stage's nodes, in its order
+    valid = forest.valid[0]
+    logprobs = logprobs[: valid.shape[0]]
     assert torch.isfinite(logprobs[valid]).any(dim=-1).all(), "every real node has a distribution"
     assert not torch.isfinite(logprobs[~valid]).any()
+    assert not torch.isfinite(sample["node_logprobs"][valid.shape[0] :]).any(), "shard padding holds nothing"
     # a beam's score is the sum of its tokens' log-probabilities at its prefixes' nodes
-    codes = cli.model.dm.prepared.trie
-    from atspeed.decoding.teacher import level_codes
-
-    columns = level_codes(codes)  # [L, C]
+    columns = level_codes(cli.model.dm.prepared.trie)  # [L, C]
     for k in range(4):
         total = 0.0
         for t in range(2):
-            node = int(sample["beam_nodes"][k, t])
+            node = int(forest.slot_node[0, k, t])
             column = int((columns[t] == beams[k, t]).nonzero())
             total += float(logprobs[node, column])
         assert abs(total - float(scores[k])) < 2e-2  # fp16 storage

@@ -125,3 +125,12 @@ def test_the_store_needs_a_complete_run(tmp_path, target) -> None:
     (root / "shard-r0-00000.safetensors").unlink()
     with pytest.raises(DataError, match="lists shards that are missing"):
         TeacherStore(root, fp)
+
+
+def test_batches_of_different_node_counts_stack_with_nothing_in_the_padding() -> None:
+    a, b = torch.randn(2, 3, 4).half(), torch.randn(1, 5, 4).half()
+    stacked = teacher_store.stack_padded([a, b])
+    assert stacked.shape == (3, 5, 4) and torch.equal(stacked[:2, :3], a) and torch.equal(stacked[2:], b)
+    assert torch.isneginf(stacked[:2, 3:]).all(), "padded nodes have no probability mass"
+    ids = teacher_store.stack_padded([torch.ones(1, 2, dtype=torch.long), torch.ones(1, 3, dtype=torch.long)])
+    assert ids.tolist() == [[1, 1, 0], [1, 1, 1]]
