@@ -30,6 +30,7 @@ import atspeed.modules.recommend
 import atspeed.modules.sft
 import atspeed.modules.teacher  # noqa: F401
 from atspeed.callbacks.checkpoint import SaveLast
+from atspeed.callbacks.progress import ProgressLog
 from atspeed.callbacks.signals import StopPredictOnSigterm
 from atspeed.data.datamodule import EvalSpec, RecDataModule
 from atspeed.data.item_index import SemanticIdSpec
@@ -93,6 +94,7 @@ class AtspeedCLI(LightningCLI):
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.add_lightning_class_args(SaveLast, "save_last")
         parser.add_lightning_class_args(StopPredictOnSigterm, "sigterm")
+        parser.add_lightning_class_args(ProgressLog, "progress")  # log lines when the output is not a terminal
         # one name, one meaning: never last-v1.ckpt
         defaults = {"save_last": True, "every_n_train_steps": 100, "enable_version_counter": False}
         parser.set_defaults({f"checkpoint.{key}": value for key, value in defaults.items()})
@@ -155,7 +157,7 @@ class _CurrentStderr(logging.StreamHandler):
         super().emit(record)
 
 
-def _show_atspeed_logs() -> None:
+def show_atspeed_logs() -> None:
     """atspeed's own INFO messages (dataset sizes, collisions resolved, exports) go to stderr."""
     logger = logging.getLogger("atspeed")
     if not logger.handlers:
@@ -185,7 +187,7 @@ def _check_config_files(args: list[str]) -> None:
 
 def main(args: list[str] | None = None, run: bool = True) -> AtspeedCLI:
     """Run the CLI (``args`` default to ``sys.argv[1:]``): exit 2 on bad input, 143 when stopped by SIGTERM."""
-    _show_atspeed_logs()
+    show_atspeed_logs()
     try:
         _check_config_files(sys.argv[1:] if args is None else args)
         return AtspeedCLI(

@@ -25,7 +25,6 @@ from atspeed.data.teacher_store import (
 )
 
 log = logging.getLogger(__name__)
-LOG_SECONDS = 10.0
 
 
 class TeacherShardWriter(BasePredictionWriter):
@@ -46,7 +45,7 @@ class TeacherShardWriter(BasePredictionWriter):
         self._next = 0
         self._fp: dict = {}
         self._written = 0
-        self._clock = self._last_report = 0.0
+        self._clock = 0.0
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Before decoding: refuse foreign teacher data; let the module skip the samples of complete shards."""
@@ -64,24 +63,14 @@ class TeacherShardWriter(BasePredictionWriter):
             log.info("teacher data: %d samples in %d complete shards are kept", len(pl_module.skip), len(done))
 
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._clock = self._last_report = time.monotonic()
+        self._clock = time.monotonic()
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
-        self._report(trainer, batch_idx)
         if not prediction:  # a batch of an earlier run's complete shard
             return
         self._pending.append(prediction)
         if sum(p[SAMPLE_ID].shape[0] for p in self._pending) >= self.shard_samples:
             self._flush(trainer)
-
-    def _report(self, trainer: pl.Trainer, batch_idx: int) -> None:
-        """A progress line every ``LOG_SECONDS``, also when the output is a log file, not a terminal."""
-        now = time.monotonic()
-        if now - self._last_report < LOG_SECONDS:
-            return
-        self._last_report = now
-        total = sum(trainer.num_predict_batches)
-        log.info("teacher data: batch %d of %d (%.0f s)", batch_idx + 1, total, now - self._clock)
 
     def _flush(self, trainer: pl.Trainer) -> None:
         if not self._pending:

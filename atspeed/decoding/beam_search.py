@@ -3,7 +3,9 @@
 All K beams of a request live in one cache row: the prompt is computed once (prefill), then each step feeds the K
 newest tokens as one tree-masked forward, where each token sees the prompt and its own beam's tokens only. L
 identifier tokens cost the prefill plus L - 1 forwards of K tokens. With ``sample=True`` the step draws its K
-beams without replacement instead of taking the top K (the target side of relaxed decoding).
+beams without replacement instead of taking the top K (the target side of relaxed decoding). ``lockstep_coverage``
+runs the target's search with the draft alongside, measuring at every depth how much of the target's top-K the
+draft's top-N covers (what strict verification needs).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from atspeed.decoding.kv_cache import new_cache
 from atspeed.decoding.output import DecodeOutput, StageClock
 from atspeed.decoding.tree_attention import prefill
 from atspeed.items.trie import PrefixTrie
+from atspeed.metrics.coverage import coverage
 
 
 def beam_search(
@@ -52,3 +55,45 @@ def beam_search(
     calls = torch.full((input_ids.shape[0],), levels, dtype=torch.long)
     stats = clock.stats(calls, torch.zeros_like(calls), [])
     return DecodeOutput(sequences, scores, stats)
+
+
+def lockstep_coverage(
+    target: torch.nn.Module,
+    draft: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    trie: PrefixTrie,
+    num_beams: int,
+    draft_beams: int,
+    levels: int,
+) -> list[torch.Tensor]:
+    """Top-K coverage per depth d = 1..levels, each [B]: the target's beam search of width K, with the draft beside it.
+
+    At depth d both models extend the target's own K beams of depth d - 1, from the target's cumulative scores (as the
+    draft does when it drafts from the target's beams): the target keeps its top K (parent, token) pairs, the draft
+    its top N. coverage@d is the share of the target's K pairs among the draft's N (``atspeed.metrics.coverage``),
+    which is what strict verification asks of a drafted depth; 1 at every depth means every depth would be accepted.
+    Pairs the trie forbids (fewer than K valid extensions) count on neither side.
+    """
+    caches = {"target": new_cache(), "draft": new_cache()}
+    models = {"target": target, "draft": draft}
+    logits = {name: prefill(models[name], caches[name], input_ids, attention_mask)[:, None] for name in models}
+    state = root_state(attention_mask, levels)
+    vocab = logits["target"].shape[-1]
+    out = []
+    for t in range(levels):
+        if t:  # both caches hold the same positions: one state describes both
+            logits["draft"], _ = feed(draft, caches["draft"], state)
+            logits["target"], state = feed(target, caches["target"], state)
+        kept = {}
+        for name, width in (("target", num_beams), ("draft", draft_beams)):
+            cand = candidates(logits[name], state.scores, state.trie_states, trie)
+            kept[name] = select_top(cand, min(width, cand.shape[1]), vocab)
+        out.append(coverage(*(_pairs(*kept[name]) for name in ("target", "draft"))))
+        state = extend(state, *kept["target"], trie)
+    return out
+
+
+def _pairs(parents: torch.Tensor, tokens: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    """(parent, token) pairs [B, W, 2]; pairs with no valid extension (score -inf) as -1."""
+    return torch.where(torch.isfinite(scores)[..., None], torch.stack([parents, tokens], dim=2), -1)

@@ -20,6 +20,15 @@ def test_teacher_align_decode(exported, teacher_data, tmp_path) -> None:
     (log,) = out.glob("logs/version_*/metrics.csv")
     rows = list(csv.DictReader(log.read_text().splitlines()))
     assert any(r.get("train/align") for r in rows) and any(r.get("val/mean_accepted_depth") for r in rows)
+    # what predicts speed: strict and relaxed acceptance, top-K coverage at every depth (L = 2 here)
+    speed = ["target_calls_per_list", "relaxed_accepted_depth", "relaxed_target_calls_per_list"]
+    coverage = [f"val/coverage@{d}" for d in (1, 2)]
+    logged = [r for r in rows if r.get("val/mean_accepted_depth")]
+    assert logged and all(r.get(key) for r in logged for key in [*(f"val/{k}" for k in speed), *coverage])
+    assert "val/coverage@3" not in rows[0]
+    assert all(0.0 <= float(r[key]) <= 1.0 for r in logged for key in coverage)
+    assert all(float(r["val/relaxed_accepted_depth"]) >= 0.0 for r in logged)
+    assert all(float(r["val/relaxed_target_calls_per_list"]) >= 1.0 for r in logged)
     checkpoint = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
     assert checkpoint["global_step"] == 8
     assert all(key.startswith("draft.") for key in checkpoint["state_dict"]), "the frozen target is never saved"

@@ -1,0 +1,225 @@
+"""``python -m atspeed pipeline FILE``: run CLI stages in order, skipping those whose output exists, then summarise.
+
+A pipeline file (YAML) names the stages in order; each is one ordinary CLI command (what ``python -m atspeed`` takes)
+and the output that only a finished run of it leaves (an export directory, a ``manifest.json``, a ``report.json``)::
+
+    stages:
+      - name: target
+        run: fit --config configs/quickstart/target_sft.yaml --ckpt_path last
+        output: runs/quickstart/target/hf
+      - name: decode_beam
+        run: predict --config configs/quickstart/decode.yaml --model.init_args.decoder beam ...
+        output: runs/quickstart/decode/beam/report.json
+    summary: runs/quickstart/summary.json
+
+A stage whose output exists is skipped; the others run in order, in this process, exactly as the printed
+``python -m atspeed ...`` command would run them on their own. Fit stages given ``--ckpt_path last`` continue from
+their last checkpoint and the teacher stage after its complete shards, so rerunning the pipeline after an
+interruption continues where it stopped. At the end the stages' decode reports (``DecodeReport`` JSON outputs) are
+put side by side: Recall/NDCG@10, target calls per list, accepted depth, ms per list and the ratios over Hugging Face
+``generate`` and over our beam search at the same K; a speculative strict row whose Recall/NDCG differ from beam
+search's is flagged. The summary is printed and written as JSON.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import shlex
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from atspeed.atomic import write_text_atomic
+from atspeed.errors import DataError
+
+log = logging.getLogger("atspeed.pipeline")
+SUBCOMMANDS = ("fit", "validate", "test", "predict")
+SUMMARY_K = 10
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    argv: list[str]  # what follows ``python -m atspeed``
+    output: Path
+
+    @property
+    def command(self) -> str:
+        return shlex.join(["python", "-m", "atspeed", *self.argv])
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    stages: list[Stage]
+    summary: Path | None
+
+
+def read_pipeline(path: str | Path) -> Pipeline:
+    """The stages of a pipeline file; a malformed one raises ``DataError`` naming the file and key."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: pipeline file not found")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise DataError(f"{path}: not a YAML pipeline file ({str(err).splitlines()[0]})") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("stages"), list) or not raw["stages"]:
+        raise DataError(f"{path}: stages: expected a non-empty list of stages")
+    unknown = set(raw) - {"stages", "summary"}
+    if unknown:
+        raise DataError(f"{path}: unknown keys {sorted(unknown)} (expected stages, summary)")
+    stages, names = [], set()
+    for i, entry in enumerate(raw["stages"]):
+        key = f"{path}: stages[{i}]"
+        if not isinstance(entry, dict) or set(entry) != {"name", "run", "output"}:
+            raise DataError(f"{key}: expected exactly the keys name, run, output")
+        name, run, output = entry["name"], entry["run"], entry["output"]
+        if not isinstance(name, str) or not name or name in names:
+            raise DataError(f"{key}.name: expected a unique non-empty name, got {name!r}")
+        argv = shlex.split(run) if isinstance(run, str) else run
+        if not isinstance(argv, list) or not all(isinstance(a, str) for a in argv) or not argv:
+            raise DataError(f"{key}.run: expected a command line (string or list of strings)")
+        if argv[0] not in SUBCOMMANDS:
+            raise DataError(f"{key}.run: must start with one of {', '.join(SUBCOMMANDS)}, got {argv[0]!r}")
+        if not isinstance(output, str) or not output:
+            raise DataError(f"{key}.output: expected the path that a finished run of the stage leaves")
+        names.add(name)
+        stages.append(Stage(name, list(argv), Path(output)))
+    summary = raw.get("summary")
+    if summary is not None and not isinstance(summary, str):
+        raise DataError(f"{path}: summary: expected a path for the summary JSON")
+    return Pipeline(stages, Path(summary) if summary else None)
+
+
+def run_stage(stage: Stage) -> None:
+    """One stage in this process, as ``python -m atspeed <argv>``; its exit code travels on as ``SystemExit``."""
+    from atspeed.cli import main  # the CLI imports Lightning and the models: only when a stage runs
+
+    try:
+        main(list(stage.argv))
+    except SystemExit as err:
+        if err.code not in (0, None):
+            print(
+                f"pipeline: stage {stage.name} stopped (exit {err.code}); rerun the pipeline to continue",
+                file=sys.stderr,
+            )
+            raise
+    finally:
+        gc.collect()
+    if not stage.output.exists():
+        print(f"pipeline: stage {stage.name} ended without its output {stage.output}", file=sys.stderr)
+        raise SystemExit(1)
+
+
+def run_pipeline(pipeline: Pipeline) -> dict:
+    """Run the stages whose output is missing, in order; return (and write) the summary of the decode reports."""
+    started = time.monotonic()
+    for number, stage in enumerate(pipeline.stages, 1):
+        head = f"[{number}/{len(pipeline.stages)}] {stage.name}"
+        if stage.output.exists():
+            log.info("%s: skipped, %s exists", head, stage.output)
+            continue
+        log.info("%s: %s", head, stage.command)
+        clock = time.monotonic()
+        run_stage(stage)
+        log.info("%s: done in %.0f s (%.0f s so far)", head, time.monotonic() - clock, time.monotonic() - started)
+    summary = summarise(pipeline.stages)
+    print(format_summary(summary))
+    if pipeline.summary is not None:
+        write_text_atomic(pipeline.summary, json.dumps(summary, indent=2) + "\n")
+        log.info("wrote the summary to %s", pipeline.summary)
+    return summary
+
+
+def _report_row(name: str, report: dict, k: int) -> dict:
+    decode = report.get("decode", {})
+    metrics = report.get("metrics", {})
+    lists = decode.get("lists") or 0
+    seconds = sum(decode.get(f"{part}_seconds", 0.0) for part in ("draft", "verify", "other"))
+    return {
+        "stage": name,
+        "decoder": report["decoder"],
+        "draft": report.get("draft"),
+        "K": report.get("settings", {}).get("num_beams"),
+        f"recall@{k}": metrics.get(f"recall@{k}"),
+        f"ndcg@{k}": metrics.get(f"ndcg@{k}"),
+        "target_calls_per_list": decode.get("target_calls_per_list"),
+        "accepted_depth": decode.get("mean_accepted_depth") if report.get("draft") else None,
+        "ms_per_list": 1e3 * seconds / lists if lists else None,
+    }
+
+
+def decode_report(path: Path) -> dict | None:
+    """The decode report (``DecodeReport``'s JSON) at ``path``, or None when the output is something else."""
+    if path.suffix != ".json" or not path.is_file():
+        return None
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return report if isinstance(report, dict) and {"decoder", "decode", "metrics"} <= set(report) else None
+
+
+def summarise(stages: list[Stage], k: int = SUMMARY_K) -> dict:
+    """The decode stages' reports side by side, with speed ratios over ``hf_beam`` and ``beam`` (same K)."""
+    rows = []
+    for stage in stages:
+        if (report := decode_report(stage.output)) is not None:
+            rows.append(_report_row(stage.name, report, k))
+    refs = {(r["decoder"], r["K"]): r for r in rows if r["decoder"] in ("hf_beam", "beam")}
+    for row in rows:
+        for name, field in (("hf_beam", "x_hf"), ("beam", "x_beam")):
+            ref = refs.get((name, row["K"]))
+            mine = row["ms_per_list"]
+            row[field] = ref["ms_per_list"] / mine if ref and mine and ref["ms_per_list"] else None
+        beam = refs.get(("beam", row["K"]))
+        row["equals_beam"] = None
+        if row["decoder"] == "spec_strict" and beam is not None:
+            row["equals_beam"] = row[f"recall@{k}"] == beam[f"recall@{k}"] and row[f"ndcg@{k}"] == beam[f"ndcg@{k}"]
+    return {"k": k, "rows": rows}
+
+
+def _cell(value, fmt: str) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "NO"
+    return format(value, fmt)
+
+
+def format_summary(summary: dict) -> str:
+    """A fixed-width table of the summary rows."""
+    k = summary["k"]
+    columns = (
+        ("stage", "stage", "<18", "s"), ("decoder", "decoder", "<12", "s"), (f"R@{k}", f"recall@{k}", ">8", ".4f"),
+        (f"NDCG@{k}", f"ndcg@{k}", ">8", ".4f"), ("calls/list", "target_calls_per_list", ">10", ".2f"),
+        ("accepted", "accepted_depth", ">9", ".2f"), ("ms/list", "ms_per_list", ">9", ".1f"),
+        ("x HF", "x_hf", ">7", ".2f"), ("x beam", "x_beam", ">7", ".2f"), ("= beam", "equals_beam", ">7", "s"),
+    )  # fmt: skip
+    lines = [" ".join(format(title, align) for title, _, align, _ in columns)]
+    for row in summary["rows"]:
+        lines.append(" ".join(format(_cell(row[key], fmt), align) for _, key, align, fmt in columns))
+    if not summary["rows"]:
+        lines.append("(no decode reports)")
+    return "\n".join(lines)
+
+
+def main(args: list[str]) -> None:
+    """``python -m atspeed pipeline FILE``: exit 2 on a bad pipeline file, else the first failing stage's code."""
+    if len(args) != 1 or args[0] in ("-h", "--help"):
+        print(__doc__.split("\n\n")[0], "\nusage: python -m atspeed pipeline FILE", file=sys.stderr)
+        raise SystemExit(0 if args and args[0] in ("-h", "--help") else 2)
+    from atspeed.cli import show_atspeed_logs
+
+    show_atspeed_logs()
+    try:
+        pipeline = read_pipeline(args[0])
+    except DataError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    run_pipeline(pipeline)

@@ -1,0 +1,99 @@
+"""``python -m atspeed pipeline``: the whole pipeline on tiny configs, an interruption, and the rerun that continues."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from atspeed.pipeline import read_pipeline, run_pipeline
+from tests.integration.tiny_data import align_args, decode_args, run_cli, teacher_args, tiny_args, write_processed
+
+DRAFT_SIZES = ["--model.init_args.model.hidden_size", "8", "--model.init_args.model.num_layers", "1"]
+
+
+def tiny_pipeline(root: Path, bad_align: bool = False) -> Path:
+    """A pipeline file for the tiny configs: SFT target and draft, teacher data, alignment, four decodes."""
+    data = write_processed(root / "data")
+    target, draft, aligned = root / "target" / "hf", root / "draft" / "hf", root / "align" / "hf"
+    exported = (data, target, draft)
+    align = align_args(exported, root / "teacher" / "data", root / "align", "--ckpt_path", "last")
+    if bad_align:
+        align += ["--model.init_args.alpha", "2"]
+
+    def decode(name: str, decoder: str, *extra: str) -> dict:
+        out = root / name
+        run = ["predict", *decode_args(exported, out, "--model.init_args.decoder", decoder, *extra)]
+        return {"name": name, "run": run, "output": str(out / "r.json")}
+
+    stages = [
+        {"name": "target", "run": ["fit", *tiny_args(data, root / "target"), "--ckpt_path", "last"],
+         "output": str(target)},
+        {"name": "draft", "run": ["fit", *tiny_args(data, root / "draft"), *DRAFT_SIZES, "--ckpt_path", "last"],
+         "output": str(draft)},
+        {"name": "teacher", "run": ["predict", *teacher_args(exported, root / "teacher")],
+         "output": str(root / "teacher" / "data" / "manifest.json")},
+        {"name": "align", "run": ["fit", *align], "output": str(aligned)},
+        decode("decode_hf", "hf_beam"),
+        decode("decode_beam", "beam"),
+        decode("spec_sft_draft", "spec_strict"),
+        decode("spec_aligned", "spec_strict", "--model.init_args.draft", str(aligned)),
+    ]  # fmt: skip
+    path = root / "pipeline.yaml"
+    path.write_text(yaml.safe_dump({"stages": stages, "summary": str(root / "summary.json")}))
+    return path
+
+
+def test_interrupted_pipeline_continues_and_summarises(tmp_path) -> None:
+    """A stage that fails stops the pipeline with its exit code and leaves the earlier outputs; the rerun skips the
+    finished stages (their outputs untouched), runs the rest, and the summary puts the decodes side by side."""
+    bad = read_pipeline(tiny_pipeline(tmp_path, bad_align=True))
+    with pytest.raises(SystemExit) as stopped:
+        run_pipeline(bad)
+    assert stopped.value.code == 2
+    done = {s.name: s.output for s in bad.stages[:3]}
+    assert all(path.exists() for path in done.values())
+    assert not any(s.output.exists() for s in bad.stages[3:]) and not (tmp_path / "summary.json").exists()
+    stamps = {name: path.stat().st_mtime_ns for name, path in done.items()}
+
+    rerun = run_cli("pipeline", [str(tiny_pipeline(tmp_path))])
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    for name in done:
+        assert f"{name}: skipped" in rerun.stderr
+    assert {name: path.stat().st_mtime_ns for name, path in done.items()} == stamps
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    rows = {row["stage"]: row for row in summary["rows"]}
+    assert list(rows) == ["decode_hf", "decode_beam", "spec_sft_draft", "spec_aligned"]
+    beam = rows["decode_beam"]
+    for name in ("spec_sft_draft", "spec_aligned"):
+        row = rows[name]
+        assert row["equals_beam"] is True and row["recall@10"] == beam["recall@10"]
+        assert row["x_beam"] > 0 and row["x_hf"] > 0 and row["accepted_depth"] >= 0
+        assert 1 <= row["target_calls_per_list"] <= beam["target_calls_per_list"]
+    assert beam["x_beam"] == pytest.approx(1.0) and beam["accepted_depth"] is None
+    assert "spec_aligned" in rerun.stdout and "calls/list" in rerun.stdout
+
+    again = run_cli("pipeline", [str(tmp_path / "pipeline.yaml")])
+    assert again.returncode == 0 and again.stderr.count("skipped") == len(bad.stages)
+    assert json.loads((tmp_path / "summary.json").read_text()) == summary
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("stages: []", "stages: expected a non-empty list"),
+        ("stages:\n  - {name: a, run: fit}", "stages[0]: expected exactly the keys name, run, output"),
+        ("stages:\n  - {name: a, run: train --x 1, output: o}", "stages[0].run: must start with one of fit"),
+        ("stages:\n  - {name: a, run: fit, output: o}\n  - {name: a, run: fit, output: p}", "stages[1].name"),
+        ("stages:\n  - {name: a, run: fit, output: o}\nextra: 1", "unknown keys ['extra']"),
+        ("stages: [unclosed", "not a YAML pipeline file"),
+    ],
+)
+def test_bad_pipeline_file_names_the_key(tmp_path, content, message) -> None:
+    path = tmp_path / "p.yaml"
+    path.write_text(content)
+    with pytest.raises(ValueError, match=r"p\.yaml") as err:
+        read_pipeline(path)
+    assert message in str(err.value)
