@@ -100,6 +100,7 @@ def run_stage(stage: Stage) -> None:
     """One stage in this process, as ``python -m atspeed <argv>``; its exit code travels on as ``SystemExit``."""
     from atspeed.cli import main  # the CLI imports Lightning and the models: only when a stage runs
 
+    saved, sys.argv = sys.argv, sys.argv[:1]  # the stage's arguments are its own, not the pipeline's
     try:
         main(list(stage.argv))
     except SystemExit as err:
@@ -110,24 +111,34 @@ def run_stage(stage: Stage) -> None:
             )
             raise
     finally:
+        sys.argv = saved
         gc.collect()
     if not stage.output.exists():
         print(f"pipeline: stage {stage.name} ended without its output {stage.output}", file=sys.stderr)
         raise SystemExit(1)
 
 
-def run_pipeline(pipeline: Pipeline) -> dict:
-    """Run the stages whose output is missing, in order; return (and write) the summary of the decode reports."""
-    started = time.monotonic()
-    for number, stage in enumerate(pipeline.stages, 1):
-        head = f"[{number}/{len(pipeline.stages)}] {stage.name}"
+def run_stages(stages: list[Stage]) -> list[dict]:
+    """Run the stages whose output is missing, in order; what each did (name, command, output, ran, seconds)."""
+    started, done = time.monotonic(), []
+    for number, stage in enumerate(stages, 1):
+        head = f"[{number}/{len(stages)}] {stage.name}"
+        entry = {"name": stage.name, "command": stage.command, "output": str(stage.output), "ran": False}
         if stage.output.exists():
             log.info("%s: skipped, %s exists", head, stage.output)
-            continue
-        log.info("%s: %s", head, stage.command)
-        clock = time.monotonic()
-        run_stage(stage)
-        log.info("%s: done in %.0f s (%.0f s so far)", head, time.monotonic() - clock, time.monotonic() - started)
+        else:
+            log.info("%s: %s", head, stage.command)
+            clock = time.monotonic()
+            run_stage(stage)
+            entry |= {"ran": True, "seconds": time.monotonic() - clock}
+            log.info("%s: done in %.0f s (%.0f s so far)", head, entry["seconds"], time.monotonic() - started)
+        done.append(entry)
+    return done
+
+
+def run_pipeline(pipeline: Pipeline) -> dict:
+    """Run the stages whose output is missing, in order; return (and write) the summary of the decode reports."""
+    run_stages(pipeline.stages)
     summary = summarise(pipeline.stages)
     print(format_summary(summary))
     if pipeline.summary is not None:
