@@ -147,9 +147,13 @@ def run_pipeline(pipeline: Pipeline) -> dict:
     return summary
 
 
+def _metrics(report: dict) -> dict[str, float]:
+    """The report's ranking metrics by bare name (``test/recall@10`` -> ``recall@10``)."""
+    return {key.rsplit("/", 1)[-1]: value for key, value in report.get("metrics", {}).items()}
+
+
 def _report_row(name: str, report: dict, k: int) -> dict:
-    decode = report.get("decode", {})
-    metrics = report.get("metrics", {})
+    decode, metrics = report.get("decode", {}), _metrics(report)
     lists = decode.get("lists") or 0
     seconds = sum(decode.get(f"{part}_seconds", 0.0) for part in ("draft", "verify", "other"))
     return {
@@ -157,12 +161,19 @@ def _report_row(name: str, report: dict, k: int) -> dict:
         "decoder": report["decoder"],
         "draft": report.get("draft"),
         "K": report.get("settings", {}).get("num_beams"),
-        f"recall@{k}": metrics.get(f"recall@{k}"),
-        f"ndcg@{k}": metrics.get(f"ndcg@{k}"),
+        "recall": metrics.get(f"recall@{k}"),
+        "ndcg": metrics.get(f"ndcg@{k}"),
         "target_calls_per_list": decode.get("target_calls_per_list"),
         "accepted_depth": decode.get("mean_accepted_depth") if report.get("draft") else None,
         "ms_per_list": 1e3 * seconds / lists if lists else None,
     }
+
+
+def _common_k(reports: list[dict], preferred: int) -> int:
+    """``preferred`` when every report has Recall@``preferred``, else the largest cut-off they all have."""
+    cutoffs = [{int(key.split("@")[1]) for key in _metrics(r) if key.startswith("recall@")} for r in reports]
+    common = set.intersection(*cutoffs) if cutoffs else set()
+    return preferred if preferred in common or not common else max(common)
 
 
 def decode_report(path: Path) -> dict | None:
@@ -177,11 +188,11 @@ def decode_report(path: Path) -> dict | None:
 
 
 def summarise(stages: list[Stage], k: int = SUMMARY_K) -> dict:
-    """The decode stages' reports side by side, with speed ratios over ``hf_beam`` and ``beam`` (same K)."""
-    rows = []
-    for stage in stages:
-        if (report := decode_report(stage.output)) is not None:
-            rows.append(_report_row(stage.name, report, k))
+    """The decode stages' reports side by side, with speed ratios over ``hf_beam`` and ``beam`` (same K); Recall and
+    NDCG at ``k`` (or the largest cut-off every report has)."""
+    found = [(stage.name, report) for stage in stages if (report := decode_report(stage.output)) is not None]
+    k = _common_k([report for _, report in found], k)
+    rows = [_report_row(name, report, k) for name, report in found]
     refs = {(r["decoder"], r["K"]): r for r in rows if r["decoder"] in ("hf_beam", "beam")}
     for row in rows:
         for name, field in (("hf_beam", "x_hf"), ("beam", "x_beam")):
@@ -191,7 +202,7 @@ def summarise(stages: list[Stage], k: int = SUMMARY_K) -> dict:
         beam = refs.get(("beam", row["K"]))
         row["equals_beam"] = None
         if row["decoder"] == "spec_strict" and beam is not None:
-            row["equals_beam"] = row[f"recall@{k}"] == beam[f"recall@{k}"] and row[f"ndcg@{k}"] == beam[f"ndcg@{k}"]
+            row["equals_beam"] = (row["recall"], row["ndcg"]) == (beam["recall"], beam["ndcg"])
     return {"k": k, "rows": rows}
 
 
@@ -207,8 +218,8 @@ def format_summary(summary: dict) -> str:
     """A fixed-width table of the summary rows."""
     k = summary["k"]
     columns = (
-        ("stage", "stage", "<18", "s"), ("decoder", "decoder", "<12", "s"), (f"R@{k}", f"recall@{k}", ">8", ".4f"),
-        (f"NDCG@{k}", f"ndcg@{k}", ">8", ".4f"), ("calls/list", "target_calls_per_list", ">10", ".2f"),
+        ("stage", "stage", "<18", "s"), ("decoder", "decoder", "<12", "s"), (f"R@{k}", "recall", ">8", ".4f"),
+        (f"NDCG@{k}", "ndcg", ">8", ".4f"), ("calls/list", "target_calls_per_list", ">10", ".2f"),
         ("accepted", "accepted_depth", ">9", ".2f"), ("ms/list", "ms_per_list", ">9", ".1f"),
         ("x HF", "x_hf", ">7", ".2f"), ("x beam", "x_beam", ">7", ".2f"), ("= beam", "equals_beam", ">7", "s"),
     )  # fmt: skip

@@ -8,7 +8,9 @@ rank is done, ``manifest.json`` lists the shards. Data made by another target, i
 message naming the file, before any work.
 
 Tensors other than ``sample_id`` may differ in their later dimensions from shard to shard (e.g. the number of tree
-nodes); ``TeacherStore`` hands out one sample at a time and leaves padding to the collate function.
+nodes); ``TeacherStore`` hands out one sample at a time and leaves padding to the collate function. Which tensors a
+shard holds depends on the settings (teacher data made without distributions has no ``node_logprobs``):
+``TeacherStore.keys`` says what every sample has.
 """
 
 from __future__ import annotations
@@ -163,12 +165,16 @@ class TeacherStore:
         if missing:
             raise DataError(f"{manifest}: lists shards that are missing: {sorted(missing)[:3]}")
         self._where: dict[int, tuple[Path, int]] = {}
+        names: list[set[str]] = []
         for shard in shards:
             if shard.path.name not in listed:
                 continue
             with safe_open(str(shard.path), framework="pt") as handle:
+                names.append(set(handle.keys()))
                 for row, sample in enumerate(handle.get_tensor(SAMPLE_ID).tolist()):
                     self._where[sample] = (shard.path, row)
+        self.keys: frozenset[str] = frozenset(set.intersection(*names) if names else set())
+        """The tensors every sample has (``sample_id``, ``beams``, ...; ``node_logprobs`` only with distributions)."""
 
     def __len__(self) -> int:
         return len(self._where)

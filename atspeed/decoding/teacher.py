@@ -20,15 +20,22 @@ What is stored, and why:
   reads student logits [..., V] at the same columns.
 - Nodes are numbered level by level (parents before children), the root first; rows are padded to the batch's
   largest node count M (``node_valid``). Complete identifiers (depth L) need no distribution and are not nodes.
+
+The function ``node_logprobs`` is the distribution part alone, for any sequences: the teacher stage runs it on the
+target's beams (``teacher_targets``, or skips it with ``distributions=False``: beams, scores and truth only, under
+a kilobyte per sample); the alignment runs it with the frozen target on the fly, on the stored beams
+(``Align(teacher="recompute")``) or on the draft's own sampled beams (``"on_policy"``), which ``sequence_scores``
+then scores under the target.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 
+from atspeed.decoding.beam_search import beam_search
 from atspeed.decoding.decoders import DecodeSettings, decode
 from atspeed.decoding.kv_cache import new_cache
 from atspeed.decoding.tree_attention import forward_tree, prefill
@@ -62,7 +69,7 @@ class TeacherTargets:
     node_token: torch.Tensor  # [B, M] long (-1: root and padding)
     node_depth: torch.Tensor  # [B, M] long prefix length (0: root and padding)
     node_valid: torch.Tensor  # [B, M] bool
-    node_logprobs: torch.Tensor  # [B, M, C] full-vocabulary log-softmax at codes[depth]; -inf: not in the support
+    node_logprobs: torch.Tensor | None  # [B, M, C] full-vocab log-softmax at codes[depth]; -inf: not in the support
     beam_nodes: torch.Tensor  # [B, K, L] long: node of prefix beams[:, :, :t]
     truth_nodes: torch.Tensor  # [B, L] long: node of prefix truth[:, :t]
     codes: torch.Tensor  # [L, C] long: each level's sorted code token ids (-1: padding); shared by all rows
@@ -198,6 +205,103 @@ def _check_inputs(truth: torch.Tensor, trie: PrefixTrie, codes: torch.Tensor, ba
 
 
 @torch.no_grad()
+def node_logprobs(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    sequences: torch.Tensor,
+    trie: PrefixTrie,
+    codes: torch.Tensor,
+    top_k: int | None = None,
+) -> tuple[PrefixForest, torch.Tensor]:
+    """The prefix tree of ``sequences`` [B, N, L] and the model's distributions at its nodes, float32 [B, M, C].
+
+    Each node's entries are the full-vocabulary log-softmax of the model on prompt + prefix, read at the level's
+    ``codes`` [L, C], -inf where the trie forbids the code (see the module docstring); ``top_k`` keeps each node's k
+    largest. The teacher stage stores them; the alignment computes them on the fly with the frozen target
+    (``Align(teacher="recompute" | "on_policy")``).
+    """
+    forest = prefix_forest(sequences)
+    states = node_states(trie, sequences, forest)  # [B, M]
+    logprobs = torch.log_softmax(node_logits(model, input_ids, attention_mask, forest).float(), -1)  # [B, M, V]
+    b, m = states.shape
+    allowed = trie.mask(states.reshape(-1).to(trie.device)).view(b, m, -1).to(input_ids.device)  # [B, M, V]
+    node_codes = codes[forest.depth]  # [B, M, C]
+    allowed_codes = allowed.gather(2, node_codes.clamp(min=0)) & (node_codes >= 0)  # [B, M, C]
+    values = gather_codes(logprobs, node_codes).masked_fill(~allowed_codes, float("-inf"))
+    return forest, values if top_k is None else truncate_top_k(values, top_k)
+
+
+def sequence_scores(
+    values: torch.Tensor, nodes: torch.Tensor, sequences: torch.Tensor, codes: torch.Tensor
+) -> torch.Tensor:
+    """Cumulative log-probabilities [B, N] of ``sequences`` [B, N, L] whose prefix nodes are ``nodes`` [B, N, L]:
+    the sum over t of the node values [B, M, C] (untruncated ``node_logprobs``) at the column of token t in
+    ``codes`` [L, C]: what the model's beam search would score them (the beam step's terms)."""
+    columns = (codes == sequences[..., None]).long().argmax(-1)  # [B, N, L]
+    return along(values, nodes).gather(-1, columns[..., None])[..., 0].sum(-1)
+
+
+@dataclass(frozen=True)
+class Teaching:
+    """What a batch of B prompts is aligned on: K beams [B, K, L] with scores [B, K], the ground truth [B, L], the
+    prefix tree of beams + truth (beam k's nodes ``forest.slot_node[:, k]``, the truth's ``[:, -1]``) and the target's
+    distributions at its nodes, float32 [B, M, C] (as ``node_logprobs``). ``on_policy``: the beams are the draft's."""
+
+    beams: torch.Tensor
+    scores: torch.Tensor
+    truth: torch.Tensor
+    forest: PrefixForest
+    logprobs: torch.Tensor
+    on_policy: bool = False
+
+    @classmethod
+    def stored(cls, beams: torch.Tensor, scores: torch.Tensor, truth: torch.Tensor, logprobs: torch.Tensor) -> Teaching:
+        """From teacher data: its ``node_logprobs`` [B, >= M, C] (padded) belong to the nodes of ``prefix_forest``."""
+        forest = prefix_forest(torch.cat([beams, truth[:, None]], 1))  # the teacher stage's nodes, in its order
+        return cls(beams, scores, truth, forest, logprobs[:, : forest.num_nodes].float())
+
+
+@torch.no_grad()
+def target_teaching(
+    target: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    beams: torch.Tensor,
+    truth: torch.Tensor,
+    trie: PrefixTrie,
+    codes: torch.Tensor,
+    scores: torch.Tensor | None = None,
+) -> Teaching:
+    """The target's distributions along ``beams`` [B, K, L] and ``truth`` [B, L], computed now; ``scores`` [B, K]:
+    the beams' stored scores, or None for the target's cumulative log-probabilities of the beams."""
+    forest, logprobs = node_logprobs(
+        target, input_ids, attention_mask, torch.cat([beams, truth[:, None]], 1), trie, codes
+    )
+    if scores is None:
+        scores = sequence_scores(logprobs, forest.slot_node[:, :-1], beams, codes)
+    return Teaching(beams, scores, truth, forest, logprobs)
+
+
+@torch.no_grad()
+def on_policy_teaching(
+    target: torch.nn.Module,
+    draft: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    truth: torch.Tensor,
+    trie: PrefixTrie,
+    codes: torch.Tensor,
+    num_beams: int,
+    generator: torch.Generator,
+) -> Teaching:
+    """On-policy data (DistillSpec, GKD): the draft's own ``num_beams`` beams from its sampling beam search, with the
+    target's distributions along them and the ground truth, and the target's cumulative log-probabilities as scores."""
+    beams = beam_search(draft, input_ids, attention_mask, trie, num_beams, trie.levels, True, generator).sequences
+    return replace(target_teaching(target, input_ids, attention_mask, beams, truth, trie, codes), on_policy=True)
+
+
+@torch.no_grad()
 def teacher_targets(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
@@ -208,11 +312,13 @@ def teacher_targets(
     codes: torch.Tensor | None = None,
     top_k: int | None = None,
     dtype: torch.dtype = torch.float32,
+    distributions: bool = True,
 ) -> TeacherTargets:
     """Teacher data for left-padded prompts [B, P] with ground truths ``truth`` [B, L] (see the module docstring).
 
     ``num_beams``: K_t. ``codes`` [L, C]: the level code lists (default ``level_codes(trie)``). ``top_k``: keep
     each node's k most likely allowed codes only. ``dtype``: of ``node_logprobs`` (float16 for storage).
+    ``distributions=False``: the beams only (no tree forward; ``node_logprobs`` is None).
     Runs without gradients but not in inference mode, so the results can serve an on-policy loss directly.
     """
     if top_k is not None and top_k < 1:
@@ -225,16 +331,10 @@ def teacher_targets(
         raise ValueError(f"fewer than K_t = {num_beams} identifiers are reachable: lower the beam width")
     truth = truth.to(input_ids.device, torch.long)
     sequences = torch.cat([beams, truth[:, None]], 1)  # [B, N = K + 1, L]
-    forest = prefix_forest(sequences)
-    states = node_states(trie, sequences, forest)  # [B, M]
-    logprobs = torch.log_softmax(node_logits(model, input_ids, attention_mask, forest), -1)  # [B, M, V]
-    b, m = states.shape
-    allowed = trie.mask(states.reshape(-1).to(trie.device)).view(b, m, -1).to(input_ids.device)  # [B, M, V]
-    node_codes = codes[forest.depth]  # [B, M, C]
-    allowed_codes = allowed.gather(2, node_codes.clamp(min=0)) & (node_codes >= 0)  # [B, M, C]
-    values = gather_codes(logprobs, node_codes).masked_fill(~allowed_codes, float("-inf"))
-    if top_k is not None:
-        values = truncate_top_k(values, top_k)
+    if distributions:
+        forest, values = node_logprobs(model, input_ids, attention_mask, sequences, trie, codes, top_k)
+    else:
+        forest, values = prefix_forest(sequences), None
     return TeacherTargets(
         beams=beams,
         scores=scores,
@@ -243,7 +343,7 @@ def teacher_targets(
         node_token=forest.token,
         node_depth=forest.depth,
         node_valid=forest.valid,
-        node_logprobs=values.to(dtype),
+        node_logprobs=None if values is None else values.to(dtype),
         beam_nodes=forest.slot_node[:, :-1],
         truth_nodes=forest.slot_node[:, -1],
         codes=codes,

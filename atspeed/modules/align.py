@@ -1,13 +1,25 @@
 """Draft alignment: loss = (1 - alpha) * CE(ground truth) + alpha * LOSSES[loss] against the target's teacher data.
 
 ``python -m atspeed fit --config configs/<dataset>/align.yaml`` trains a draft (built from sizes, sharing the target's
-tokenizer and identifiers) on the cached teacher data of ``atspeed.modules.teacher``: per training sample the
-target's K_t beams and its distributions at every distinct prefix. One draft forward per batch (a prefill plus one
-tree-attention forward over the prefix tree of beams and ground truth, as the teacher stage) gives the draft's
-logits at every node: the CE term reads them along the ground truth, the alignment term along the beams (or the
-ground truth, per the loss's ``positions``), both over each level's codes. The target stays frozen and out of the
-optimizer and of the checkpoints; it is loaded only to measure, at validation, what predicts speed with the current
-draft: the mean accepted depth and target calls per list of ``spec_strict`` decoding (``val/mean_accepted_depth``,
+tokenizer and identifiers) on the teacher data of ``atspeed.modules.teacher``: per training sample the target's K_t
+beams, their scores, the ground truth, and (unless made with ``distributions: false``) the target's distributions at
+every distinct prefix. ``teacher`` says where each batch's distributions come from:
+
+- ``cached``: all from the teacher data (refused in ``setup`` when it holds no distributions);
+- ``recompute``: beams, scores and truth from the teacher data, the distributions computed on the fly by the frozen
+  target (``node_logprobs``, the teacher stage's own computation, in float32);
+- ``on_policy`` (DistillSpec / GKD): with probability ``on_policy_ratio`` per batch (a CPU generator seeded from
+  ``seed``, drawn the same way every batch, its state saved in the checkpoints) the beams are the draft's own sampling
+  beam search of width K_t from the batch's prompts, which the target scores (distributions at every node, and each
+  beam's cumulative log-probability as its score); the other batches are ``cached`` ones, or ``recompute`` ones when
+  the teacher data holds no distributions. ``train/on_policy`` logs 1 or 0 per batch.
+
+One draft forward per batch (a prefill plus one tree-attention forward over the prefix tree of beams and ground
+truth, as the teacher stage) gives the draft's logits at every node: the CE term reads them along the ground truth,
+the alignment term along the beams (or the ground truth, per the loss's ``positions``), both over each level's codes.
+The target stays frozen and out of the module tree, the optimizer and the checkpoints; it is loaded in training only
+by ``recompute`` and ``on_policy``, and at validation to measure what predicts speed with the current draft: the mean
+accepted depth and target calls per list of ``spec_strict`` decoding (``val/mean_accepted_depth``,
 ``val/target_calls_per_list``) and of ``spec_relaxed`` decoding, seeded from ``seed`` at the start of each validation
 (``val/relaxed_accepted_depth``, ``val/relaxed_target_calls_per_list``), and the top-K coverage per depth
 (``val/coverage@d``, d = 1..L; ``lockstep_coverage``): along the target's own beam search, the share of its top-K
@@ -18,6 +30,7 @@ verification accepts a drafted depth when that share is 1).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -30,11 +43,22 @@ from atspeed.data.export_dir import check_same_identifiers
 from atspeed.data.teacher_store import TeacherStore, stack_padded, teacher_fingerprint
 from atspeed.decoding.beam_search import lockstep_coverage
 from atspeed.decoding.decoders import DecoderName, DecodeSettings, check_list_length, decode
-from atspeed.decoding.teacher import along, gather_codes, level_codes, node_logits, prefix_forest
+from atspeed.decoding.teacher import (
+    Teaching,
+    along,
+    gather_codes,
+    level_codes,
+    node_logits,
+    on_policy_teaching,
+    target_teaching,
+)
 from atspeed.errors import DataError
 from atspeed.losses import LOSSES, LossName, LossOptions, beam_weights, check_top_k, reduce
 from atspeed.models.build import ModelSpec, build_causal_lm, load_model
 from atspeed.modules.optim import adamw_cosine
+
+TeacherMode = Literal["cached", "recompute", "on_policy"]
+GENERATOR_KEY = "on_policy_generator"  # checkpoint entry: the on-policy mixing generator's state
 
 
 @dataclass
@@ -51,6 +75,8 @@ class Align(pl.LightningModule):
         self,
         target: str,
         teacher_dir: str,
+        teacher: TeacherMode = "cached",
+        on_policy_ratio: float = 0.5,
         draft: ModelSpec | None = None,
         draft_init: str | None = None,
         loss: LossName = "atspeed_s",
@@ -69,6 +95,9 @@ class Align(pl.LightningModule):
         Args:
             target: the target's export (SFT stage): its tokenizer and identifiers are the draft's.
             teacher_dir: the teacher data of that target (``TeacherShardWriter.dirpath``).
+            teacher: where the target's distributions come from: ``cached`` (the teacher data), ``recompute`` (the
+                frozen target on the stored beams), ``on_policy`` (also on the draft's own sampled beams).
+            on_policy_ratio: ``on_policy``: the share of batches aligned on the draft's own beams.
             draft: the draft Llama's sizes (a draft built from scratch).
             draft_init: start instead from this exported draft (e.g. the SFT stage's non-aligned draft).
             loss: the alignment loss, a name of ``atspeed.losses.LOSSES``.
@@ -81,11 +110,13 @@ class Align(pl.LightningModule):
             num_beams: K of the validation decoding (spec_strict and spec_relaxed against the target) and coverage.
             draft_beams: N of the validation decoding and of the draft's top-N in the coverage.
             gamma: draft steps per target call in the validation decoding.
-            seed: initialisation seed of the draft and seed of the validation's relaxed sampling.
+            seed: initialisation seed of the draft, seed of the validation's relaxed sampling and of on-policy mixing.
         """
         super().__init__()
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"model.alpha must be in [0, 1], got {alpha}")
+        if not 0.0 <= on_policy_ratio <= 1.0:
+            raise ValueError(f"model.on_policy_ratio must be in [0, 1], got {on_policy_ratio}")
         if warmup_steps < 0:
             raise ValueError(f"model.warmup_steps must be >= 0, got {warmup_steps}")
         if draft_beams < num_beams:
@@ -98,6 +129,7 @@ class Align(pl.LightningModule):
         self.store: TeacherStore | None = None
         self.codes: torch.Tensor | None = None
         self.generator: torch.Generator | None = None
+        self.mixing = torch.Generator().manual_seed(seed)  # on CPU: on-policy or not, and the sampling seed, per batch
 
     @property
     def dm(self) -> RecDataModule:
@@ -112,6 +144,11 @@ class Align(pl.LightningModule):
             raise DataError("data.train_batches must be requests: alignment looks up each sample's teacher data")
         check_list_length(hp.num_beams, len(prepared.index), "model.num_beams")
         self.store = TeacherStore(hp.teacher_dir, teacher_fingerprint(hp.target, hp.teacher_dir))
+        if hp.teacher == "cached" and "node_logprobs" not in self.store.keys:
+            raise DataError(
+                f"{hp.teacher_dir}: teacher data without distributions (made with distributions: false): "
+                "model.teacher cached needs them; use model.teacher recompute or on_policy"
+            )
         wanted = len(self.dm.training_requests())
         if self.store.sample_ids() != list(range(wanted)):
             raise DataError(
@@ -148,9 +185,33 @@ class Align(pl.LightningModule):
 
     # -- training -------------------------------------------------------------------------------------
 
-    def _teacher(self, sample_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _cached(self, sample_ids: torch.Tensor) -> dict[str, torch.Tensor]:
         rows = [self.store[i] for i in sample_ids.tolist()]
         return {key: stack_padded([row[key][None] for row in rows]).to(self.device) for key in rows[0]}
+
+    def _teaching(self, batch: dict) -> Teaching:
+        """The batch's beams and the target's distributions along them, per ``teacher`` (the module docstring)."""
+        hp, trie, codes = self.hparams, self.dm.prepared.trie, self.codes.to(self.device)
+        data = self._cached(batch["request_ids"])
+        beams, scores, truth = data["beams"], data["scores"], data["truth"]
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        sampler = self._draw() if hp.teacher == "on_policy" else None
+        if sampler is not None:  # width K_t, as the teacher data
+            return on_policy_teaching(
+                self._target(), self.draft, ids, mask, truth, trie, codes, beams.shape[1], sampler
+            )
+        if hp.teacher == "recompute" or "node_logprobs" not in data:
+            return target_teaching(self._target(), ids, mask, beams, truth, trie, codes, scores)
+        return Teaching.stored(beams, scores, truth, data["node_logprobs"])
+
+    def _draw(self) -> torch.Generator | None:
+        """One on-policy draw (two numbers from ``mixing`` every batch): a seeded generator for the draft's sampling
+        with probability ``on_policy_ratio``, else None."""
+        coin = float(torch.rand((), generator=self.mixing))
+        seed = int(torch.randint(2**62, (), generator=self.mixing))
+        if coin >= self.hparams.on_policy_ratio:
+            return None
+        return torch.Generator(device=self.device).manual_seed(seed)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         losses = self._losses(batch)
@@ -161,30 +222,36 @@ class Align(pl.LightningModule):
 
     def _losses(self, batch: dict) -> dict[str, torch.Tensor]:
         hp = self.hparams
-        teacher = self._teacher(batch["request_ids"])
-        sequences = torch.cat([teacher["beams"], teacher["truth"][:, None]], 1)  # [B, K + 1, L]
-        forest = prefix_forest(sequences)  # the teacher stage's nodes, in its order
-        m = forest.num_nodes
+        teaching = self._teaching(batch)
+        forest = teaching.forest
         logits = node_logits(self.draft, batch["input_ids"], batch["attention_mask"], forest)  # [B, M, V]
         codes = self.codes.to(self.device)
         student = gather_codes(logits, codes[forest.depth])  # [B, M, C]
-        target_lp = teacher["node_logprobs"][:, :m].float()  # [B, M, C]
         truth_nodes = forest.slot_node[:, -1:]  # [B, 1, L]
         truth_logits = along(logits, truth_nodes)[:, 0]  # [B, L, V]
-        ce = torch.nn.functional.cross_entropy(truth_logits.flatten(0, 1), teacher["truth"].flatten())
+        ce = torch.nn.functional.cross_entropy(truth_logits.flatten(0, 1), teaching.truth.flatten())
+        flag = torch.tensor(float(teaching.on_policy), device=self.device)
+        mode = {"on_policy": flag} if hp.teacher == "on_policy" else {}  # logged: which batches were on-policy
         spec = LOSSES[hp.loss]
         if spec.positions == "none" or hp.alpha == 0:
-            return {"loss": ce, "ce": ce}
+            return {"loss": ce, "ce": ce, **mode}
         on_beams = spec.positions == "beams"
         nodes = forest.slot_node[:, :-1] if on_beams else truth_nodes  # [B, N, L]
-        seqs = teacher["beams"] if on_beams else teacher["truth"][:, None]  # [B, N, L]
-        t_values = along(target_lp, nodes)  # [B, N, L, C]
+        seqs = teaching.beams if on_beams else teaching.truth[:, None]  # [B, N, L]
+        t_values = along(teaching.logprobs, nodes)  # [B, N, L, C]
         allowed = torch.isfinite(t_values)
         labels = (codes[None, None] == seqs[..., None]).long().argmax(-1)  # [B, N, L] column of each token
         per = spec.fn(along(student, nodes), t_values.masked_fill(~allowed, 0.0), allowed, labels, self.options)
-        weights = beam_weights(teacher["scores"]) if hp.weight_beams and on_beams else None
+        weights = beam_weights(teaching.scores) if hp.weight_beams and on_beams else None
         aligned = reduce(per, weights, allowed.any(-1))
-        return {"loss": (1 - hp.alpha) * ce + hp.alpha * aligned, "ce": ce, "align": aligned}
+        return {"loss": (1 - hp.alpha) * ce + hp.alpha * aligned, "ce": ce, "align": aligned, **mode}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[GENERATOR_KEY] = self.mixing.get_state()  # a resumed run draws the same on-policy batches
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if GENERATOR_KEY in checkpoint:
+            self.mixing.set_state(checkpoint[GENERATOR_KEY])
 
     def configure_optimizers(self):
         return adamw_cosine(self, self.draft)

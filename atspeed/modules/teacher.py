@@ -4,7 +4,9 @@
 every training sample (``data.predict_set: train``): its beam search of width K_t, and p(. | x, y_<t) restricted to
 the trie's codes at every identifier position along each beam and along the ground truth, one distribution per
 distinct prefix (``atspeed.decoding.teacher``). ``TeacherShardWriter`` stores them in shards; a resumed run skips the
-samples of complete shards (``skip``).
+samples of complete shards (``skip``). With ``distributions: false`` only the beams, their scores and the ground truth
+are stored (under a kilobyte per sample, what a 7B target affords): the alignment then computes the target's
+distributions on the fly (``Align(teacher="recompute" | "on_policy")``).
 """
 
 from __future__ import annotations
@@ -23,20 +25,30 @@ from atspeed.errors import DataError
 from atspeed.models.build import load_model, model_config
 
 # The node tables (parent, token, depth, which node each position reads) follow from beams + truth through
-# ``prefix_forest``, so only the sequences and the distributions are stored.
-STORED = ("beams", "scores", "truth", "node_logprobs")
+# ``prefix_forest``, so only the sequences and the distributions are stored (the sequences only without distributions).
+SEQUENCES = ("beams", "scores", "truth")
+STORED = (*SEQUENCES, "node_logprobs")
 
 
 class Teacher(pl.LightningModule):
     """Decode every training sample with the target and keep what the alignment losses need."""
 
-    def __init__(self, target: str, beams: PositiveInt = 20, top_k: PositiveInt | None = None, dtype: str = "float32"):
+    def __init__(
+        self,
+        target: str,
+        beams: PositiveInt = 20,
+        top_k: PositiveInt | None = None,
+        dtype: str = "float32",
+        distributions: bool = True,
+    ):
         """
         Args:
             target: directory of the target exported by the SFT stage (weights, tokenizer, index.json).
             beams: K_t, the target's beam width (the paper: 20).
             top_k: keep each distribution's k most likely codes only (the rest -inf); None keeps every allowed code.
             dtype: torch dtype of the target's weights (bfloat16 on a GPU); distributions are stored as float16.
+            distributions: store the target's distributions at every node; false stores the beams, scores and ground
+                truth only (the alignment's ``recompute`` or ``on_policy`` modes compute the distributions).
         """
         super().__init__()
         self.save_hyperparameters()
@@ -55,7 +67,7 @@ class Teacher(pl.LightningModule):
         return {
             "beams": hp.beams, "top_k": hp.top_k, "dtype": hp.dtype, "prompt": dm.prompt,
             "max_history": dm.max_history, "train_samples": dm.train_samples, "batch_size": dm.eval_batch_size,
-            "constraint": dm.constraint,
+            "constraint": dm.constraint, "distributions": hp.distributions,
         }  # fmt: skip
 
     def setup(self, stage: str) -> None:
@@ -78,6 +90,7 @@ class Teacher(pl.LightningModule):
         truth = prepared.item_token_ids[torch.tensor([t[0] for t in batch["targets"]])].to(self.device)  # [B, L]
         out = teacher_targets(
             self.target_model, batch["input_ids"], batch["attention_mask"], truth, prepared.trie,
-            self.hparams.beams, top_k=self.hparams.top_k, dtype=torch.float16,
+            self.hparams.beams, top_k=self.hparams.top_k, dtype=torch.float16, distributions=self.hparams.distributions,
         )  # fmt: skip
-        return {"sample_id": ids.cpu(), **{name: getattr(out, name).cpu() for name in STORED}}
+        names = STORED if self.hparams.distributions else SEQUENCES
+        return {"sample_id": ids.cpu(), **{name: getattr(out, name).cpu() for name in names}}

@@ -12,16 +12,22 @@ from decoding_helpers import (
     random_identifiers,
     random_prompts,
     tiny_llama,
+    true_scores,
 )
 from transformers import LlamaForCausalLM
 
+from atspeed.decoding.beam_search import beam_search
 from atspeed.decoding.decoders import DecodeSettings, decode
 from atspeed.decoding.teacher import (
     TeacherTargets,
+    Teaching,
     expand_to_vocab,
     gather_codes,
     level_codes,
+    node_logprobs,
+    on_policy_teaching,
     prefix_forest,
+    target_teaching,
     teacher_targets,
     truncate_top_k,
 )
@@ -287,3 +293,69 @@ def test_bad_inputs_fail_with_a_message(model) -> None:
     bad[1, 2] = 3  # token 3 is never an identifier token
     with pytest.raises(ValueError, match="not allowed by the trie"):
         teacher_targets(model, input_ids, mask, bad, trie, 3)
+
+
+# -- the distribution part alone: what the alignment computes on the fly ---------------------------------
+
+
+@pytest.mark.parametrize("top_k", [None, 3])
+@torch.no_grad()
+def test_node_logprobs_is_exactly_what_teacher_targets_stores(model, top_k) -> None:
+    """For the same sequences (beams + truth), ``node_logprobs`` gives teacher_targets' tree and values, bit for bit,
+    in float32."""
+    out, trie, prompts, _ = _run(model, 3, 5, top_k=top_k)
+    input_ids, mask = left_pad(prompts)
+    sequences = torch.cat([out.beams, out.truth[:, None]], 1)
+    forest, values = node_logprobs(model, input_ids, mask, sequences, trie, out.codes, top_k)
+    assert values.dtype == torch.float32
+    assert torch.equal(values, out.node_logprobs)
+    for name in ("parent", "token", "depth", "valid"):
+        assert torch.equal(getattr(forest, name), getattr(out, f"node_{name}")), name
+    assert torch.equal(forest.slot_node[:, :-1], out.beam_nodes) and torch.equal(
+        forest.slot_node[:, -1], out.truth_nodes
+    )
+
+
+@torch.no_grad()
+def test_recomputed_teaching_equals_the_stored_one_and_rescores_the_beams(model) -> None:
+    """target_teaching on the target's own beams: the stored (float16) data's tree, its values up to float16
+    rounding, and, without scores, the beams' beam-search scores as the sums of their tokens' entries."""
+    full, trie, prompts, _ = _run(model, 3, 5)
+    half, *_ = _run(model, 3, 5, dtype=torch.float16)
+    input_ids, mask = left_pad(prompts)
+    stored = Teaching.stored(half.beams, half.scores, half.truth, half.node_logprobs)
+    kept = target_teaching(model, input_ids, mask, full.beams, full.truth, trie, full.codes, full.scores)
+    rescored = target_teaching(model, input_ids, mask, full.beams, full.truth, trie, full.codes)
+    assert torch.equal(kept.forest.slot_node, stored.forest.slot_node) and kept.scores is full.scores
+    assert stored.logprobs.dtype == torch.float32 and not kept.on_policy
+    torch.testing.assert_close(stored.logprobs, kept.logprobs, atol=1e-2, rtol=1e-3)
+    torch.testing.assert_close(rescored.scores, full.scores, atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_teacher_targets_without_distributions_keeps_the_beams(model) -> None:
+    full, *_ = _run(model, 3, 5)
+    beams_only, *_ = _run(model, 3, 5, distributions=False)
+    assert beams_only.node_logprobs is None
+    for name in ("beams", "scores", "truth", "beam_nodes", "truth_nodes"):
+        assert torch.equal(getattr(beams_only, name), getattr(full, name)), name
+
+
+@torch.no_grad()
+def test_on_policy_teaching_scores_the_drafts_sampled_beams_under_the_target(model) -> None:
+    """The beams are the draft's sampling beam search (same generator seed, same beams); the scores are the target's
+    cumulative log-probabilities of them (the oracle: plain runs of prompt + beam)."""
+    draft = tiny_llama(VOCAB, seed=11, hidden=16, layers=1)
+    identifiers, trie, prompts = _world(3)
+    truth = _truth(model, trie, prompts, identifiers, 4)
+    input_ids, mask = left_pad(prompts)
+    codes = level_codes(trie)
+    got = on_policy_teaching(model, draft, input_ids, mask, truth, trie, codes, 4, torch.Generator().manual_seed(7))
+    sampled = beam_search(draft, input_ids, mask, trie, 4, 3, sample=True, generator=torch.Generator().manual_seed(7))
+    assert got.on_policy and torch.equal(got.beams, sampled.sequences) and torch.equal(got.truth, truth)
+    own = target_teaching(model, input_ids, mask, got.beams, truth, trie, codes)
+    assert torch.equal(got.logprobs, own.logprobs) and torch.equal(got.forest.slot_node, own.forest.slot_node)
+    for row, prompt in enumerate(prompts):
+        torch.testing.assert_close(got.scores[row], true_scores(model, prompt, got.beams[row]), atol=1e-4, rtol=0)
+    target_beams = decode("beam", model, input_ids, mask, trie, DecodeSettings(4, 3)).sequences
+    assert not torch.equal(got.beams, target_beams), "the draft's beams, not the target's"
