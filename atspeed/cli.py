@@ -95,6 +95,8 @@ class AtspeedCLI(LightningCLI):
         parser.add_lightning_class_args(SaveLast, "save_last")
         parser.add_lightning_class_args(StopPredictOnSigterm, "sigterm")
         parser.add_lightning_class_args(ProgressLog, "progress")  # log lines when the output is not a terminal
+        # stages that load a trained target read its prompt, tokenizer and index from its export: one path, given once
+        parser.link_arguments("model", "data.model_dir", compute_fn=target_export, apply_on="parse")
         # one name, one meaning: never last-v1.ckpt
         defaults = {"save_last": True, "every_n_train_steps": 100, "enable_version_counter": False}
         parser.set_defaults({f"checkpoint.{key}": value for key, value in defaults.items()})
@@ -118,6 +120,12 @@ class AtspeedCLI(LightningCLI):
             super().instantiate_classes()
         except (DataError, ValueError, TypeError) as err:
             self.parser.error(str(err))
+
+
+def target_export(model) -> str | None:
+    """``model.init_args.target`` (the target export of the teacher, alignment and decoding stages), else None."""
+    init_args = getattr(model, "init_args", None)
+    return getattr(init_args, "target", None)
 
 
 def _check_run_config(subcommand: str | None, config) -> None:

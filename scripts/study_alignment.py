@@ -34,6 +34,7 @@ import torch
 from atspeed.bench import alignment_study as study
 from atspeed.bench.report import machine, write_json
 from atspeed.bench.workload import load_workload, parameters
+from atspeed.cli import show_atspeed_logs
 from atspeed.data.sources import SOURCES
 from atspeed.losses import LossName
 from atspeed.pipeline import run_stages
@@ -132,7 +133,7 @@ def resolve(p: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Na
 def main(argv: list[str] | None = None) -> int:
     p = parser()
     args = resolve(p, p.parse_args(argv))
-    logging.basicConfig(level=logging.INFO, format="[study] %(message)s")
+    show_atspeed_logs()  # the stages' own lines and this script's, once each (atspeed.* loggers)
     drafts = study.study_drafts(args.runs, args.losses, args.second_losses, args.second_draft)
     stages = study.study_stages(args.configs, args.runs, drafts, args.steps, args.stage_argv)
     if missing := study.missing_configs(stages):

@@ -89,7 +89,6 @@ def _align_stage(configs: Path, runs: Path, draft: Draft, steps: int | None, sta
         "--model.init_args.loss", draft.loss,
         "--model.init_args.target", target,
         "--model.init_args.teacher_dir", str(runs / "teacher" / "data"),
-        "--data.model_dir", target,
         "--trainer.default_root_dir", str(out),
         "--trainer.logger.init_args.save_dir", str(out),
         "--trainer.callbacks.init_args.dirpath", str(out / "hf"),

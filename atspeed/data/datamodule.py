@@ -113,7 +113,8 @@ class RecDataModule(pl.LightningDataModule):
             num_workers: DataLoader workers.
             seed: seed of the validation subset.
             model_dir: a model exported by the SFT stage: its tokenizer, index.json and the prompt, max_history and
-                constraint of its atspeed.json replace the fields above, so requests match what it was trained on.
+                constraint of its atspeed.json replace the fields above, so requests match what it was trained on. On
+                the command line it is linked to ``model.init_args.target`` (set there, never twice).
             predict_set: what ``predict`` decodes: the test users, or every training sample (teacher data; request id =
                 the sample's position in ``training_requests``).
             train_batches: pairs (prompt + response, teacher-forced: SFT) or requests (left-padded prompts with the

@@ -253,7 +253,7 @@ def test_prompts_longer_than_the_targets_context_are_refused_before_decoding(exp
     config = json.loads((short / "config.json").read_text())
     config["max_position_embeddings"] = 8
     (short / "config.json").write_text(json.dumps(config))
-    args = decode_args(exported, tmp_path / "o", "--model.init_args.target", str(short), "--data.model_dir", str(short))
+    args = decode_args(exported, tmp_path / "o", "--model.init_args.target", str(short))
     assert "exceed the target's context of 8" in fails(args, capsys, "predict")
     assert not (tmp_path / "o" / "p.jsonl").exists()
 
@@ -335,7 +335,7 @@ def test_bad_alignment_settings(exported, teacher_data, tmp_path, capsys, extra,
 
 
 def test_teacher_data_of_another_target_or_none_is_refused(exported, teacher_data, tmp_path, capsys) -> None:
-    other = ["--model.init_args.target", str(exported[2]), "--data.model_dir", str(exported[2])]  # the draft export
+    other = ["--model.init_args.target", str(exported[2])]  # the draft export
     err = fails(align_args(exported, teacher_data, tmp_path / "run", *other), capsys)
     assert "made by another target, item index or settings" in err
     err = fails(align_args(exported, tmp_path / "nothing", tmp_path / "run"), capsys)

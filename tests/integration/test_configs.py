@@ -7,9 +7,13 @@ from pathlib import Path
 import pytest
 
 from atspeed.cli import main
+from atspeed.pipeline import read_pipeline
 
 ROOT = Path(__file__).resolve().parents[2]
-STAGE_CONFIGS = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if p.parent.name != "loggers")
+PIPELINES = sorted((ROOT / "configs").rglob("pipeline.yaml"))
+STAGE_CONFIGS = sorted(
+    p for p in (ROOT / "configs").rglob("*.yaml") if p.parent.name != "loggers" and p not in PIPELINES
+)
 SHARED = ROOT.parent / "shared" / "data" / "amazon-beauty"
 
 
@@ -26,12 +30,24 @@ def test_config_parses(config: Path, tmp_path, monkeypatch) -> None:
         args += ["--data.path", str(write_processed(data))]
     if config.name in ("decode.yaml", "teacher.yaml", "align.yaml"):  # these name exported models: a stand-in
         export = str(_fake_export(tmp_path / "export"))
-        args += ["--model.init_args.target", export, "--data.model_dir", export]
+        args += ["--model.init_args.target", export]
         if config.name == "decode.yaml":
             args += ["--model.init_args.draft", export]
     cli = main(args, run=False)
     assert cli.model is not None and cli.datamodule is not None
     assert type(cli.trainer.logger).__name__ == "WandbLogger"
+
+
+@pytest.mark.parametrize("pipeline", PIPELINES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_pipeline_names_shipped_configs(pipeline: Path, monkeypatch) -> None:
+    """Every stage of a shipped pipeline is a CLI command over shipped configs; stages that decode come last."""
+    monkeypatch.chdir(ROOT)
+    stages = read_pipeline(pipeline).stages
+    for stage in stages:
+        configs = [stage.argv[i + 1] for i, arg in enumerate(stage.argv) if arg == "--config"]
+        assert configs and all(Path(c).is_file() for c in configs), stage.name
+    decoders = [s.name for s in stages if "decode.yaml" in " ".join(s.argv)]
+    assert decoders == [s.name for s in stages[-len(decoders) :]] and len(decoders) == 4
 
 
 def _fake_export(root: Path) -> Path:

@@ -66,7 +66,6 @@ def decode_args(exported, out: Path, *extra: str) -> list[str]:
     return [
         "--config", DECODE_CONFIG,
         "--data.path", str(data),
-        "--data.model_dir", str(target),
         "--model.init_args.target", str(target),
         "--model.init_args.draft", str(draft),
         "--trainer.default_root_dir", str(out),
@@ -95,7 +94,6 @@ def teacher_args(exported, out: Path, *extra: str) -> list[str]:
     return [
         "--config", TEACHER_CONFIG,
         "--data.path", str(data),
-        "--data.model_dir", str(target),
         "--model.init_args.target", str(target),
         "--trainer.default_root_dir", str(out),
         "--trainer.callbacks.init_args.dirpath", str(out / "data"),
@@ -112,7 +110,6 @@ def align_args(exported, teacher_dir: Path, out: Path, *extra: str) -> list[str]
     return [
         "--config", ALIGN_CONFIG,
         "--data.path", str(data),
-        "--data.model_dir", str(target),
         "--model.init_args.target", str(target),
         "--model.init_args.teacher_dir", str(teacher_dir),
         "--trainer.default_root_dir", str(out),
