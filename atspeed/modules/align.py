@@ -18,13 +18,8 @@ One draft forward per batch (a prefill plus one tree-attention forward over the 
 truth, as the teacher stage) gives the draft's logits at every node: the CE term reads them along the ground truth,
 the alignment term along the beams (or the ground truth, per the loss's ``positions``), both over each level's codes.
 The target stays frozen and out of the module tree, the optimizer and the checkpoints; it is loaded in training only
-by ``recompute`` and ``on_policy``, and at validation to measure what predicts speed with the current draft: the mean
-accepted depth and target calls per list of ``spec_strict`` decoding (``val/mean_accepted_depth``,
-``val/target_calls_per_list``) and of ``spec_relaxed`` decoding, seeded from ``seed`` at the start of each validation
-(``val/relaxed_accepted_depth``, ``val/relaxed_target_calls_per_list``), and the top-K coverage per depth
-(``val/coverage@d``, d = 1..L; ``lockstep_coverage``): along the target's own beam search, the share of its top-K
-extensions at depth d that are among the draft's top-N extensions of the same beams, averaged over requests (strict
-verification accepts a drafted depth when that share is 1).
+by ``recompute`` and ``on_policy``, and at validation to log what predicts speed with the current draft
+(``atspeed.decoding.speed_metrics``: strict and relaxed acceptance, ``val/coverage@d``).
 """
 
 from __future__ import annotations
@@ -41,8 +36,8 @@ from transformers import PreTrainedModel
 from atspeed.data.datamodule import RecDataModule
 from atspeed.data.export_dir import check_same_identifiers
 from atspeed.data.teacher_store import TeacherStore, stack_padded, teacher_fingerprint
-from atspeed.decoding.beam_search import lockstep_coverage
-from atspeed.decoding.decoders import DecoderName, DecodeSettings, check_list_length, decode
+from atspeed.decoding.decoders import DecodeSettings, check_list_length
+from atspeed.decoding.speed_metrics import speed_metrics
 from atspeed.decoding.teacher import (
     Teaching,
     along,
@@ -265,39 +260,15 @@ class Align(pl.LightningModule):
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         if dataloader_idx == 0:
             return  # the teacher-forced pairs: the CE is logged in training
-        size = batch["input_ids"].shape[0]
-        for name, value in {**self._acceptance(batch), **self._coverage(batch)}.items():
-            self.log(f"val/{name}", value, batch_size=size, add_dataloader_idx=False, sync_dist=True)
-
-    def _decode(self, name: DecoderName, batch: dict, generator: torch.Generator | None = None) -> dict[str, float]:
         hp, prepared = self.hparams, self.dm.prepared
         settings = DecodeSettings(hp.num_beams, prepared.index.levels, hp.draft_beams, hp.gamma, seed=hp.seed)
-        out = decode(
-            name, self._target(), batch["input_ids"], batch["attention_mask"], prepared.trie, settings, self.draft,
-            generator,
+        measured = speed_metrics(
+            self._target(), self.draft, batch["input_ids"], batch["attention_mask"], prepared.trie, settings,
+            self.generator,
         )  # fmt: skip
-        return out.stats.summary(prepared.index.levels)
-
-    def _acceptance(self, batch: dict) -> dict[str, float]:
-        """Accepted depth and target calls per list of strict and (seeded) relaxed speculative decoding."""
-        strict = self._decode("spec_strict", batch)
-        relaxed = self._decode("spec_relaxed", batch, self.generator)
-        return {
-            "mean_accepted_depth": strict["mean_accepted_depth"],
-            "target_calls_per_list": strict["target_calls_per_list"],
-            "relaxed_accepted_depth": relaxed["mean_accepted_depth"],
-            "relaxed_target_calls_per_list": relaxed["target_calls_per_list"],
-        }
-
-    def _coverage(self, batch: dict) -> dict[str, torch.Tensor]:
-        """coverage@d, d = 1..L: the batch's mean share of the target's top-K at depth d in the draft's top-N, both
-        extending the target's own beams (``lockstep_coverage``)."""
-        hp, prepared = self.hparams, self.dm.prepared
-        per_depth = lockstep_coverage(
-            self._target(), self.draft, batch["input_ids"], batch["attention_mask"], prepared.trie, hp.num_beams,
-            hp.draft_beams, prepared.index.levels,
-        )  # fmt: skip
-        return {f"coverage@{d}": value.mean() for d, value in enumerate(per_depth, start=1)}
+        size = batch["input_ids"].shape[0]
+        for name, value in measured.items():
+            self.log(f"val/{name}", value, batch_size=size, add_dataloader_idx=False, sync_dist=True)
 
     def on_fit_end(self) -> None:
         found = {k: float(v) for k, v in self.trainer.callback_metrics.items() if k.startswith("val/")}
