@@ -35,6 +35,7 @@ from pathlib import Path
 import yaml
 
 from atspeed.atomic import write_text_atomic
+from atspeed.bench.report import cell
 from atspeed.errors import DataError
 
 log = logging.getLogger("atspeed.pipeline")
@@ -206,14 +207,6 @@ def summarise(stages: list[Stage], k: int = SUMMARY_K) -> dict:
     return {"k": k, "rows": rows}
 
 
-def _cell(value, fmt: str) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, bool):
-        return "yes" if value else "NO"
-    return format(value, fmt)
-
-
 def format_summary(summary: dict) -> str:
     """A fixed-width table of the summary rows."""
     k = summary["k"]
@@ -225,7 +218,7 @@ def format_summary(summary: dict) -> str:
     )  # fmt: skip
     lines = [" ".join(format(title, align) for title, _, align, _ in columns)]
     for row in summary["rows"]:
-        lines.append(" ".join(format(_cell(row[key], fmt), align) for _, key, align, fmt in columns))
+        lines.append(" ".join(format(cell(row[key], fmt), align) for _, key, align, fmt in columns))
     if not summary["rows"]:
         lines.append("(no decode reports)")
     return "\n".join(lines)

@@ -29,7 +29,7 @@ from typing import get_args
 import torch
 
 from atspeed.bench.decode_bench import build_grid, check_grid, run_grid
-from atspeed.bench.report import machine, plot_speedups, table, write_json
+from atspeed.bench.report import check_timing_flags, machine, plot_speedups, table, write_json
 from atspeed.bench.workload import load_workload, parameters, smoke_workload
 from atspeed.data.sources import SOURCES
 from atspeed.decoding.decoders import SPECULATIVE, DecoderName
@@ -94,19 +94,12 @@ def resolve(p: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Na
         args.requests = args.requests * len(args.batch_sizes)
     if len(args.requests) != len(args.batch_sizes):
         p.error(f"--requests: give one value or one per batch size ({len(args.batch_sizes)}), got {args.requests}")
-    if args.repeats < 1 or args.warmup < 0:
-        p.error(f"--repeats must be >= 1 and --warmup >= 0, got {args.repeats} and {args.warmup}")
-    if not isinstance(getattr(torch, args.dtype, None), torch.dtype):
-        p.error(f"--dtype: unknown torch dtype {args.dtype!r}")
+    check_timing_flags(p, args)
     try:
         speculative = any(d in SPECULATIVE for d in args.decoders)
         check_grid(args.ks, args.batch_sizes, args.draft_beams, args.gammas, args.requests, speculative)
     except ValueError as err:
         p.error(str(err))
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.device == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda: no CUDA device available")
     if args.preset != "smoke":
         for flag, path in (("--target", args.target), ("--draft", args.draft)):
             if not Path(path).is_dir():

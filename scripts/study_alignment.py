@@ -32,7 +32,7 @@ from typing import get_args
 import torch
 
 from atspeed.bench import alignment_study as study
-from atspeed.bench.report import machine, write_json
+from atspeed.bench.report import check_timing_flags, machine, write_json
 from atspeed.bench.workload import load_workload, parameters
 from atspeed.cli import show_atspeed_logs
 from atspeed.data.sources import SOURCES
@@ -105,12 +105,9 @@ def parser() -> argparse.ArgumentParser:
 
 def resolve(p: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
     """Check every value before anything trains or loads (argparse errors name the flag)."""
-    if args.repeats < 1 or args.warmup < 0:
-        p.error(f"--repeats must be >= 1 and --warmup >= 0, got {args.repeats} and {args.warmup}")
+    check_timing_flags(p, args)
     if args.steps is not None and args.steps < 1:
         p.error(f"--steps must be >= 1, got {args.steps}")
-    if not isinstance(getattr(torch, args.dtype, None), torch.dtype):
-        p.error(f"--dtype: unknown torch dtype {args.dtype!r}")
     try:
         args.stage_argv = shlex.split(args.stage_args)
     except ValueError as err:
@@ -121,10 +118,6 @@ def resolve(p: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Na
         args.grid.check(args.requests)
     except ValueError as err:
         p.error(str(err))
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.device == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda: no CUDA device available")
     if not Path(args.data).exists():
         p.error(f"--data: not found: {args.data}")
     return args

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import os
@@ -41,7 +42,19 @@ def machine(device: torch.device) -> dict:
     }
 
 
-def _cell(value, fmt: str) -> str:
+def check_timing_flags(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """The flags every benchmark script shares: --repeats, --warmup, --dtype, --device (``auto`` resolved here)."""
+    if args.repeats < 1 or args.warmup < 0:
+        p.error(f"--repeats must be >= 1 and --warmup >= 0, got {args.repeats} and {args.warmup}")
+    if not isinstance(getattr(torch, args.dtype, None), torch.dtype):
+        p.error(f"--dtype: unknown torch dtype {args.dtype!r}")
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device available")
+
+
+def cell(value, fmt: str) -> str:
     if value is None:
         return "-"
     if isinstance(value, bool):
@@ -84,7 +97,7 @@ def table(rows: list[dict]) -> str:
         return " ".join(f"{c:>{w}}" if i else f"{c:<{w}}" for i, (c, w) in enumerate(zip(cells, widths, strict=True)))
 
     header = line([h for h, _, _, _ in COLUMNS])
-    body = [line([_cell(row[key], fmt) for _, key, _, fmt in COLUMNS]) for row in map(fields, rows)]
+    body = [line([cell(row[key], fmt) for _, key, _, fmt in COLUMNS]) for row in map(fields, rows)]
     return "\n".join([header, "-" * len(header), *body])
 
 
