@@ -19,7 +19,8 @@ def tiny_pipeline(root: Path, bad_align: bool = False) -> Path:
     data = write_processed(root / "data")
     target, draft, aligned = root / "target" / "hf", root / "draft" / "hf", root / "align" / "hf"
     exported = (data, target, draft)
-    align = align_args(exported, root / "teacher" / "data", root / "align", "--ckpt_path", "last")
+    often = ["--progress.every_seconds", "0.001"]  # a progress line at (almost) every batch: stderr is not a terminal
+    align = align_args(exported, root / "teacher" / "data", root / "align", "--ckpt_path", "last", *often)
     if bad_align:
         align += ["--model.init_args.alpha", "2"]
 
@@ -37,7 +38,7 @@ def tiny_pipeline(root: Path, bad_align: bool = False) -> Path:
          "output": str(root / "teacher" / "data" / "manifest.json")},
         {"name": "align", "run": ["fit", *align], "output": str(aligned)},
         decode("decode_hf", "hf_beam"),
-        decode("decode_beam", "beam"),
+        decode("decode_beam", "beam", *often),
         decode("spec_sft_draft", "spec_strict"),
         decode("spec_aligned", "spec_strict", "--model.init_args.draft", str(aligned)),
     ]  # fmt: skip
@@ -75,6 +76,7 @@ def test_interrupted_pipeline_continues_and_summarises(tmp_path) -> None:
         assert 1 <= row["target_calls_per_list"] <= beam["target_calls_per_list"]
     assert beam["x_beam"] == pytest.approx(1.0) and beam["accepted_depth"] is None
     assert "spec_aligned" in rerun.stdout and "calls/list" in rerun.stdout
+    assert "fit: step 8 of 8" in rerun.stderr and "predict: batch" in rerun.stderr  # progress in a log
 
     again = run_cli("pipeline", [str(tmp_path / "pipeline.yaml")])
     assert again.returncode == 0 and again.stderr.count("skipped") == len(bad.stages)
