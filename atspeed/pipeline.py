@@ -35,7 +35,6 @@ from pathlib import Path
 import yaml
 
 from atspeed.atomic import write_text_atomic
-from atspeed.bench.report import cell
 from atspeed.errors import DataError
 
 log = logging.getLogger("atspeed.pipeline")
@@ -205,6 +204,15 @@ def summarise(stages: list[Stage], k: int = SUMMARY_K) -> dict:
         if row["decoder"] == "spec_strict" and beam is not None:
             row["equals_beam"] = (row["recall"], row["ndcg"]) == (beam["recall"], beam["ndcg"])
     return {"k": k, "rows": rows}
+
+
+def cell(value, fmt: str) -> str:
+    """A table cell: ``-`` for None, yes/NO for booleans, else ``format(value, fmt)``."""
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "NO"
+    return format(value, fmt)
 
 
 def format_summary(summary: dict) -> str:

@@ -15,6 +15,7 @@ import transformers
 
 from atspeed.atomic import write_text_atomic
 from atspeed.decoding.decoders import SPECULATIVE
+from atspeed.pipeline import cell
 
 
 def cpu_model() -> str | None:
@@ -52,14 +53,6 @@ def check_timing_flags(p: argparse.ArgumentParser, args: argparse.Namespace) -> 
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device available")
-
-
-def cell(value, fmt: str) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, bool):
-        return "yes" if value else "NO"
-    return format(value, fmt)
 
 
 # (header, row key, width, format)
