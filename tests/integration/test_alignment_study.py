@@ -3,7 +3,6 @@ skip the training; strict decoding stays lossless with every draft."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -12,6 +11,7 @@ import pytest
 import torch
 
 from atspeed.bench.report import matplotlib_available
+from tests.integration.tiny_data import load_script
 
 ROOT = Path(__file__).resolve().parents[2]
 SECOND = '{"hidden_size": 8, "num_layers": 1, "num_heads": 2, "max_positions": 128}'
@@ -19,10 +19,7 @@ LABELS = {"none", "sft", "atspeed_s", "atspeed_s@h8l1"}
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("study_alignment", ROOT / "scripts" / "study_alignment.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("study_alignment")
 
 
 def _exports(runs: Path) -> dict[Path, int]:

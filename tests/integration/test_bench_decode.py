@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -11,16 +10,14 @@ import pytest
 import torch
 
 from atspeed.bench.report import matplotlib_available
+from tests.integration.tiny_data import load_script
 
 ROOT = Path(__file__).resolve().parents[2]
 DECODERS = {"hf_beam", "beam", "spec_strict", "spec_relaxed"}
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("bench_decode", ROOT / "scripts" / "bench_decode.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench_decode")
 
 
 @pytest.fixture(scope="module")

@@ -74,6 +74,16 @@ def decode_args(exported, out: Path, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
+def load_script(name: str):
+    """``scripts/<name>.py`` as a module (the scripts are not a package), for calling its ``main`` in-process."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def run_cli(subcommand: str, args: list[str], cwd: Path = ROOT) -> subprocess.CompletedProcess:
     """``python -m atspeed <subcommand> <args>`` in a fresh process (W&B offline; tests' helpers importable)."""
     env = {**os.environ, "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(ROOT)}
