@@ -113,6 +113,18 @@ def check_models(name: DecoderName, target: torch.nn.Module, draft: torch.nn.Mod
             )
 
 
+def check_inputs(settings: DecodeSettings, trie: PrefixTrie, input_ids: torch.Tensor, mask: torch.Tensor) -> None:
+    """Settings that match the trie, and a non-empty left-padded prompt [B, P] for every request."""
+    if settings.levels != trie.levels:
+        raise ValueError(f"levels = {settings.levels}, but the trie's identifiers have {trie.levels} tokens")
+    if input_ids.ndim != 2 or mask.shape != input_ids.shape:
+        raise ValueError(f"prompts must be [B, P] with a mask of the same shape, got {tuple(input_ids.shape)} and "
+                         f"{tuple(mask.shape)}")  # fmt: skip
+    empty = (mask.sum(1) == 0).nonzero().flatten().tolist() if input_ids.shape[1] else list(range(len(input_ids)))
+    if empty:
+        raise ValueError(f"request {empty[0]} of the batch has an empty prompt ({len(empty)} empty in all)")
+
+
 def check_list_length(k: int, num_items: int, key: str) -> None:
     """A top-``k`` list of distinct items needs at least ``k`` items in the index."""
     if k > num_items:
@@ -142,6 +154,7 @@ def decode(
 ) -> DecodeOutput:
     """Decode a batch of left-padded prompts [B, P] with decoder ``name`` (checks first; no gradients)."""
     check_settings(name, settings)
+    check_inputs(settings, trie, input_ids, attention_mask)
     check_models(name, target, draft, trie)
     check_context(target, input_ids.shape[1], settings.levels)
     if draft is not None and name in SPECULATIVE:

@@ -134,6 +134,32 @@ def test_decode_checks_before_running(target, name, settings, draft, prompt, mes
     assert not calls
 
 
+@pytest.mark.parametrize("name", ["beam", "spec_strict", "spec_relaxed", "hf_beam"])
+@pytest.mark.parametrize(
+    ("prompts", "levels", "message"),
+    [
+        ([[5, 6, 7], [8]], 2, r"levels = 2, but the trie.s identifiers have 3 tokens"),  # beam returned 2-token lists
+        ([[5, 6, 7], []], 3, r"request 1 of the batch has an empty prompt \(1 empty in all\)"),
+        ([[], []], 3, r"request 0 of the batch has an empty prompt \(2 empty in all\)"),
+    ],
+)
+def test_decode_refuses_mismatched_levels_and_empty_prompts(target, name, prompts, levels, message) -> None:
+    """Every decoder stops with one message before any forward (an empty prompt used to fail inside the model)."""
+    if all(not p for p in prompts):
+        input_ids, mask = torch.zeros(2, 0, dtype=torch.long), torch.zeros(2, 0, dtype=torch.long)
+    else:
+        input_ids, mask = left_pad(prompts)
+    calls = []
+    hook = target.register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        with pytest.raises(ValueError, match=message):
+            settings = DecodeSettings(3, levels, draft_beams=6)
+            decode(name, target, input_ids, mask, random_trie(VOCAB, 3, seed=0), settings, draft=target)
+    finally:
+        hook.remove()
+    assert not calls
+
+
 def test_decode_runs_without_gradients(target) -> None:
     """Decoding returns plain tensors with no autograd graph (it runs under inference mode)."""
     input_ids, mask = left_pad([[5, 6, 7]])
