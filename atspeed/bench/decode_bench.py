@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from atspeed.bench.workload import Workload
-from atspeed.decoding.decoders import SPECULATIVE, DecoderName, DecodeSettings, decode
+from atspeed.decoding.decoders import SAMPLING, SPECULATIVE, DecoderName, DecodeSettings, decode
 from atspeed.decoding.output import DecodeOutput, DecodeStats
 from atspeed.metrics.ranking import RankingMetrics
 
@@ -219,7 +219,7 @@ def run_grid(
                 row = make_row(config, seconds, outputs, work)
                 if config.decoder == "hf_beam":
                     hf = _joined(outputs)
-                elif config.decoder != "spec_relaxed" and hf is not None:
+                elif config.decoder not in SAMPLING and hf is not None:
                     row["hf_mismatched_lists"] = hf_mismatches(outputs, hf)
                     row["equals_hf"] = row["hf_mismatched_lists"] == 0
                 rows.append(row)

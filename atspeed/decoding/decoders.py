@@ -24,8 +24,9 @@ from atspeed.decoding.speculative import speculative_decode
 from atspeed.errors import DataError
 from atspeed.items.trie import PrefixTrie
 
-DecoderName = Literal["beam", "spec_strict", "spec_relaxed", "hf_beam"]
+DecoderName = Literal["beam", "spec_strict", "spec_relaxed", "hf_beam", "beam_sample"]
 SPECULATIVE: tuple[DecoderName, ...] = ("spec_strict", "spec_relaxed")
+SAMPLING: tuple[DecoderName, ...] = ("spec_relaxed", "beam_sample")  # seeded from settings.seed
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,7 @@ class DecodeSettings:
     draft_beams: int = 40  # N: draft beams per step
     gamma: int = 3  # draft steps per target call
     pad_token_id: int = 0
-    seed: int = 0  # of the relaxed decoder's sampling
+    seed: int = 0  # of the sampling decoders (spec_relaxed, beam_sample)
 
     def __post_init__(self) -> None:
         if self.num_beams < 1:
@@ -71,6 +72,10 @@ def _beam(target, draft, input_ids, attention_mask, trie, s: DecodeSettings, gen
     return beam_search(target, input_ids, attention_mask, trie, s.num_beams, s.levels)
 
 
+def _beam_sample(target, draft, input_ids, attention_mask, trie, s: DecodeSettings, generator) -> DecodeOutput:
+    return beam_search(target, input_ids, attention_mask, trie, s.num_beams, s.levels, sample=True, generator=generator)
+
+
 def _spec(verify, sample: bool) -> Decoder:
     def run(target, draft, input_ids, attention_mask, trie, s: DecodeSettings, generator) -> DecodeOutput:
         return speculative_decode(
@@ -90,6 +95,7 @@ DECODERS: dict[DecoderName, Decoder] = {
     "spec_strict": _spec(strict.verify_level, sample=False),
     "spec_relaxed": _spec(relaxed.verify_level, sample=True),
     "hf_beam": _hf,
+    "beam_sample": _beam_sample,  # the target's own sampling beam search: what spec_relaxed is measured against
 }
 assert set(DECODERS) == set(get_args(DecoderName))
 
@@ -159,7 +165,7 @@ def decode(
     check_context(target, input_ids.shape[1], settings.levels)
     if draft is not None and name in SPECULATIVE:
         check_context(draft, input_ids.shape[1], settings.levels, "draft")
-    if generator is None and name == "spec_relaxed":
+    if generator is None and name in SAMPLING:
         generator = torch.Generator(device=input_ids.device).manual_seed(settings.seed)
     with torch.inference_mode():
         return DECODERS[name](target, draft, input_ids, attention_mask, trie, settings, generator)

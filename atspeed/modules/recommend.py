@@ -56,7 +56,8 @@ class Recommender(pl.LightningModule):
         Args:
             target: directory of the target exported by the SFT stage (weights, tokenizer, index.json).
             draft: directory of the draft (same tokenizer and index); needed by the speculative decoders.
-            decoder: beam (the target's beam search), spec_strict (lossless), spec_relaxed, hf_beam (HF generate).
+            decoder: beam (the target's beam search), spec_strict (lossless), spec_relaxed, hf_beam (HF generate),
+                beam_sample (the target's sampling beam search, seeded).
             num_beams: K, the length of each list.
             draft_beams: N, draft beams per step (speculative decoders; at least K).
             gamma: draft steps per target call (speculative decoders).

@@ -30,8 +30,8 @@ def target() -> LlamaForCausalLM:
     return tiny_llama(VOCAB, seed=0)
 
 
-def test_the_decoder_table_lists_the_four_decoders() -> None:
-    assert set(DECODERS) == {"beam", "spec_strict", "spec_relaxed", "hf_beam"}
+def test_the_decoder_table_lists_the_five_decoders() -> None:
+    assert set(DECODERS) == {"beam", "spec_strict", "spec_relaxed", "hf_beam", "beam_sample"}
     assert set(SPECULATIVE) == {"spec_strict", "spec_relaxed"}
 
 
@@ -70,7 +70,9 @@ def test_non_speculative_decoders_ignore_the_draft_settings(name: str) -> None:
 
 
 def test_unknown_decoder_name_is_refused_with_the_choices() -> None:
-    with pytest.raises(ValueError, match=r"unknown decoder 'beam_search'; choose one of \['beam', 'hf_beam'"):
+    with pytest.raises(
+        ValueError, match=r"unknown decoder 'beam_search'; choose one of \['beam', 'beam_sample', 'hf_beam'"
+    ):
         check_settings("beam_search", DecodeSettings(num_beams=1, levels=1))  # type: ignore[arg-type]
 
 
