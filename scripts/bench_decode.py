@@ -28,6 +28,7 @@ from typing import get_args
 
 import torch
 
+from atspeed.bench.cost_model import cost_table, forward_costs, tree_sizes
 from atspeed.bench.decode_bench import build_grid, check_grid, run_grid
 from atspeed.bench.report import check_timing_flags, machine, plot_speedups, table, write_json
 from atspeed.bench.workload import load_workload, parameters, smoke_workload
@@ -77,6 +78,9 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--repeats", type=int, help="timed passes per configuration (the median is reported)")
     p.add_argument("--warmup", type=int, help="untimed decodes of the first batch before timing")
+    p.add_argument("--cost-repeats", type=int, default=5,
+                   help="timed forwards per token count of the cost model (target and draft, 1 to the largest tree "
+                        "K + gamma x N, after the longest prompt); 0 skips it")  # fmt: skip
     p.add_argument("--dtype", default="float32")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--seed", type=int, default=0)
@@ -95,6 +99,8 @@ def resolve(p: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Na
     if len(args.requests) != len(args.batch_sizes):
         p.error(f"--requests: give one value or one per batch size ({len(args.batch_sizes)}), got {args.requests}")
     check_timing_flags(p, args)
+    if args.cost_repeats < 0:
+        p.error(f"--cost-repeats must be >= 0, got {args.cost_repeats}")
     try:
         speculative = any(d in SPECULATIVE for d in args.decoders)
         check_grid(args.ks, args.batch_sizes, args.draft_beams, args.gammas, args.requests, speculative)
@@ -139,6 +145,14 @@ def main(argv: list[str] | None = None) -> int:
                  row["decoder"], row["K"], row["batch_size"], spec, 1e3 * row["seconds_per_list"])  # fmt: skip
 
     rows = run_grid(grid, work, requests, device, args.repeats, args.warmup, args.seed, progress)
+    costs = None
+    if args.cost_repeats:  # one forward's cost against its tokens, on the longest request's prompt
+        prompt = max(work.prompts[: max(args.requests)], key=len)
+        sizes = tree_sizes(args.ks, args.draft_beams, args.gammas)
+        costs = {"prompt_tokens": len(prompt), "ms": {
+            name: forward_costs(model, prompt, sizes, args.cost_repeats)
+            for name, model in (("target", work.target), ("draft", work.draft))
+        }}  # fmt: skip
     host = machine(device) | {"load_average_before": load_before, "load_average_after": os.getloadavg()}
     report = {
         "benchmark": "decode",
@@ -150,9 +164,12 @@ def main(argv: list[str] | None = None) -> int:
                    "levels": work.levels, **work.info},
         "settings": {key: getattr(args, key) for key in SETTINGS} | {"requests": requests},
         "total_seconds": time.perf_counter() - started,
+        "cost_model": costs,
         "rows": rows,
     }  # fmt: skip
     print(table(rows))
+    if costs is not None:
+        print(f"\nms per forward after a {costs['prompt_tokens']}-token prompt (batch 1):\n{cost_table(costs['ms'])}")
     write_json(args.out, report)
     print(f"wrote {len(rows)} rows to {args.out}")
     where = f"{host['device_name'] or host['cpu']}, {host['torch_threads']} threads"

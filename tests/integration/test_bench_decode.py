@@ -53,6 +53,15 @@ def test_smoke_rows_cover_every_decoder_and_configuration(smoke) -> None:
         assert 0 <= r["recall_at_k"] <= 1 and 0 <= r["ndcg_at_k"] <= 1
 
 
+def test_smoke_reports_the_forward_cost_model(smoke) -> None:
+    """Target and draft cost per forward, from 1 token to the largest tree K + gamma x N of the grid (5 + 3 x 6)."""
+    costs = smoke[0]["cost_model"]
+    sizes = ["prefill", "1", "3", "5", "13", "15", "17", "19", "21", "23"]
+    assert costs["prompt_tokens"] > 0 and set(costs["ms"]) == {"target", "draft"}
+    for row in costs["ms"].values():
+        assert list(row) == sizes and all(math.isfinite(v) and v > 0 for v in row.values())
+
+
 def test_strict_and_beam_lists_equal_hf_generate(smoke) -> None:
     rows = smoke[0]["rows"]
     for r in rows:
