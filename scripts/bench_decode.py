@@ -28,7 +28,7 @@ from typing import get_args
 
 import torch
 
-from atspeed.bench.cost_model import cost_table, forward_costs, tree_sizes
+from atspeed.bench.cost_model import cost_table, forward_costs, predicted_ms_per_list, tree_sizes
 from atspeed.bench.decode_bench import build_grid, check_grid, run_grid
 from atspeed.bench.report import check_timing_flags, machine, plot_speedups, table, write_json
 from atspeed.bench.workload import load_workload, parameters, smoke_workload
@@ -153,6 +153,9 @@ def main(argv: list[str] | None = None) -> int:
             name: forward_costs(model, prompt, sizes, args.cost_repeats)
             for name, model in (("target", work.target), ("draft", work.draft))
         }}  # fmt: skip
+        for row in rows:  # what the forward costs and the row's own call counts predict (batch 1)
+            row["predicted_ms_per_list"] = predicted_ms_per_list(row, costs["ms"]["target"], costs["ms"]["draft"],
+                                                                 work.levels)  # fmt: skip
     host = machine(device) | {"load_average_before": load_before, "load_average_after": os.getloadavg()}
     report = {
         "benchmark": "decode",

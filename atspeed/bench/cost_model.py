@@ -65,10 +65,42 @@ def forward_costs(
 
 
 def tree_sizes(ks: Sequence[int], draft_beams: Sequence[int], gammas: Sequence[int]) -> list[int]:
-    """1, the beam widths K, and every verified tree K + gamma * N of the grid, sorted."""
-    sizes = {1, *ks}
+    """1, the beam widths K and N, and every verified tree K + gamma * N of the grid, sorted."""
+    sizes = {1, *ks, *draft_beams}
     sizes |= {k + g * n for k in ks for n in draft_beams for g in gammas if n >= k}
     return sorted(sizes)
+
+
+def _at(costs: dict[str, float], tokens: int) -> float:
+    """ms of a forward of ``tokens`` tokens: the measured value, or linear between the nearest measured counts."""
+    points = sorted((int(t), ms) for t, ms in costs.items() if t != "prefill")
+    if str(tokens) in costs:
+        return costs[str(tokens)]
+    below = [p for p in points if p[0] < tokens] or points[:1]
+    above = [p for p in points if p[0] > tokens] or points[-1:]
+    (t0, m0), (t1, m1) = below[-1], above[0]
+    return m0 if t1 == t0 else m0 + (m1 - m0) * (tokens - t0) / (t1 - t0)
+
+
+def predicted_ms_per_list(row: dict, target: dict[str, float], draft: dict[str, float], levels: int) -> float | None:
+    """What a batch-1 list should cost from the forward costs and the row's own call counts (None for rows the
+    model does not cover: batches > 1, HF generate).
+
+    beam / beam_sample: the target's prefill, then L - 1 forwards of K tokens. spec_*: both prefills, then per
+    verification one target forward of the full tree K + gamma x N (an upper bound: the last one may be shallower)
+    and per draft step (draft calls after its prefill) one draft forward of N tokens (the first step of a call feeds K).
+    """
+    if row["batch_size"] != 1 or row["decoder"] == "hf_beam":
+        return None
+    k = row["K"]
+    if row["decoder"] in ("beam", "beam_sample"):
+        return target["prefill"] + (levels - 1) * _at(target, k)
+    verifications = row["target_calls_per_list"] - 1
+    tree = k + row["gamma"] * row["N"]
+    return (
+        target["prefill"] + draft["prefill"] + verifications * _at(target, tree)
+        + (row["draft_calls_per_list"] - 1) * _at(draft, row["N"])
+    )  # fmt: skip
 
 
 def cost_table(costs: dict[str, dict[str, float]]) -> str:

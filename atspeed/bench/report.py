@@ -63,6 +63,7 @@ COLUMNS = (
     ("N", "N", 4, "d"),
     ("gam", "gamma", 3, "d"),
     ("ms/list", "ms_per_list", 9, ".2f"),
+    ("pred", "predicted_ms_per_list", 7, ".2f"),  # from the cost model (batch 1)
     ("lists/s", "lists_per_second", 8, ".1f"),
     ("xHF", "speedup_vs_hf", 6, ".2f"),
     ("xbeam", "speedup_vs_beam", 6, ".2f"),
@@ -83,6 +84,7 @@ def table(rows: list[dict]) -> str:
             **row,
             "ms_per_list": 1e3 * row["seconds_per_list"],
             "draft_pct": None if draft is None else 100 * draft,
+            "predicted_ms_per_list": row.get("predicted_ms_per_list"),
         }
 
     def line(cells: list[str]) -> str:  # the first column left-aligned, numbers right-aligned

@@ -56,10 +56,14 @@ def test_smoke_rows_cover_every_decoder_and_configuration(smoke) -> None:
 def test_smoke_reports_the_forward_cost_model(smoke) -> None:
     """Target and draft cost per forward, from 1 token to the largest tree K + gamma x N of the grid (5 + 3 x 6)."""
     costs = smoke[0]["cost_model"]
-    sizes = ["prefill", "1", "3", "5", "13", "15", "17", "19", "21", "23"]
+    sizes = ["prefill", "1", "3", "5", "6", "13", "15", "17", "19", "21", "23"]
     assert costs["prompt_tokens"] > 0 and set(costs["ms"]) == {"target", "draft"}
     for row in costs["ms"].values():
         assert list(row) == sizes and all(math.isfinite(v) and v > 0 for v in row.values())
+    for row in smoke[0]["rows"]:  # the prediction covers batch-1 rows of every decoder but HF generate
+        predicted = row["predicted_ms_per_list"]
+        covered = row["batch_size"] == 1 and row["decoder"] != "hf_beam"
+        assert (predicted is not None and math.isfinite(predicted) and predicted > 0) if covered else predicted is None
 
 
 def test_strict_and_beam_lists_equal_hf_generate(smoke) -> None:
