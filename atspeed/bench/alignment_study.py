@@ -26,13 +26,12 @@ from atspeed.bench.decode_bench import REFERENCES, BenchConfig, add_speedups, bu
 from atspeed.bench.report import matplotlib_available
 from atspeed.bench.workload import Workload, parameters
 from atspeed.data.export_dir import check_same_identifiers
-from atspeed.decoding.decoders import DecoderName
+from atspeed.decoding.decoders import SPECULATIVE
 from atspeed.models.build import ModelSpec, load_model
 from atspeed.pipeline import Stage
 
 log = logging.getLogger("atspeed.study")
 
-SPECULATIVE: tuple[DecoderName, ...] = ("spec_strict", "spec_relaxed")
 DEFAULT_LOSSES = ("sft", "word_kd", "seq_kd", "tvd_kd", "atspeed_s", "atspeed_r")
 DEFAULT_SECOND_LOSSES = ("sft", "atspeed_s")
 DEFAULT_SECOND_DRAFT = {

@@ -7,13 +7,12 @@ with ``model_dir``, so prompts match training); ``smoke_workload`` builds tiny r
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from atspeed.data.datamodule import EvalSpec, RecDataModule
-from atspeed.data.export_dir import INDEX_FILE, read_export
+from atspeed.data.export_dir import check_same_identifiers, read_export
 from atspeed.errors import DataError
 from atspeed.items.trie import PrefixTrie
 from atspeed.models.build import load_model
@@ -67,9 +66,7 @@ def load_workload(
 ) -> Workload:
     """The exported target and draft, and ``requests`` test requests (a seeded random subset) of the dataset."""
     meta = read_export(target_dir)
-    read_export(draft_dir)
-    if (Path(target_dir) / INDEX_FILE).read_text() != (Path(draft_dir) / INDEX_FILE).read_text():
-        raise DataError(f"--draft: {draft_dir}/{INDEX_FILE} differs from the target's: different identifiers")
+    check_same_identifiers(target_dir, draft_dir, "--draft")
     dm = RecDataModule(
         source=source, path=path, index_key_offset=index_key_offset, split=split, model_dir=target_dir,
         eval=EvalSpec(test_users=requests), seed=seed,
