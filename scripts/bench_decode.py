@@ -41,14 +41,24 @@ log = logging.getLogger("atspeed.bench")
 # configurations). With L = 4 identifier tokens the first comes from the prefill, so gamma > 3 behaves as gamma = 3.
 PRESETS = {
     "full": {"ks": [1, 3, 5, 10, 20], "batch_sizes": [1, 16], "draft_beams": [10, 20, 40], "gammas": [1, 2, 3],
-             "requests": [32, 64], "repeats": 3, "warmup": 1, "out": "runs/bench/decode.json",
+             "budgets": [None], "requests": [32, 64], "repeats": 3, "warmup": 1, "out": "runs/bench/decode.json",
              "plot": "runs/bench/decode.png"},
-    "smoke": {"ks": [1, 3, 5], "batch_sizes": [1, 4], "draft_beams": [6], "gammas": [2, 3],
+    "smoke": {"ks": [1, 3, 5], "batch_sizes": [1, 4], "draft_beams": [6], "gammas": [2, 3], "budgets": [None, "auto"],
               "requests": [4, 8], "repeats": 2, "warmup": 1, "out": "runs/bench/decode_smoke.json",
               "plot": "runs/bench/decode_smoke.png"},
 }  # fmt: skip
-SETTINGS = ("decoders", "ks", "batch_sizes", "draft_beams", "gammas", "repeats", "warmup", "dtype", "device", "seed")
-GRID_KEYS = ("ks", "batch_sizes", "draft_beams", "gammas", "requests", "repeats", "warmup", "out", "plot")
+SETTINGS = ("decoders", "ks", "batch_sizes", "draft_beams", "gammas", "budgets", "self_draft", "repeats", "warmup",
+            "dtype", "device", "seed")  # fmt: skip
+GRID_KEYS = ("ks", "batch_sizes", "draft_beams", "gammas", "budgets", "requests", "repeats", "warmup", "out", "plot")
+
+
+def budget(text: str) -> int | str | None:
+    """--budgets values: an integer M >= 0, auto, or none (the whole tree)."""
+    if text in ("auto", "none"):
+        return None if text == "none" else text
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"a budget is an integer >= 0, auto or none, got {text!r}")
+    return int(text)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -70,6 +80,18 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-sizes", nargs="+", type=int)
     p.add_argument("--draft-beams", nargs="+", type=int, help="N values; each K runs those with N >= K")
     p.add_argument("--gammas", nargs="+", type=int, help="draft steps per target call")
+    p.add_argument(
+        "--budgets",
+        nargs="+",
+        type=budget,
+        help="M, drafted nodes verified per call, for every speculative configuration: integers, "
+        "none (the whole tree), auto (planned per call from the cost model and the acceptance)",
+    )
+    p.add_argument(
+        "--self-draft",
+        action="store_true",
+        help="add spec_strict with the target as its own draft (a perfect draft; N = K, gamma = L)",
+    )
     p.add_argument(
         "--requests",
         nargs="+",
@@ -133,14 +155,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     work = work.to(device)
     requests = dict(zip(args.batch_sizes, args.requests, strict=True))
-    grid = build_grid(args.decoders, args.ks, args.batch_sizes, args.draft_beams, args.gammas)
+    grid = build_grid(args.decoders, args.ks, args.batch_sizes, args.draft_beams, args.gammas, args.budgets,
+                      work.levels if args.self_draft else None)  # fmt: skip
     log.info("%d configurations, %s lists each (by batch size)", len(grid), requests)
 
     done = []
 
     def progress(row: dict) -> None:
         done.append(row)
-        spec = f" N={row['N']} gamma={row['gamma']}" if row["N"] is not None else ""
+        spec = f" N={row['N']} gamma={row['gamma']} M={row['budget']} draft={row['draft']}" if row["N"] else ""
         log.info("[%d/%d %.0fs] %s K=%d b=%d%s: %.2f ms/list", len(done), len(grid), time.perf_counter() - started,
                  row["decoder"], row["K"], row["batch_size"], spec, 1e3 * row["seconds_per_list"])  # fmt: skip
 

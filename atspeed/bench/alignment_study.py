@@ -26,7 +26,7 @@ from atspeed.bench.decode_bench import REFERENCES, BenchConfig, add_speedups, bu
 from atspeed.bench.report import matplotlib_available
 from atspeed.bench.workload import Workload, parameters
 from atspeed.data.export_dir import check_same_identifiers
-from atspeed.decoding.decoders import SPECULATIVE
+from atspeed.decoding.decoders import DecoderName
 from atspeed.models.build import ModelSpec, load_model
 from atspeed.pipeline import Stage
 
@@ -38,6 +38,7 @@ DEFAULT_SECOND_DRAFT = {
     "hidden_size": 32, "num_layers": 2, "num_heads": 2, "intermediate_size": 64, "max_positions": 256,
 }  # fmt: skip
 SIZE_KEYS = tuple(f.name for f in dataclasses.fields(ModelSpec) if f.name != "path")
+STUDIED: tuple[DecoderName, ...] = ("spec_strict", "spec_relaxed")  # the paper's two rules (tables, plot panels)
 NOT_ALIGNED = "none"  # loss label of the SFT draft
 
 
@@ -170,13 +171,13 @@ class StudyGrid:
         return build_grid(REFERENCES, sorted({*self.ks, *self.search_ks}), [1], [], [])
 
     def speculative(self) -> list[BenchConfig]:
-        main = build_grid(SPECULATIVE, self.ks, [1], [self.draft_beams], [self.gamma])
-        search = build_grid(SPECULATIVE, self.search_ks, [1], self.search_draft_beams, self.search_gammas)
+        main = build_grid(STUDIED, self.ks, [1], [self.draft_beams], [self.gamma])
+        search = build_grid(STUDIED, self.search_ks, [1], self.search_draft_beams, self.search_gammas)
         return sorted(dict.fromkeys(main + search), key=lambda c: c.k)  # one timing group per K
 
     def searched(self, row: dict) -> bool:
         return (
-            row["decoder"] in SPECULATIVE and row["K"] in self.search_ks
+            row["decoder"] in STUDIED and row["K"] in self.search_ks
             and row["N"] in self.search_draft_beams and row["gamma"] in self.search_gammas
         )  # fmt: skip
 
@@ -296,7 +297,7 @@ def results_table(rows: list[dict], k: int, n: int, gamma: int) -> str:
     then the fastest searched (N, gamma) at K and its ms/list; references below."""
     short = {"spec_strict": "strict", "spec_relaxed": "relaxed"}
     header = ["draft", "params"]
-    for decoder in SPECULATIVE:
+    for decoder in STUDIED:
         s = short[decoder]
         header += [f"{s} calls/list", f"{s} accepted", f"{s} ms/list", f"{s} x beam", f"{s} x HF",
                    f"{s} best (N, γ)", f"{s} best ms/list"]  # fmt: skip
@@ -305,7 +306,7 @@ def results_table(rows: list[dict], k: int, n: int, gamma: int) -> str:
     for label in _labels(rows):
         mine = [r for r in rows if r["draft"] == label]
         cells = [label, _fmt(mine[0]["draft_parameters"], ",d")]
-        for decoder in SPECULATIVE:
+        for decoder in STUDIED:
             row = _find(mine, decoder=decoder, K=k, N=n, gamma=gamma) or {}
             cells += [_fmt(row.get(key)) for key in ("target_calls_per_list", "accepted_depth", "ms_per_list")]
             cells += [_fmt(row.get(key)) for key in ("x_beam", "x_hf")]
@@ -324,12 +325,12 @@ def results_table(rows: list[dict], k: int, n: int, gamma: int) -> str:
 def calls_table(rows: list[dict], n: int, gamma: int) -> str:
     """Markdown: target calls per list by K (N, gamma) for spec_strict and spec_relaxed; beam search's last."""
     short = {"spec_strict": "strict", "spec_relaxed": "relaxed"}
-    ks = sorted({r["K"] for r in rows if r["decoder"] in SPECULATIVE and (r["N"], r["gamma"]) == (n, gamma)})
-    header = ["draft"] + [f"{short[d]} K={k}" for d in SPECULATIVE for k in ks]
+    ks = sorted({r["K"] for r in rows if r["decoder"] in STUDIED and (r["N"], r["gamma"]) == (n, gamma)})
+    header = ["draft"] + [f"{short[d]} K={k}" for d in STUDIED for k in ks]
     body = []
     for label in _labels(rows):
         cells = [label]
-        for decoder in SPECULATIVE:
+        for decoder in STUDIED:
             found = (_find(rows, draft=label, decoder=decoder, K=k, N=n, gamma=gamma) for k in ks)
             cells += [_fmt(r["target_calls_per_list"] if r else None) for r in found]
         body.append(cells)
@@ -348,7 +349,7 @@ def plot_calls(path: str | Path, rows: list[dict], n: int, gamma: int, title: st
     fig = Figure(figsize=(11, 4.5), layout="constrained")
     axes = fig.subplots(1, 2, sharey=True)
     beam = sorted((r["K"], r["target_calls_per_list"]) for r in rows if r["decoder"] == "beam")
-    for ax, decoder in zip(axes, SPECULATIVE, strict=True):
+    for ax, decoder in zip(axes, STUDIED, strict=True):
         for label in _labels(rows):
             points = sorted(
                 (r["K"], r["target_calls_per_list"]) for r in rows

@@ -1,67 +1,13 @@
-"""Forward cost against tokens: what one target or draft call costs for a tree of t nodes after a cached prompt.
-
-A CPU forward's cost grows with its tokens, a GPU's stays nearly flat up to a few hundred: this table, measured in
-the same run as the decoding rows, says which regime the benchmark ran in and how large a verified tree can be before
-it costs more than the target steps it saves. Each entry is the median of ``repeats`` forwards of t tree tokens
-(a chain: each node attends the prompt and the nodes before it) appended to one cached prompt, which is cropped back
-after each forward; the prefill of the prompt is timed the same way.
-"""
+"""The benchmark's side of the cost model (``atspeed.decoding.costs`` measures it): tree sizes to measure, the
+ms per list a row's call counts predict, and the table."""
 
 from __future__ import annotations
 
-import statistics
-import time
 from collections.abc import Sequence
 
-import torch
+from atspeed.decoding.costs import forward_costs, ms_at
 
-from atspeed.decoding import kv_cache
-from atspeed.decoding.tree_attention import forward_tree, prefill
-
-
-def _now(device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
-
-
-@torch.inference_mode()
-def forward_costs(
-    model: torch.nn.Module, prompt: Sequence[int], token_counts: Sequence[int], repeats: int = 5, warmup: int = 2
-) -> dict[str, float]:
-    """Milliseconds per forward: ``prefill`` for the prompt alone, and ``str(t)`` for t tree tokens after it."""
-    device = next(model.parameters()).device
-    ids = torch.tensor([list(prompt)], device=device)
-    mask = torch.ones_like(ids)
-    length = ids.shape[1]
-
-    def once(cache, t: int) -> None:
-        tokens = ids[:, -1:].expand(1, t)  # any tokens: the cost does not depend on their values
-        positions = torch.arange(length, length + t, device=device)[None]
-        past = torch.ones(1, t, length, dtype=torch.bool, device=device)
-        chain = torch.ones(t, t, dtype=torch.bool, device=device).tril(-1)[None]
-        forward_tree(model, cache, tokens, positions, past, chain)
-        kv_cache.crop(cache, length)
-
-    costs = {}
-    times = []
-    for i in range(warmup + repeats):
-        start = _now(device)
-        prefill(model, kv_cache.new_cache(), ids, mask)
-        if i >= warmup:
-            times.append(_now(device) - start)
-    costs["prefill"] = 1e3 * statistics.median(times)
-    cache = kv_cache.new_cache()
-    prefill(model, cache, ids, mask)
-    for t in token_counts:
-        times = []
-        for i in range(warmup + repeats):
-            start = _now(device)
-            once(cache, t)
-            if i >= warmup:
-                times.append(_now(device) - start)
-        costs[str(t)] = 1e3 * statistics.median(times)
-    return costs
+__all__ = ["cost_table", "forward_costs", "predicted_ms_per_list", "tree_sizes"]
 
 
 def tree_sizes(ks: Sequence[int], draft_beams: Sequence[int], gammas: Sequence[int]) -> list[int]:
@@ -71,35 +17,25 @@ def tree_sizes(ks: Sequence[int], draft_beams: Sequence[int], gammas: Sequence[i
     return sorted(sizes)
 
 
-def _at(costs: dict[str, float], tokens: int) -> float:
-    """ms of a forward of ``tokens`` tokens: the measured value, or linear between the nearest measured counts."""
-    points = sorted((int(t), ms) for t, ms in costs.items() if t != "prefill")
-    if str(tokens) in costs:
-        return costs[str(tokens)]
-    below = [p for p in points if p[0] < tokens] or points[:1]
-    above = [p for p in points if p[0] > tokens] or points[-1:]
-    (t0, m0), (t1, m1) = below[-1], above[0]
-    return m0 if t1 == t0 else m0 + (m1 - m0) * (tokens - t0) / (t1 - t0)
-
-
 def predicted_ms_per_list(row: dict, target: dict[str, float], draft: dict[str, float], levels: int) -> float | None:
     """What a batch-1 list should cost from the forward costs and the row's own call counts (None for rows the
     model does not cover: batches > 1, HF generate).
 
-    beam / beam_sample: the target's prefill, then L - 1 forwards of K tokens. spec_*: both prefills, then per
-    verification one target forward of the full tree K + gamma x N (an upper bound: the last one may be shallower)
-    and per draft step (draft calls after its prefill) one draft forward of N tokens (the first step of a call feeds K).
+    beam / beam_sample: the target's prefill, then L - 1 forwards of K tokens. spec_*: the draft's prefill and a
+    forward of N tokens per further draft call; the target's first call takes the prompt with the first tree, counted
+    as its prefill plus a tree forward (an upper bound: one call instead of two), and every call verifies the full
+    tree K + gamma x N (an upper bound: the last one may be shallower).
     """
     if row["batch_size"] != 1 or row["decoder"] == "hf_beam":
         return None
     k = row["K"]
     if row["decoder"] in ("beam", "beam_sample"):
-        return target["prefill"] + (levels - 1) * _at(target, k)
-    verifications = row["target_calls_per_list"] - 1
-    tree = k + row["gamma"] * row["N"]
+        return target["prefill"] + (levels - 1) * ms_at(target, k)
+    verified = row.get("verified_nodes_per_call")
+    tree = k + (row["gamma"] * row["N"] if verified is None else verified)
     return (
-        target["prefill"] + draft["prefill"] + verifications * _at(target, tree)
-        + (row["draft_calls_per_list"] - 1) * _at(draft, row["N"])
+        target["prefill"] + draft["prefill"] + row["target_calls_per_list"] * ms_at(target, tree)
+        + (row["draft_calls_per_list"] - 1) * ms_at(draft, row["N"])
     )  # fmt: skip
 
 

@@ -17,8 +17,9 @@ from dataclasses import dataclass
 import torch
 
 from atspeed.bench.workload import Workload
-from atspeed.decoding.decoders import SAMPLING, SPECULATIVE, DecoderName, DecodeSettings, decode
+from atspeed.decoding.decoders import SAMPLING, SPECULATIVE, BoundDecoder, DecoderName, DecodeSettings
 from atspeed.decoding.output import DecodeOutput, DecodeStats
+from atspeed.decoding.settings import Budget
 from atspeed.metrics.ranking import RankingMetrics
 
 REFERENCES: tuple[DecoderName, ...] = ("hf_beam", "beam")
@@ -32,6 +33,8 @@ class BenchConfig:
     batch_size: int
     draft_beams: int | None = None  # N (speculative decoders only)
     gamma: int | None = None  # draft steps per target call (speculative decoders only)
+    budget: Budget = None  # M: drafted nodes verified per call (speculative decoders only)
+    self_draft: bool = False  # the target drafts for itself (a perfect draft)
 
 
 def check_grid(
@@ -66,8 +69,11 @@ def build_grid(
     batch_sizes: Sequence[int],
     draft_beams: Sequence[int],
     gammas: Sequence[int],
+    budgets: Sequence[Budget] = (None,),
+    self_draft_gamma: int | None = None,
 ) -> list[BenchConfig]:
-    """Configurations in run order: per batch size and K, the references first, then (N >= K) x gamma."""
+    """Configurations in run order: per batch size and K, the references first, then (N >= K) x gamma x budget;
+    with ``self_draft_gamma``, spec_strict with the target as its own draft (N = K) closes each group."""
     order = [d for d in REFERENCES if d in decoders] + [d for d in decoders if d not in REFERENCES]
     grid = []
     for b in batch_sizes:
@@ -77,7 +83,9 @@ def build_grid(
                     grid.append(BenchConfig(name, k, b))
                     continue
                 for n in sorted({n for n in draft_beams if n >= k}):
-                    grid += [BenchConfig(name, k, b, n, g) for g in sorted(set(gammas))]
+                    grid += [BenchConfig(name, k, b, n, g, m) for g in sorted(set(gammas)) for m in budgets]
+            if self_draft_gamma is not None:
+                grid.append(BenchConfig("spec_strict", k, b, k, self_draft_gamma, None, self_draft=True))
     return grid
 
 
@@ -94,15 +102,19 @@ class Runner:
         self, config: BenchConfig, work: Workload, batches: list[tuple[torch.Tensor, torch.Tensor]], seed: int
     ):
         self.config, self.work, self.batches = config, work, batches
-        self.settings = DecodeSettings(
-            config.k, work.levels, config.draft_beams or config.k, config.gamma or 1, work.pad_token_id, seed
-        )
-        self.draft = work.draft if config.decoder in SPECULATIVE else None
+        settings = DecodeSettings(
+            config.k, work.levels, config.draft_beams or config.k, config.gamma or 1, work.pad_token_id, seed,
+            config.budget,
+        )  # fmt: skip
+        draft = work.target if config.self_draft else work.draft
+        self.decoder = BoundDecoder(config.decoder, work.target, work.trie, settings, draft)
+        self.seed = seed
 
     def _decode(self, ids: torch.Tensor, mask: torch.Tensor) -> DecodeOutput:
-        # spec_relaxed seeds a fresh generator from settings.seed each call: every pass does the same work
-        w = self.work
-        return decode(self.config.decoder, w.target, ids, mask, w.trie, self.settings, self.draft)
+        # sampling decoders get a fresh generator seeded alike each call: every pass does the same work (the budget
+        # planner of budget="auto" keeps learning across calls, warm-up included)
+        generator = torch.Generator(device=ids.device).manual_seed(self.seed)
+        return self.decoder(ids, mask, generator)
 
     def warm_up(self, times: int) -> None:
         for _ in range(times):
@@ -173,6 +185,8 @@ def make_row(config: BenchConfig, seconds: list[float], outputs: list[DecodeOutp
         "batch_size": config.batch_size,
         "N": config.draft_beams,
         "gamma": config.gamma,
+        "budget": config.budget,
+        "draft": ("target" if config.self_draft else "draft") if spec else None,
         "lists": lists,
         "seconds_per_list": per_list,
         "seconds_per_list_repeats": [s / lists for s in seconds],
@@ -183,6 +197,7 @@ def make_row(config: BenchConfig, seconds: list[float], outputs: list[DecodeOutp
         "draft_calls_per_list": summary["draft_calls_per_list"],
         "tokens_per_target_call": summary["tokens_per_target_call"],
         "mean_accepted_depth": summary["mean_accepted_depth"] if spec else None,
+        "verified_nodes_per_call": summary["verified_nodes_per_call"] if spec else None,
         "accepted_histogram": stats.histogram(config.gamma) if spec else None,
         **_fractions(stats),
         "equals_hf": None,

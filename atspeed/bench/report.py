@@ -62,6 +62,8 @@ COLUMNS = (
     ("b", "batch_size", 3, "d"),
     ("N", "N", 4, "d"),
     ("gam", "gamma", 3, "d"),
+    ("M", "budget_text", 4, "s"),  # budget: drafted nodes verified per call ("-": all; "self": the target drafts)
+    ("ver", "verified_nodes_per_call", 5, ".1f"),
     ("ms/list", "ms_per_list", 9, ".2f"),
     ("pred", "predicted_ms_per_list", 7, ".2f"),  # from the cost model (batch 1)
     ("lists/s", "lists_per_second", 8, ".1f"),
@@ -75,6 +77,14 @@ COLUMNS = (
 )
 
 
+def _budget_text(row: dict) -> str | None:
+    if row.get("N") is None:
+        return None
+    if row.get("draft") == "target":
+        return "self"
+    return "-" if row.get("budget") is None else str(row["budget"])
+
+
 def table(rows: list[dict]) -> str:
     """The rows as fixed-width text, one line per configuration."""
 
@@ -85,6 +95,7 @@ def table(rows: list[dict]) -> str:
             "ms_per_list": 1e3 * row["seconds_per_list"],
             "draft_pct": None if draft is None else 100 * draft,
             "predicted_ms_per_list": row.get("predicted_ms_per_list"),
+            "budget_text": _budget_text(row),
         }
 
     def line(cells: list[str]) -> str:  # the first column left-aligned, numbers right-aligned

@@ -52,16 +52,21 @@ class BeamState:
         return dataclasses.replace(self, visible=visible)
 
 
-def root_state(attention_mask: torch.Tensor, capacity: int) -> BeamState:
-    """One empty beam per left-padded prompt (its whole prompt already in the cache); room for ``capacity`` tokens."""
+def root_state(attention_mask: torch.Tensor, capacity: int, width: int = 1) -> BeamState:
+    """One empty beam per left-padded prompt (its whole prompt already in the cache); room for ``capacity`` tokens.
+
+    With ``width`` W > 1 the empty beam is followed by W - 1 dead copies (score -inf, trie state -1), so that a step
+    from the root has the shape of every later step (W beams) and still chooses among the live beam's extensions.
+    """
     b = attention_mask.shape[0]
     device = attention_mask.device
     zeros = torch.zeros(b, dtype=torch.long, device=device)
+    live = torch.arange(width, device=device)[None, :].expand(b, width) == 0
     return BeamState(
-        sequences=torch.zeros(b, 1, capacity, dtype=torch.long, device=device),
-        scores=torch.zeros(b, 1, device=device),
-        trie_states=torch.zeros(b, 1, dtype=torch.long, device=device),
-        visible=attention_mask.bool()[:, None, :],
+        sequences=torch.zeros(b, width, capacity, dtype=torch.long, device=device),
+        scores=torch.zeros(b, width, device=device).masked_fill(~live, float("-inf")),
+        trie_states=torch.where(live, 0, -1),
+        visible=attention_mask.bool()[:, None, :].expand(b, width, attention_mask.shape[1]),
         depth=zeros,
         fed=zeros.clone(),
         prompt_lengths=attention_mask.long().sum(1),

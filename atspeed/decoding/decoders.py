@@ -3,7 +3,10 @@
 ========================  ===============================================================================
 ``beam``                  the target's own beam search (packed rows; the reference)
 ``spec_strict``           speculative beam search, strict top-K verification (lossless: equals ``beam``)
-``spec_relaxed``          speculative sampling beam search, relaxed verification (faster, approximate)
+``spec_relaxed``          speculative sampling beam search, recursive rejection sampling (``recursive``): keeps
+                          the distribution of the target's sampling beam search exactly
+``spec_relaxed_paper``    the paper's relaxed verification (``relaxed``): biased when N > 1 (docs/RESULTS.md)
+``beam_sample``           the target's own sampling beam search (the baseline of the relaxed decoders)
 ``hf_beam``               Hugging Face ``generate`` beam search (the independent oracle / baseline)
 ========================  ===============================================================================
 """
@@ -11,44 +14,24 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Literal, get_args
 
 import torch
 
-from atspeed.decoding import relaxed, strict
+from atspeed.decoding import recursive, relaxed, strict
+from atspeed.decoding.adaptive import BudgetPlanner
 from atspeed.decoding.beam_search import beam_search
+from atspeed.decoding.costs import forward_costs
 from atspeed.decoding.hf_generate import hf_generate
 from atspeed.decoding.output import DecodeOutput
+from atspeed.decoding.settings import DecodeSettings
 from atspeed.decoding.speculative import speculative_decode
 from atspeed.errors import DataError
 from atspeed.items.trie import PrefixTrie
 
-DecoderName = Literal["beam", "spec_strict", "spec_relaxed", "hf_beam", "beam_sample"]
-SPECULATIVE: tuple[DecoderName, ...] = ("spec_strict", "spec_relaxed")
-SAMPLING: tuple[DecoderName, ...] = ("spec_relaxed", "beam_sample")  # seeded from settings.seed
-
-
-@dataclass(frozen=True)
-class DecodeSettings:
-    """K, L and, for the speculative decoders, N and gamma; checked at construction."""
-
-    num_beams: int  # K: list length
-    levels: int  # L: identifier tokens per item
-    draft_beams: int = 40  # N: draft beams per step
-    gamma: int = 3  # draft steps per target call
-    pad_token_id: int = 0
-    seed: int = 0  # of the sampling decoders (spec_relaxed, beam_sample)
-
-    def __post_init__(self) -> None:
-        if self.num_beams < 1:
-            raise ValueError(f"num_beams (K) must be >= 1, got {self.num_beams}")
-        if self.levels < 1:
-            raise ValueError(f"levels (L) must be >= 1, got {self.levels}")
-        if self.gamma < 1:
-            raise ValueError(f"gamma must be >= 1, got {self.gamma}")
-        if self.draft_beams < 1:
-            raise ValueError(f"draft_beams (N) must be >= 1, got {self.draft_beams}")
+DecoderName = Literal["beam", "spec_strict", "spec_relaxed", "spec_relaxed_paper", "hf_beam", "beam_sample"]
+SPECULATIVE: tuple[DecoderName, ...] = ("spec_strict", "spec_relaxed", "spec_relaxed_paper")
+SAMPLING: tuple[DecoderName, ...] = ("spec_relaxed", "spec_relaxed_paper", "beam_sample")  # seeded from settings.seed
 
 
 def check_settings(name: DecoderName, settings: DecodeSettings) -> None:
@@ -63,39 +46,43 @@ def check_settings(name: DecoderName, settings: DecodeSettings) -> None:
 
 
 Decoder = Callable[
-    [torch.nn.Module, torch.nn.Module | None, torch.Tensor, torch.Tensor, PrefixTrie, DecodeSettings, torch.Generator],
+    [
+        torch.nn.Module, torch.nn.Module | None, torch.Tensor, torch.Tensor, PrefixTrie, DecodeSettings,
+        torch.Generator | None, BudgetPlanner | None,
+    ],
     DecodeOutput,
-]
+]  # fmt: skip
 
 
-def _beam(target, draft, input_ids, attention_mask, trie, s: DecodeSettings, generator) -> DecodeOutput:
+def _beam(target, draft, input_ids, attention_mask, trie, s: DecodeSettings, generator, planner) -> DecodeOutput:
     return beam_search(target, input_ids, attention_mask, trie, s.num_beams, s.levels)
 
 
-def _beam_sample(target, draft, input_ids, attention_mask, trie, s: DecodeSettings, generator) -> DecodeOutput:
+def _beam_sample(target, draft, input_ids, attention_mask, trie, s: DecodeSettings, generator, planner):
     return beam_search(target, input_ids, attention_mask, trie, s.num_beams, s.levels, sample=True, generator=generator)
 
 
 def _spec(verify, sample: bool) -> Decoder:
-    def run(target, draft, input_ids, attention_mask, trie, s: DecodeSettings, generator) -> DecodeOutput:
+    def run(target, draft, input_ids, attention_mask, trie, s: DecodeSettings, generator, planner) -> DecodeOutput:
         return speculative_decode(
-            target, draft, input_ids, attention_mask, trie, s.num_beams, s.levels, s.draft_beams, s.gamma,
-            verify, sample=sample, generator=generator,
+            target, draft, input_ids, attention_mask, trie, s, verify, sample=sample, generator=generator,
+            planner=planner,
         )  # fmt: skip
 
     return run
 
 
-def _hf(target, draft, input_ids, attention_mask, trie, s: DecodeSettings, generator) -> DecodeOutput:
+def _hf(target, draft, input_ids, attention_mask, trie, s: DecodeSettings, generator, planner) -> DecodeOutput:
     return hf_generate(target, input_ids, attention_mask, trie, s.num_beams, s.levels, s.pad_token_id)
 
 
 DECODERS: dict[DecoderName, Decoder] = {
     "beam": _beam,
     "spec_strict": _spec(strict.verify_level, sample=False),
-    "spec_relaxed": _spec(relaxed.verify_level, sample=True),
+    "spec_relaxed": _spec(recursive.verify_level, sample=True),
+    "spec_relaxed_paper": _spec(relaxed.verify_level, sample=True),
     "hf_beam": _hf,
-    "beam_sample": _beam_sample,  # the target's own sampling beam search: what spec_relaxed is measured against
+    "beam_sample": _beam_sample,  # the target's own sampling beam search: what relaxed decoding is measured against
 }
 assert set(DECODERS) == set(get_args(DecoderName))
 
@@ -121,8 +108,17 @@ def check_models(name: DecoderName, target: torch.nn.Module, draft: torch.nn.Mod
 
 def check_inputs(settings: DecodeSettings, trie: PrefixTrie, input_ids: torch.Tensor, mask: torch.Tensor) -> None:
     """Settings that match the trie, and a non-empty left-padded prompt [B, P] for every request."""
+    check_levels(settings, trie)
+    check_prompts(input_ids, mask)
+
+
+def check_levels(settings: DecodeSettings, trie: PrefixTrie) -> None:
     if settings.levels != trie.levels:
         raise ValueError(f"levels = {settings.levels}, but the trie's identifiers have {trie.levels} tokens")
+
+
+def check_prompts(input_ids: torch.Tensor, mask: torch.Tensor) -> None:
+    """A non-empty left-padded prompt [B, P] for every request (one host sync)."""
     if input_ids.ndim != 2 or mask.shape != input_ids.shape:
         raise ValueError(f"prompts must be [B, P] with a mask of the same shape, got {tuple(input_ids.shape)} and "
                          f"{tuple(mask.shape)}")  # fmt: skip
@@ -149,6 +145,64 @@ def check_context(model, prompt_tokens: int, levels: int, what: str = "target") 
         )
 
 
+class BoundDecoder:
+    """Decoder ``name`` bound to its models, trie and settings, for many batches.
+
+    What does not depend on the batch (settings, the models against each other and the trie) is checked once here;
+    a call checks only its prompts (one host sync) and their length against both contexts. A sampling decoder draws
+    from one generator across calls (seeded from ``settings.seed`` unless given). With ``budget="auto"`` the first
+    speculative call measures the cost model (``costs.forward_costs``, after its first prompt) and the planner then
+    keeps what every later call accepted (``adaptive``).
+    """
+
+    def __init__(
+        self,
+        name: DecoderName,
+        target: torch.nn.Module,
+        trie: PrefixTrie,
+        settings: DecodeSettings,
+        draft: torch.nn.Module | None = None,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        check_settings(name, settings)
+        check_levels(settings, trie)
+        check_models(name, target, draft, trie)
+        self.name, self.target, self.trie, self.settings = name, target, trie, settings
+        self.draft = draft if name in SPECULATIVE else None
+        self.generator = generator
+        self.planner: BudgetPlanner | None = None
+
+    def _plan(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> BudgetPlanner | None:
+        s = self.settings
+        if s.budget != "auto" or self.name not in SPECULATIVE:
+            return None
+        if self.planner is None:
+            prompt = input_ids[0][attention_mask[0].bool()].tolist()
+            grid = BudgetPlanner.budgets(s.num_beams, s.draft_beams, s.gamma)
+            target_ms = forward_costs(self.target, prompt, sorted({s.num_beams + m for m in grid}))
+            draft_ms = forward_costs(self.draft, prompt, [s.draft_beams])
+            self.planner = BudgetPlanner(s.num_beams, s.draft_beams, s.gamma, target_ms, draft_ms)
+        return self.planner
+
+    def __call__(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, generator: torch.Generator | None = None
+    ) -> DecodeOutput:
+        """Decode a batch of left-padded prompts [B, P] (no gradients); ``generator`` overrides the bound one."""
+        check_prompts(input_ids, attention_mask)
+        check_context(self.target, input_ids.shape[1], self.settings.levels)
+        if self.draft is not None:
+            check_context(self.draft, input_ids.shape[1], self.settings.levels, "draft")
+        if generator is None and self.name in SAMPLING:
+            if self.generator is None:
+                self.generator = torch.Generator(device=input_ids.device).manual_seed(self.settings.seed)
+            generator = self.generator
+        planner = self._plan(input_ids, attention_mask)
+        with torch.inference_mode():
+            return DECODERS[self.name](
+                self.target, self.draft, input_ids, attention_mask, self.trie, self.settings, generator, planner
+            )
+
+
 def decode(
     name: DecoderName,
     target: torch.nn.Module,
@@ -159,14 +213,5 @@ def decode(
     draft: torch.nn.Module | None = None,
     generator: torch.Generator | None = None,
 ) -> DecodeOutput:
-    """Decode a batch of left-padded prompts [B, P] with decoder ``name`` (checks first; no gradients)."""
-    check_settings(name, settings)
-    check_inputs(settings, trie, input_ids, attention_mask)
-    check_models(name, target, draft, trie)
-    check_context(target, input_ids.shape[1], settings.levels)
-    if draft is not None and name in SPECULATIVE:
-        check_context(draft, input_ids.shape[1], settings.levels, "draft")
-    if generator is None and name in SAMPLING:
-        generator = torch.Generator(device=input_ids.device).manual_seed(settings.seed)
-    with torch.inference_mode():
-        return DECODERS[name](target, draft, input_ids, attention_mask, trie, settings, generator)
+    """Decode one batch of left-padded prompts [B, P] with decoder ``name`` (a ``BoundDecoder`` used once)."""
+    return BoundDecoder(name, target, trie, settings, draft, generator)(input_ids, attention_mask)

@@ -8,6 +8,7 @@ every node sees the prompt, the fed tokens of its root beam, its ancestors in th
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -31,6 +32,8 @@ class TokenTree:
     tokens: torch.Tensor  # [B, G, N]
     log_q: torch.Tensor  # [B, G, N] the draft's log-probability of each drafted sequence among its candidates
     candidate_log_q: tuple[torch.Tensor, ...]  # per level: [B, W_prev, V] draft log-probs of all candidates (relaxed)
+    scores: torch.Tensor | None = None  # [B, G, N] cumulative scores the draft ranked its nodes by
+    verified: torch.Tensor | None = None  # [B, G, N] nodes within the budget (None: every drafted node)
 
     @property
     def levels(self) -> int:
@@ -51,6 +54,36 @@ class TokenTree:
     def parent_nodes(self, level: int) -> torch.Tensor:
         """Node ids [B, N] of the parents of ``level``'s nodes (level >= 1)."""
         return self.offset(level - 1) + self.parents[:, level - 1]
+
+    def drafted(self, level: int) -> torch.Tensor:
+        """[B, N] nodes of ``level`` that were drafted (finite) and are verified (within the budget)."""
+        ok = torch.isfinite(self.log_q[:, level - 1])
+        return ok if self.verified is None else ok & self.verified[:, level - 1]
+
+    def drafted_count(self) -> torch.Tensor:
+        """[B] drafted nodes the target verifies."""
+        ok = torch.isfinite(self.log_q)
+        return (ok if self.verified is None else ok & self.verified).flatten(1).sum(1)
+
+    def selection(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """The nodes a verification forward computes when a budget pruned the tree (None: all of them).
+
+        ``(index [B, R]`` node ids: the K roots, then the verified nodes in node order, padded with node 0;
+        ``valid [B, R]`` real entries; ``slot [B, Q]`` each node's entry in ``index`` (pruned nodes: 0)).
+        """
+        if self.verified is None:
+            return None
+        b, k = self.parents.shape[0], self.roots
+        keep = torch.cat([self.verified.new_ones(b, k), self.verified.reshape(b, -1)], dim=1)  # [B, Q]
+        count = keep.sum(1)
+        width = int(count.max())
+        index = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices[:, :width]  # kept first, in order
+        valid = torch.arange(width, device=keep.device)[None, :] < count[:, None]
+        index = index.masked_fill(~valid, 0)
+        slot = torch.zeros_like(keep, dtype=torch.long).scatter(
+            1, index, torch.arange(width, device=keep.device).expand(b, width).masked_fill(~valid, 0)
+        )
+        return index, valid, slot.masked_fill(~keep, 0)
 
     def ancestry(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(``anc`` [B, Q, Q] bool: node i's ancestors and itself; ``root`` [B, Q]: the level-0 beam under node i)."""
@@ -84,6 +117,38 @@ class NodeTable:
         return BeamState(self.sequences, scores, self.trie_states, visible, depth, depth, prompt_lengths)
 
 
+def budget_rank(tree: TokenTree, by_score: bool) -> torch.Tensor:
+    """[B, G * N] each drafted node's place in the order a budget keeps nodes (undrafted ones last).
+
+    ``by_score`` (strict): best cumulative draft score first, ties to the shallower node; a node never scores above
+    its parent, so every prefix of this order holds its nodes' ancestors. Otherwise (the sampling decoders): level by
+    level, each level in the order the draft drew it, so that whether a level-g node is kept depends on levels <= g
+    only and the deeper drafts stay plain draws of the draft (which keeps recursive rejection sampling exact).
+    """
+    b = tree.parents.shape[0]
+    drafted = torch.isfinite(tree.log_q).reshape(b, -1)
+    if by_score:
+        key = tree.scores.reshape(b, -1)
+    else:
+        key = -torch.arange(drafted.shape[1], device=drafted.device, dtype=torch.float32).expand(b, -1)
+    order = torch.sort(key.masked_fill(~drafted, float("-inf")), dim=1, descending=True, stable=True).indices
+    positions = torch.arange(order.shape[1], device=order.device).expand_as(order)
+    return torch.empty_like(order).scatter_(1, order, positions)
+
+
+def within_budget(tree: TokenTree, budget: int | None, by_score: bool = True) -> TokenTree:
+    """Keep at most ``budget`` drafted nodes per row for verification, the first of ``budget_rank``, closed under
+    ancestors. Pruned nodes stay in the tree as drafted but unverified: the strict rule never matches them; the
+    relaxed rules may accept one (a real draft), which ends the level, as the target did not compute its children."""
+    if budget is None or budget >= tree.levels * tree.width:
+        return tree
+    drafted = torch.isfinite(tree.log_q)
+    keep = ((budget_rank(tree, by_score) < budget).view_as(drafted) & drafted).clone()
+    for g in range(1, tree.levels):
+        keep[:, g] &= keep[:, g - 1].gather(1, tree.parents[:, g])
+    return dataclasses.replace(tree, verified=keep)
+
+
 def _pad_positions(visible: torch.Tensor, length: int) -> torch.Tensor:
     return F.pad(visible, (0, length - visible.shape[2]))
 
@@ -97,16 +162,26 @@ def draft_tree(
     levels: int,
     select: Select,
     keep_distributions: bool = False,
+    root_logits: torch.Tensor | None = None,
 ) -> tuple[TokenTree, NodeTable]:
     """Draft ``levels`` steps of ``width`` beams from ``beams`` (the target's K beams, their target scores).
 
     ``beams`` is expressed against the draft cache; their unfed tails are fed first. The draft feeds levels
     0..G-1 (G forwards); level G stays unfed, so ``NodeTable.draft_visible`` of a level-G node is its parent's.
+    From the root (``beams`` with nothing unfed), ``root_logits`` [B, V] are the draft's prefill logits: they give
+    level 1 without a forward, so G levels cost the prefill and G - 1 forwards.
     """
+    if levels == 0:  # a plain target step: nothing drafted, nothing fed
+        empty = beams.scores.new_zeros(beams.scores.shape[0], 0, width)
+        tree = TokenTree(beams.width, empty.long(), empty.long(), empty, (), empty)
+        return tree, NodeTable(beams.sequences, beams.trie_states, beams.visible)
     state, fed_states = beams, []
-    parents, tokens, log_q, cand_log_q = [], [], [], []
-    for _ in range(levels):
-        logits, state = feed(draft, cache, state)  # [B, W, V]
+    parents, tokens, log_q, scores, cand_log_q = [], [], [], [], []
+    for g in range(levels):
+        if g == 0 and root_logits is not None:
+            logits = root_logits[:, None].expand(-1, beams.width, -1)  # [B, W, V]
+        else:
+            logits, state = feed(draft, cache, state)  # [B, W, V]
         fed_states.append(state)
         vocab = logits.shape[-1]
         cand = candidates(logits, state.scores, state.trie_states, trie)  # [B, W * V]
@@ -115,6 +190,7 @@ def draft_tree(
         parents.append(p)
         tokens.append(t)
         log_q.append(s - norm)
+        scores.append(s)
         if keep_distributions:  # only relaxed verification's residual needs them
             cand_log_q.append((cand - norm).view(cand.shape[0], -1, vocab))
         state = extend(state, p, t, s, trie)
@@ -131,5 +207,6 @@ def draft_tree(
         tokens=torch.stack(tokens, 1),
         log_q=torch.stack(log_q, 1),
         candidate_log_q=tuple(cand_log_q),
+        scores=torch.stack(scores, 1),
     )
     return tree, table

@@ -9,6 +9,10 @@ from dataclasses import dataclass
 import torch
 
 
+def _cat_or_none(parts: list[torch.Tensor | None]) -> torch.Tensor | None:
+    return None if any(p is None for p in parts) else torch.cat(parts)
+
+
 @dataclass(frozen=True)
 class DecodeStats:
     """Counters of one decoder call (or of several, merged)."""
@@ -19,6 +23,7 @@ class DecodeStats:
     draft_seconds: float
     verify_seconds: float
     other_seconds: float
+    verified_nodes: torch.Tensor | None = None  # [B] drafted nodes the target verified per list (speculative only)
 
     @property
     def lists(self) -> int:
@@ -40,7 +45,15 @@ class DecodeStats:
             draft_seconds=sum(p.draft_seconds for p in parts),
             verify_seconds=sum(p.verify_seconds for p in parts),
             other_seconds=sum(p.other_seconds for p in parts),
+            verified_nodes=_cat_or_none([p.verified_nodes for p in parts]),
         )
+
+    @property
+    def verified_per_call(self) -> float:
+        """Drafted nodes the target verified per call (0 for decoders that verify none)."""
+        if self.verified_nodes is None:
+            return 0.0
+        return float(self.verified_nodes.sum() / self.target_calls.sum().clamp(min=1))
 
     def histogram(self, gamma: int) -> list[int]:
         """How many verification calls accepted 0, 1, ..., gamma draft levels."""
@@ -55,6 +68,7 @@ class DecodeStats:
             "draft_calls_per_list": float(self.draft_calls.float().mean()),
             "tokens_per_target_call": float((levels / calls).mean()),
             "mean_accepted_depth": float(self.accepted.float().mean()) if self.accepted.numel() else 0.0,
+            "verified_nodes_per_call": self.verified_per_call,
             "draft_seconds": self.draft_seconds,
             "verify_seconds": self.verify_seconds,
             "other_seconds": self.other_seconds,
@@ -92,7 +106,13 @@ class StageClock:
         self.seconds[self.stage] += now - self.mark
         self.stage, self.mark = stage, now
 
-    def stats(self, target_calls: torch.Tensor, draft_calls: torch.Tensor, accepted: list[torch.Tensor]) -> DecodeStats:
+    def stats(
+        self,
+        target_calls: torch.Tensor,
+        draft_calls: torch.Tensor,
+        accepted: list[torch.Tensor],
+        verified_nodes: torch.Tensor | None = None,
+    ) -> DecodeStats:
         self.switch("other")
         return DecodeStats(
             target_calls=target_calls.cpu(),
@@ -101,4 +121,5 @@ class StageClock:
             draft_seconds=self.seconds["draft"],
             verify_seconds=self.seconds["verify"],
             other_seconds=self.seconds["other"],
+            verified_nodes=None if verified_nodes is None else verified_nodes.cpu(),
         )

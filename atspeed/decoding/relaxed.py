@@ -64,6 +64,6 @@ def verify_level(inp: LevelInput) -> LevelDecision:
     keys = torch.where(inp.can_match[:, None], keys, bonus)
     chosen = torch.topk(keys, k, dim=1).indices
     parents, tokens, scores = chosen // vocab, chosen % vocab, inp.cand.gather(1, chosen)
-    _, nodes = match_drafted(inp, parents, tokens)
-    ok = inp.can_match & (accepted.sum(1) >= k)
+    found, nodes = match_drafted(inp, parents, tokens)
+    ok = inp.can_match & (accepted.sum(1) >= k) & found.all(1)  # under a budget, an accepted draft may be unverified
     return LevelDecision(ok, nodes, scores, parents, tokens, scores)

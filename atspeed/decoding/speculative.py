@@ -8,6 +8,11 @@ One iteration for a batch of B requests (each at its own depth; SPEC section 5):
 3. a verification rule (``strict`` or ``relaxed``) walks the levels: each row accepts m levels and gets K new beams
    at depth m + 1 (a correction, or the bonus step when all of its levels passed): m + 1 tokens per target call;
 4. both caches keep only what the new beams attend (the accepted paths); finished requests leave the batch.
+
+The draft goes first: the first iteration drafts from the root (the draft's prefill gives level 1), and the
+target's first call takes the prompts together with that tree (``_first_forward``), so the target has no prefill
+call of its own: a list whose first tree holds the target's whole beam search (a perfect draft, gamma >= L)
+costs one target call.
 """
 
 from __future__ import annotations
@@ -20,10 +25,12 @@ import torch
 from transformers import DynamicCache
 
 from atspeed.decoding import kv_cache
+from atspeed.decoding.adaptive import BudgetPlanner, needed_budgets
 from atspeed.decoding.beam import BeamState, candidates, extend, root_state, select_sample, select_top
-from atspeed.decoding.draft_tree import NodeTable, TokenTree, draft_tree
+from atspeed.decoding.draft_tree import NodeTable, TokenTree, draft_tree, within_budget
 from atspeed.decoding.output import DecodeOutput, StageClock
-from atspeed.decoding.tree_attention import forward_tree, prefill
+from atspeed.decoding.settings import DecodeSettings
+from atspeed.decoding.tree_attention import forward_tree, prefill, prompt_positions
 from atspeed.decoding.verify import LevelInput, VerifyLevel
 from atspeed.items.trie import PrefixTrie
 
@@ -37,12 +44,35 @@ class Verdict:
     tokens: torch.Tensor  # [B, K]
     scores: torch.Tensor  # [B, K]
     complete: torch.Tensor  # [B] the accepted nodes already hold all L tokens
+    chosen: tuple[torch.Tensor, ...] = ()  # per drafted level g: [B, K] nodes chosen there (rows that accepted g)
+
+
+def _select(selection, anc: torch.Tensor, *rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Restrict a forward to the selected nodes: ``anc`` [B, Q, Q] -> [B, R, R], each [B, Q, ...] -> [B, R, ...]."""
+    if selection is None:
+        return (anc, *rows)
+    index, valid, _ = selection
+    b, r = index.shape
+    anc = anc.gather(1, index[..., None].expand(b, r, anc.shape[2])).gather(2, index[:, None, :].expand(b, r, r))
+    picked = [x.gather(1, index.view(b, r, *[1] * (x.ndim - 2)).expand(b, r, *x.shape[2:])) for x in rows]
+    return (anc & valid[:, None, :] & valid[:, :, None], *picked)
+
+
+def _unselect(selection, logits: torch.Tensor, anc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits of every node [B, Q, V] (pruned ones: meaningless) and ``anc`` over the computed columns [B, Q, R]."""
+    if selection is None:
+        return logits, anc
+    index, valid, slot = selection
+    b, q = slot.shape
+    logits = logits.gather(1, slot[..., None].expand(b, q, logits.shape[2]))
+    return logits, anc.gather(2, index[:, None, :].expand(b, q, index.shape[1])) & valid[:, None, :]
 
 
 def _verify_forward(
     target: torch.nn.Module, cache: DynamicCache, beams: BeamState, tree: TokenTree
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Target logits at every tree node [B, Q, V] and what each node attends [B, Q, S + Q]."""
+    """Target logits at every tree node [B, Q, V] and what each node attends [B, Q, S + R] (R nodes computed:
+    all Q, or the roots and the verified ones under a budget)."""
     if not bool((beams.depth - beams.fed == 1).all()):
         raise RuntimeError("target beams must have exactly one unfed token before verification")
     b, k, s = beams.visible.shape
@@ -54,8 +84,50 @@ def _verify_forward(
     )  # [Q]
     positions = (beams.prompt_lengths + beams.depth - 1)[:, None] + level[None, :]
     past = beams.visible.gather(1, root[..., None].expand(b, tree.num_nodes, s))  # [B, Q, S]
-    logits = forward_tree(target, cache, tokens, positions, past, anc)
+    selection = tree.selection()
+    tree_mask, tokens_r, positions_r, past_r = _select(selection, anc, tokens, positions, past)
+    logits = forward_tree(target, cache, tokens_r, positions_r, past_r, tree_mask)
+    logits, anc = _unselect(selection, logits, anc)
     return logits, torch.cat([past, anc], dim=2)
+
+
+def _first_forward(
+    target: torch.nn.Module, cache: DynamicCache, input_ids: torch.Tensor, attention_mask: torch.Tensor, tree: TokenTree
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first target call: the prompts [B, P] and the tree drafted from the root, in one forward.
+
+    Prompt tokens attend causally (padding excluded); tree nodes attend the whole prompt and their ancestors. The
+    K roots are copies of the empty beam, i.e. the last prompt position. Returns what ``_verify_forward`` returns,
+    over the cache the call leaves (the prompts, then the computed drafted nodes).
+    """
+    b, p = input_ids.shape
+    k = tree.roots
+    real = attention_mask.bool()
+    anc, _ = tree.ancestry()
+    level = torch.arange(tree.levels + 1, device=real.device).repeat_interleave(
+        torch.tensor([k] + [tree.width] * tree.levels, device=real.device)
+    )  # [Q]
+    positions = (real.long().sum(1) - 1)[:, None] + level[None, :]
+    tokens = torch.cat([input_ids[:, -1:].expand(b, k), tree.tokens.reshape(b, -1)], dim=1)
+    selection = tree.selection()
+    tree_mask, tokens, positions = _select(selection, anc, tokens, positions)
+    # the roots are the prompt's last position: drop them from the forward, the prompt takes their place
+    nodes, node_tree, node_positions = tokens[:, k:], tree_mask[:, k:, k:], positions[:, k:]
+    t = nodes.shape[1]
+    causal = torch.ones(p, p, dtype=torch.bool, device=real.device).tril()[None] & real[:, None, :]
+    node_past = real[:, None, :].expand(b, t, p)
+    allowed = torch.cat(
+        [torch.cat([causal, causal.new_zeros(b, p, t)], dim=2), torch.cat([node_past, node_tree], dim=2)], dim=1
+    )
+    logits = forward_tree(
+        target, cache, torch.cat([input_ids, nodes], dim=1),
+        torch.cat([prompt_positions(attention_mask), node_positions], dim=1),
+        real.new_zeros(b, p + t, 0), allowed, t + 1,
+    )  # fmt: skip
+    logits = torch.cat([logits[:, :1].expand(b, k, logits.shape[2]), logits[:, 1:]], dim=1)  # [B, R, V]
+    logits, anc = _unselect(selection, logits, anc)
+    # every node sees the real prompt; among the computed columns, its drafted ancestors (the roots have none)
+    return logits, torch.cat([real[:, None, :].expand(b, anc.shape[1], p), anc[:, :, k:]], dim=2)
 
 
 def _decide(
@@ -76,6 +148,7 @@ def _decide(
     scores, trie_states = beams.scores, beams.trie_states
     active = torch.ones(b, dtype=torch.bool, device=logits.device)
     verdict = Verdict(torch.zeros_like(remaining), current, torch.zeros_like(current), scores, ~active)
+    chosen: list[torch.Tensor] = []
     for g in range(1, tree.levels + 2):
         if not bool(active.any()):
             break
@@ -94,11 +167,20 @@ def _decide(
             complete=verdict.complete | complete,
         )
         keep = ok[:, None]
+        if g <= tree.levels:
+            chosen.append(d.next_nodes)
         current = torch.where(keep, d.next_nodes, current)
         scores = torch.where(keep, d.next_scores, scores)
         trie_states = torch.where(keep, table.trie_states.gather(1, current), trie_states)
         active = ok
-    return verdict
+    return dataclasses.replace(verdict, chosen=tuple(chosen))
+
+
+def _needed(tree: TokenTree, verdict: Verdict, by_score: bool) -> torch.Tensor:
+    """[B, G] budgets that would have kept each accepted depth (``adaptive.needed_budgets``)."""
+    if tree.levels == 0:
+        return tree.log_q.new_zeros(tree.log_q.shape[0], 0, dtype=torch.long)
+    return needed_budgets(tree, list(verdict.chosen), by_score)
 
 
 def _compact(cache: DynamicCache, beams: BeamState) -> BeamState:
@@ -136,52 +218,67 @@ def speculative_decode(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     trie: PrefixTrie,
-    num_beams: int,
-    levels: int,
-    draft_beams: int,
-    gamma: int,
+    settings: DecodeSettings,
     verify_level: VerifyLevel,
     sample: bool = False,
     generator: torch.Generator | None = None,
+    planner: BudgetPlanner | None = None,
 ) -> DecodeOutput:
-    """Top-``num_beams`` identifiers of ``levels`` tokens per left-padded prompt [B, P], drafted ``gamma`` deep."""
+    """Top-K identifiers of L tokens per left-padded prompt [B, P], N beams drafted gamma deep (``settings``).
+
+    Each call verifies at most ``settings.budget`` drafted nodes (None: all; 0: plain beam steps, nothing drafted);
+    with ``budget="auto"``, what the ``planner`` plans from the calls it has observed (``adaptive``)."""
+    num_beams, levels, draft_beams, gamma = settings.num_beams, settings.levels, settings.draft_beams, settings.gamma
+    budget = None if settings.budget == "auto" else settings.budget
     if sample and generator is None:
         raise ValueError("relaxed (sampling) decoding needs a generator")
     b, device = input_ids.shape[0], input_ids.device
     select = functools.partial(select_sample, generator=generator) if sample else select_top
     clock = StageClock(device)
     caches = (kv_cache.new_cache(), kv_cache.new_cache())  # target, draft
-    clock.switch("verify")
-    logits = prefill(target, caches[0], input_ids, attention_mask)  # [B, V]
     clock.switch("draft")
-    prefill(draft, caches[1], input_ids, attention_mask)
+    root_logits = prefill(draft, caches[1], input_ids, attention_mask)  # [B, V]: the draft's level 1
     clock.switch("other")
-    root = root_state(attention_mask, levels + gamma + 1)
-    first = select(candidates(logits[:, None], root.scores, root.trie_states, trie), num_beams, logits.shape[-1])
-    t_beams = d_beams = extend(root, *first, trie)  # both caches hold just the prompts: same view
+    # the target has seen nothing yet: its first call takes the prompts with the first tree (_first_forward)
+    t_beams = d_beams = root_state(attention_mask, levels + gamma + 1, width=num_beams)
     out = DecodeOutputBuffer(
         torch.zeros(b, num_beams, levels, dtype=torch.long, device=device), torch.zeros(b, num_beams, device=device)
     )
-    target_calls, draft_calls = torch.ones(b, dtype=torch.long), torch.ones(b, dtype=torch.long)
+    target_calls, draft_calls = torch.zeros(b, dtype=torch.long), torch.ones(b, dtype=torch.long)  # draft prefill
+    verified = torch.zeros(b, dtype=torch.long)
     accepted: list[torch.Tensor] = []
     rows = torch.arange(b, device=device)  # original index of each row still decoding
+    first = True
     while True:
-        finished = t_beams.depth >= levels
-        if bool(finished.any()):
-            rows, (t_beams, d_beams) = _retire(finished, rows, (t_beams, d_beams), caches, out)
-        if rows.numel() == 0:
-            break
-        t_beams, d_beams = _compact(caches[0], t_beams), _compact(caches[1], d_beams)
-        g = min(gamma, int((levels - t_beams.depth).max()))
+        if not first:
+            finished = t_beams.depth >= levels
+            if bool(finished.any()):
+                rows, (t_beams, d_beams) = _retire(finished, rows, (t_beams, d_beams), caches, out)
+            if rows.numel() == 0:
+                break
+            t_beams, d_beams = _compact(caches[0], t_beams), _compact(caches[1], d_beams)
+        m = planner.plan() if planner is not None else budget
+        g = min(gamma, int((levels - t_beams.depth).max())) if m != 0 else 0
         clock.switch("draft")
-        tree, table = draft_tree(draft, caches[1], d_beams, trie, draft_beams, g, select, keep_distributions=sample)
+        tree, table = draft_tree(
+            draft, caches[1], d_beams, trie, draft_beams, g, select, keep_distributions=sample,
+            root_logits=root_logits if first else None,
+        )  # fmt: skip
+        tree = within_budget(tree, m, by_score=not sample)
         clock.switch("verify")
-        logits, node_visible = _verify_forward(target, caches[0], t_beams, tree)
+        if first:
+            logits, node_visible = _first_forward(target, caches[0], input_ids, attention_mask, tree)
+        else:
+            logits, node_visible = _verify_forward(target, caches[0], t_beams, tree)
         verdict = _decide(logits, tree, table, t_beams, levels, trie, verify_level, generator)
         clock.switch("other")
+        if planner is not None:
+            planner.observe(m, verdict.accepted, _needed(tree, verdict, not sample), levels - t_beams.depth)
         target_calls[rows.cpu()] += 1
-        draft_calls[rows.cpu()] += g
+        draft_calls[rows.cpu()] += g - int(first and g > 0)  # from the root, the prefill gave level 1
+        verified[rows.cpu()] += tree.drafted_count().cpu()
         accepted.append(verdict.accepted.cpu())
+        first = False
         # new beams = parent node (depth + accepted) + token, except rows already complete; the draft's view of
         # the same beams differs only in what they attend in its cache and in how much of them it has fed
         depth = t_beams.depth + verdict.accepted
@@ -191,8 +288,9 @@ def speculative_decode(
         d_beams = dataclasses.replace(
             t_beams,
             visible=table.draft_visible.gather(1, nodes.expand(-1, -1, table.draft_visible.shape[2])),
-            fed=depth - (verdict.accepted == g).long(),  # the draft never fed its last drafted level
+            # the draft never fed its last drafted level; with nothing drafted, it fed what it had fed
+            fed=depth - (verdict.accepted == g).long() if g else d_beams.fed,
         )
     scores, order = out.scores.sort(dim=1, descending=True, stable=True)
     sequences = out.sequences.gather(1, order[..., None].expand_as(out.sequences))
-    return DecodeOutput(sequences, scores, clock.stats(target_calls, draft_calls, accepted))
+    return DecodeOutput(sequences, scores, clock.stats(target_calls, draft_calls, accepted, verified))

@@ -33,10 +33,12 @@ def forward_tree(
     positions: torch.Tensor,
     past: torch.Tensor,
     tree: torch.Tensor,
+    keep: int = 0,
 ) -> torch.Tensor:
     """Run ``model`` on nodes ``tokens`` [B, Q] at ``positions`` [B, Q]; append them to ``cache``.
 
-    ``past`` [B, Q, S] and ``tree`` [B, Q, Q] (bool) say what each node attends. Returns float32 logits [B, Q, V].
+    ``past`` [B, Q, S] and ``tree`` [B, Q, Q] (bool) say what each node attends. Returns float32 logits [B, Q, V], or
+    of the last ``keep`` nodes only when ``keep`` > 0.
     """
     diagonal = torch.eye(tokens.shape[1], dtype=torch.bool, device=tokens.device)[None]
     allowed = torch.cat([past, tree | diagonal], dim=2)  # [B, Q, S + Q]
@@ -46,6 +48,7 @@ def forward_tree(
         position_ids=positions,
         past_key_values=cache,
         use_cache=True,
+        logits_to_keep=keep,
     )
     return out.logits.float()
 

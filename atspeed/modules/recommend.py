@@ -11,23 +11,23 @@ import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-from jsonargparse.typing import PositiveInt
+from jsonargparse.typing import NonNegativeInt, PositiveInt
 
 from atspeed.callbacks.predictions import prediction_rows
 from atspeed.data.datamodule import RecDataModule
 from atspeed.data.export_dir import INDEX_FILE, check_same_identifiers, read_export
 from atspeed.decoding.decoders import (
     SPECULATIVE,
+    BoundDecoder,
     DecoderName,
     DecodeSettings,
     check_context,
     check_list_length,
     check_settings,
-    decode,
 )
 from atspeed.decoding.output import DecodeStats
 from atspeed.errors import DataError
@@ -48,6 +48,7 @@ class Recommender(pl.LightningModule):
         num_beams: PositiveInt = 20,
         draft_beams: PositiveInt = 40,
         gamma: PositiveInt = 3,
+        budget: NonNegativeInt | Literal["auto"] | None = None,
         eval_ks: Sequence[PositiveInt] = (1, 3, 5, 10, 20),
         dtype: str = "float32",
         seed: int = 0,
@@ -57,17 +58,21 @@ class Recommender(pl.LightningModule):
             target: directory of the target exported by the SFT stage (weights, tokenizer, index.json).
             draft: directory of the draft (same tokenizer and index); needed by the speculative decoders.
             decoder: beam (the target's beam search), spec_strict (lossless), spec_relaxed, hf_beam (HF generate),
-                beam_sample (the target's sampling beam search, seeded).
+                beam_sample (the target's sampling beam search, seeded), spec_relaxed (speculative, keeps
+                beam_sample's distribution exactly; seeded).
             num_beams: K, the length of each list.
             draft_beams: N, draft beams per step (speculative decoders; at least K).
             gamma: draft steps per target call (speculative decoders).
+            budget: M, drafted nodes the target verifies per call, the draft's best (null: all gamma x N; 0: plain
+                beam steps); "auto" plans each call's M from the measured forward costs and the acceptance observed
+                so far. Strict decoding returns the beam search's lists whatever M is.
             eval_ks: K of Recall@K / NDCG@K (each at most num_beams).
             dtype: torch dtype of both models' weights (bfloat16 on a GPU).
             seed: seed of the relaxed decoder's sampling.
         """
         super().__init__()
         self.save_hyperparameters()
-        check_settings(decoder, DecodeSettings(num_beams, 1, draft_beams, gamma, seed=seed))
+        check_settings(decoder, DecodeSettings(num_beams, 1, draft_beams, gamma, seed=seed, budget=budget))
         if max(eval_ks) > num_beams:
             raise ValueError(f"model.eval_ks: K = {max(eval_ks)} exceeds model.num_beams = {num_beams}")
         if decoder in SPECULATIVE and draft is None:
@@ -80,7 +85,7 @@ class Recommender(pl.LightningModule):
         self.metrics = RankingMetrics(eval_ks, prefix="test/")
         self.stats: list[DecodeStats] = []
         self.results: dict[str, Any] = {}
-        self.generator: torch.Generator | None = None
+        self.decoder: BoundDecoder | None = None
 
     @property
     def dm(self) -> RecDataModule:
@@ -90,7 +95,8 @@ class Recommender(pl.LightningModule):
     def settings(self) -> DecodeSettings:
         hp = self.hparams
         pad = self.dm.prepared.tokenizer.pad_token_id
-        return DecodeSettings(hp.num_beams, int(self.meta["levels"]), hp.draft_beams, hp.gamma, pad, hp.seed)
+        levels = int(self.meta["levels"])
+        return DecodeSettings(hp.num_beams, levels, hp.draft_beams, hp.gamma, pad, hp.seed, hp.budget)
 
     def setup(self, stage: str) -> None:
         """Before any weights load: same identifiers as the target, prompts that fit both contexts, K <= items."""
@@ -112,16 +118,17 @@ class Recommender(pl.LightningModule):
             self.draft_model = load_model(hp.draft, hp.dtype)
 
     def on_predict_start(self) -> None:
-        self.generator = torch.Generator(device=self.device).manual_seed(self.hparams.seed)
+        hp = self.hparams
+        generator = torch.Generator(device=self.device).manual_seed(hp.seed)
+        self.decoder = BoundDecoder(
+            hp.decoder, self.target_model, self.dm.prepared.trie, self.settings, self.draft_model, generator
+        )
         self.metrics.reset()
         self.stats = []
 
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
         prepared = self.dm.prepared
-        out = decode(
-            self.hparams.decoder, self.target_model, batch["input_ids"], batch["attention_mask"], prepared.trie,
-            self.settings, self.draft_model, self.generator,
-        )  # fmt: skip
+        out = self.decoder(batch["input_ids"], batch["attention_mask"])
         items = prepared.trie.lookup(out.sequences).cpu()  # [B, K]
         self.metrics.update_lists(items, batch["targets"], batch["request_ids"])
         self.stats.append(out.stats)
@@ -143,7 +150,7 @@ class Recommender(pl.LightningModule):
             "decoder": hp.decoder,
             "target": hp.target,
             "draft": hp.draft if hp.decoder in SPECULATIVE else None,
-            "settings": {"num_beams": hp.num_beams, "draft_beams": hp.draft_beams, "gamma": hp.gamma},
+            "settings": {k: hp[k] for k in ("num_beams", "draft_beams", "gamma", "budget")},
             "metrics": metrics,
             "decode": merged.summary(int(self.meta["levels"])) if merged else {},
             "accepted_histogram": merged.histogram(hp.gamma) if merged else [],

@@ -13,7 +13,7 @@ from atspeed.bench.report import matplotlib_available
 from tests.integration.tiny_data import load_script
 
 ROOT = Path(__file__).resolve().parents[2]
-DECODERS = {"hf_beam", "beam", "spec_strict", "spec_relaxed", "beam_sample"}
+DECODERS = {"hf_beam", "beam", "spec_strict", "spec_relaxed", "spec_relaxed_paper", "beam_sample"}
 
 
 def _script():
@@ -24,7 +24,7 @@ def _script():
 def smoke(tmp_path_factory) -> tuple[dict, Path, list[str]]:
     """One smoke run on one thread: the tiny models gain nothing from two, and lose a lot when the cores are busy."""
     out = tmp_path_factory.mktemp("bench")
-    args = ["--preset", "smoke", "--out", str(out / "bench.json"), "--plot", str(out / "bench.png")]
+    args = ["--preset", "smoke", "--self-draft", "--out", str(out / "bench.json"), "--plot", str(out / "bench.png")]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -79,6 +79,24 @@ def test_strict_and_beam_lists_equal_hf_generate(smoke) -> None:
         if r["decoder"].startswith("spec"):
             assert len(r["accepted_histogram"]) == r["gamma"] + 1 and sum(r["accepted_histogram"]) >= r["lists"]
             assert 0 <= r["mean_accepted_depth"] <= r["gamma"]
+
+
+def test_smoke_rows_cover_budgets_and_the_perfect_draft(smoke) -> None:
+    """Every speculative (N, gamma) runs with the whole tree and with budget auto; spec_strict with the target as its
+    own draft (N = K, gamma = L) closes each group, equals HF generate and needs fewer target calls than beam search."""
+    rows = smoke[0]["rows"]
+    levels = smoke[0]["models"]["levels"]
+    for k, b in {(r["K"], r["batch_size"]) for r in rows}:
+        here = [r for r in rows if (r["K"], r["batch_size"]) == (k, b)]
+        spec = [r for r in here if r["decoder"].startswith("spec") and r["draft"] == "draft"]
+        assert {r["budget"] for r in spec} == {None, "auto"}
+        assert all(0 <= r["verified_nodes_per_call"] <= r["gamma"] * r["N"] for r in spec)
+        full = [r for r in spec if r["budget"] is None]
+        assert all(r["verified_nodes_per_call"] > 0 for r in full)
+        (own,) = [r for r in here if r["draft"] == "target"]
+        (beam,) = [r for r in here if r["decoder"] == "beam"]
+        assert own["decoder"] == "spec_strict" and (own["N"], own["gamma"]) == (k, levels) and own["equals_hf"]
+        assert own["target_calls_per_list"] < beam["target_calls_per_list"] == levels
 
 
 def test_header_and_plot(smoke) -> None:

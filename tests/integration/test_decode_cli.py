@@ -26,7 +26,7 @@ def test_strict_speculative_predict_equals_beam_search_and_hf_generate(exported,
     assert strict_report["metrics"] == beam_report["metrics"]
     assert set(strict_report["metrics"]) == {"test/recall@1", "test/recall@3", "test/ndcg@1", "test/ndcg@3"}
     decode = strict_report["decode"]
-    assert decode["lists"] == 24 and decode["target_calls_per_list"] >= 2
+    assert decode["lists"] == 24 and 1 <= decode["target_calls_per_list"] <= 2  # L = 2, no target prefill call
     assert sum(strict_report["accepted_histogram"]) >= 24  # one verification call per list at least
     assert beam_report["decode"]["target_calls_per_list"] == 2  # L = 2: prefill + one step
 

@@ -1,4 +1,5 @@
-"""Shared builders for the decoding tests: tiny seeded Llamas, random tries, left-padded prompts, bigram stubs."""
+"""Shared builders for the decoding tests: tiny seeded Llamas, random tries, left-padded prompts, bigram stubs, and
+the exact K = 1 sampling distribution with its chi-square test."""
 
 from __future__ import annotations
 
@@ -160,12 +161,13 @@ def reversed_row(row: dict[int, float]) -> dict[int, float]:
 def check_spec_stats(stats, lists: int, levels: int, gamma: int) -> list[list[int]]:
     """Replay the speculative loop's bookkeeping from ``stats.accepted`` and check every counter.
 
-    The target takes level 1 from the prefill; each verification call of a list still decoding drafts
-    G = min(gamma, most levels left in the batch), accepts m in [0, min(G, left)] levels and gains m + 1 tokens
-    (m when the accepted nodes already complete the identifier). Returns the accepted depths of each list.
+    There is no target prefill call: the first call takes the prompt with the first tree. Each call of a list still
+    decoding drafts G = min(gamma, most levels left in the batch) (the first time: the draft's prefill and G - 1
+    steps), accepts m in [0, min(G, left)] levels and gains m + 1 tokens (m when the accepted nodes already complete
+    the identifier). Returns the accepted depths of each list.
     """
-    left = [levels - 1] * lists
-    target_calls, draft_calls = [1] * lists, [1] * lists
+    left = [levels] * lists
+    target_calls, draft_calls = [0] * lists, [0] * lists
     per_list: list[list[int]] = [[] for _ in range(lists)]
     accepted = stats.accepted.tolist()
     pos = 0
@@ -199,3 +201,29 @@ def one_torch_thread():
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+def exact_distribution(model, prompt: list[int], identifiers: torch.Tensor, trie: PrefixTrie) -> torch.Tensor:
+    """P(identifier) [I] of ``identifiers`` [I, L] after ``prompt``, under level-by-level renormalisation over the
+    trie's allowed codes (what sampling at K = 1 must follow)."""
+    probs = torch.ones(len(identifiers))
+    with torch.no_grad():
+        for t in range(identifiers.shape[1]):
+            ids = torch.tensor([prompt + row[:t] for row in identifiers.tolist()])
+            logits = model(input_ids=ids).logits[:, -1].float()  # [I, V]
+            states = trie.states_for(identifiers[:, :t]) if t else torch.zeros(len(identifiers), dtype=torch.long)
+            allowed = trie.mask(states)
+            step = torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1)
+            probs *= step.gather(1, identifiers[:, t : t + 1])[:, 0]
+    return probs
+
+
+def chi_square_p(counts: torch.Tensor, expected: torch.Tensor) -> float:
+    """Pearson's chi-square p-value; cells expecting fewer than 5 draws are pooled into one."""
+    small = expected < 5
+    counts = torch.cat([counts[~small], counts[small].sum(0, keepdim=True)])
+    expected = torch.cat([expected[~small], expected[small].sum(0, keepdim=True)])
+    keep = expected > 0
+    stat = float(((counts[keep] - expected[keep]) ** 2 / expected[keep]).sum())
+    dof = int(keep.sum()) - 1
+    return float(torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.float64), torch.tensor(stat / 2)))

@@ -71,12 +71,13 @@ def test_coverage_by_hand_on_bigram_stubs() -> None:
 def test_coverage_per_depth_predicts_strict_acceptance() -> None:
     """L = 3, gamma = 2. A draft equal to the target covers every depth and strict decoding accepts both drafted
     depths in its one verification; the stub draft of the hand case misses a depth-2 pair (coverage 1/2 there, 1
-    elsewhere) and strict decoding rejects depth 2, then, after the correction, accepts depth 3."""
+    elsewhere) and strict decoding accepts depth 1 and rejects depth 2 in its first call, then, after the correction,
+    accepts depth 3."""
     trie = stub_trie(3)
     target = BigramStub(stub_table(TARGET_ROWS))
     drafts = {"same": BigramStub(stub_table(TARGET_ROWS)),
               "off": BigramStub(stub_table({**TARGET_ROWS, 5: {9: 0.0, 7: -1.0, 8: -3.0}}))}  # fmt: skip
-    expected = {"same": ([[1.0], [1.0], [1.0]], [2]), "off": ([[1.0], [0.5], [1.0]], [0, 1])}
+    expected = {"same": ([[1.0], [1.0], [1.0]], [2]), "off": ([[1.0], [0.5], [1.0]], [1, 1])}
     input_ids, mask = left_pad([[STUB_PROMPT_A]])
     for name, draft in drafts.items():
         covered = per_depth(target, draft, [[STUB_PROMPT_A]], trie, 2, 3, 3)

@@ -12,7 +12,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from decoding_helpers import EOS, left_pad, one_torch_thread, random_identifiers, tiny_llama
+from decoding_helpers import (
+    EOS,
+    chi_square_p,
+    exact_distribution,
+    left_pad,
+    one_torch_thread,
+    random_identifiers,
+    tiny_llama,
+)
 
 from atspeed.decoding.decoders import DecodeSettings, decode
 from atspeed.items.trie import PrefixTrie
@@ -28,31 +36,6 @@ def _one_thread():
 def setup() -> tuple[torch.nn.Module, torch.Tensor, PrefixTrie]:
     identifiers = random_identifiers(VOCAB, LEVELS, seed=3, count=ITEMS)  # [I, L]
     return tiny_llama(VOCAB, seed=3), identifiers, PrefixTrie.build(identifiers, VOCAB, eos_token_id=EOS)
-
-
-def exact_distribution(model, prompt: list[int], identifiers: torch.Tensor, trie) -> torch.Tensor:
-    """P(identifier) [I] under level-by-level renormalisation over the trie's allowed codes."""
-    probs = torch.ones(len(identifiers))
-    with torch.no_grad():
-        for t in range(LEVELS):
-            ids = torch.tensor([prompt + row[:t] for row in identifiers.tolist()])
-            logits = model(input_ids=ids).logits[:, -1].float()  # [I, V]
-            states = trie.states_for(identifiers[:, :t]) if t else torch.zeros(len(identifiers), dtype=torch.long)
-            allowed = trie.mask(states)
-            step = torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1)
-            probs *= step.gather(1, identifiers[:, t : t + 1])[:, 0]
-    return probs
-
-
-def chi_square_p(counts: torch.Tensor, expected: torch.Tensor) -> float:
-    """Pearson's chi-square p-value; cells expecting fewer than 5 draws are pooled into one."""
-    small = expected < 5
-    counts = torch.cat([counts[~small], counts[small].sum(0, keepdim=True)])
-    expected = torch.cat([expected[~small], expected[small].sum(0, keepdim=True)])
-    keep = expected > 0
-    stat = float(((counts[keep] - expected[keep]) ** 2 / expected[keep]).sum())
-    dof = int(keep.sum()) - 1
-    return float(torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.float64), torch.tensor(stat / 2)))
 
 
 def test_beam_sample_at_k1_follows_the_constrained_distribution() -> None:
@@ -86,7 +69,7 @@ def test_beam_sample_is_seeded_and_returns_distinct_items() -> None:
 
 @pytest.mark.parametrize("draft_seed", [None, 4])  # None: the target drafts for itself (q = p)
 def test_papers_relaxed_verification_follows_p_with_one_draft_and_is_biased_with_three(draft_seed) -> None:
-    """spec_relaxed (the paper's procedure) at K = 1, gamma = 2: with N = 1 its identifiers follow the target's
+    """spec_relaxed_paper (the paper's procedure) at K = 1, gamma = 2: with N = 1 its identifiers follow the target's
     distribution; with N = 3 the same test rejects them (measured TV 0.08 when q = p, 0.034 with another draft):
     the accepted drafts were drawn without replacement but tested with single-draw probabilities, and one of them is
     kept uniformly (SPEC section 5). This records the paper variant's bias; an exact verifier must pass at N = 3."""
@@ -97,7 +80,7 @@ def test_papers_relaxed_verification_follows_p_with_one_draft_and_is_biased_with
     input_ids, mask = left_pad([prompt] * DRAWS)
     for n, unbiased in ((1, True), (3, False)):
         settings = DecodeSettings(1, LEVELS, draft_beams=n, gamma=2, seed=0)
-        drawn = decode("spec_relaxed", model, input_ids, mask, trie, settings, draft).sequences[:, 0]
+        drawn = decode("spec_relaxed_paper", model, input_ids, mask, trie, settings, draft).sequences[:, 0]
         counts = torch.bincount((drawn[:, None, :] == identifiers[None]).all(2).float().argmax(1), minlength=len(p))
         p_value = chi_square_p(counts.double(), DRAWS * p)
         assert (p_value > 1e-3) if unbiased else (p_value < 1e-6), (n, p_value)

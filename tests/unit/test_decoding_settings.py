@@ -30,9 +30,9 @@ def target() -> LlamaForCausalLM:
     return tiny_llama(VOCAB, seed=0)
 
 
-def test_the_decoder_table_lists_the_five_decoders() -> None:
-    assert set(DECODERS) == {"beam", "spec_strict", "spec_relaxed", "hf_beam", "beam_sample"}
-    assert set(SPECULATIVE) == {"spec_strict", "spec_relaxed"}
+def test_the_decoder_table_lists_the_six_decoders() -> None:
+    assert set(DECODERS) == {"beam", "spec_strict", "spec_relaxed", "spec_relaxed_paper", "hf_beam", "beam_sample"}
+    assert set(SPECULATIVE) == {"spec_strict", "spec_relaxed", "spec_relaxed_paper"}
 
 
 @pytest.mark.parametrize(

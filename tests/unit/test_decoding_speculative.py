@@ -100,20 +100,21 @@ def test_spec_strict_equals_beam_search_and_hf_generate(worlds, k, shape, seed, 
 
 @pytest.mark.parametrize("seed", sorted(WORLDS))
 @pytest.mark.parametrize("k", [1, 3, 5])
-def test_draft_equal_to_target_with_gamma_covering_every_level_needs_two_target_calls(worlds, k, seed) -> None:
-    """Draft = target, N = K, gamma >= L - 1: a list whose one verification accepts every level costs exactly 2
-    target calls (prefill + one verification); the beam search costs L. At least one list gets there."""
+def test_draft_equal_to_target_with_gamma_covering_every_level_needs_one_target_call(worlds, k, seed) -> None:
+    """Draft = target, N = K, gamma >= L: a list whose one verification accepts every level costs exactly 1 target
+    call (the prompt and the whole tree in one forward; no prefill call) and L draft calls (its prefill and L - 1
+    steps); the beam search costs L. At least one list gets there."""
     world = worlds[seed]
-    settings = DecodeSettings(num_beams=k, levels=world.levels, draft_beams=k, gamma=world.levels - 1)
+    settings = DecodeSettings(num_beams=k, levels=world.levels, draft_beams=k, gamma=world.levels)
     out = decode("spec_strict", world.target, world.input_ids, world.mask, world.trie, settings, draft=world.target)
     assert_same_lists(out, world.reference("beam", k))
     assert world.reference("beam", k).stats.target_calls.tolist() == [world.levels] * 3
     per_list = check_spec_stats(out.stats, 3, world.levels, settings.gamma)
-    full = [i for i, calls in enumerate(per_list) if calls == [world.levels - 1]]
+    full = [i for i, calls in enumerate(per_list) if calls == [world.levels]]
     assert full, per_list
     for i in full:
-        assert int(out.stats.target_calls[i]) == 2
-        assert int(out.stats.draft_calls[i]) == 1 + (world.levels - 1)
+        assert int(out.stats.target_calls[i]) == 1
+        assert int(out.stats.draft_calls[i]) == world.levels
     if k == 1:  # a single beam is always continued by the same model: everything is accepted
         assert full == [0, 1, 2]
 
@@ -190,14 +191,14 @@ def test_draft_equal_to_target_always_passes_the_first_drafted_level(worlds, den
 
 
 @pytest.mark.parametrize("name", ["spec_strict", "spec_relaxed"])
-def test_one_level_identifiers_need_no_verification(worlds, name: str) -> None:
-    """L = 1: the target's step from the prefill is the answer; no verification call (1 target call, the draft
-    only prefilled); strict equals beam search."""
+def test_one_level_identifiers_need_one_call_of_each_model(worlds, name: str) -> None:
+    """L = 1: one target call (the prompt with the N drafted first tokens), the draft only prefilled; strict equals
+    beam search."""
     world = worlds[0]
     trie = random_trie(VOCAB, 1, seed=0, count=40)
     settings = DecodeSettings(num_beams=5, levels=1, draft_beams=8, gamma=2)
     out = decode(name, world.target, world.input_ids, world.mask, trie, settings, draft=world.other)
-    assert out.stats.target_calls.tolist() == [1, 1, 1] and out.stats.accepted.numel() == 0
+    assert out.stats.target_calls.tolist() == [1, 1, 1] and out.stats.draft_calls.tolist() == [1, 1, 1]
     check_spec_stats(out.stats, 3, 1, settings.gamma)
     if name == "spec_strict":
         assert_same_lists(out, decode("beam", world.target, world.input_ids, world.mask, trie, settings))

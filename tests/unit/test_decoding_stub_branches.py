@@ -72,37 +72,48 @@ def test_the_stub_targets_beams_are_the_hand_computed_ones() -> None:
 @pytest.mark.parametrize(
     ("levels", "gamma", "expected", "path"),
     [
-        (3, 1, [1], "bonus"),  # one drafted level accepted, the target's bonus step gives the last level
-        (3, 2, [2], "complete"),  # the accepted drafted nodes already are complete identifiers: no bonus
-        (3, 3, [2], "complete"),  # gamma is cut to the levels left
-        (4, 1, [1, 1], "bonus, then complete"),
-        (4, 2, [2], "bonus"),
-        (4, 3, [3], "complete"),
+        (3, 1, [1, 1], "bonus, then complete"),  # one drafted level per call, the target's bonus step adds one
+        (3, 2, [2], "bonus"),
+        (3, 3, [3], "complete"),  # the accepted drafted nodes already are complete identifiers: no bonus
+        (3, 4, [3], "complete"),  # gamma is cut to the levels left
+        (4, 1, [1, 1], "bonus, bonus"),
+        (4, 2, [2, 1], "bonus, then complete"),
+        (4, 3, [3], "bonus"),
     ],
 )
 def test_a_draft_equal_to_the_target_gets_every_drafted_level_accepted(levels, gamma, expected, path) -> None:
-    """Same table for draft and target: every call accepts all min(gamma, levels left) drafted levels."""
+    """Same table for draft and target: every call accepts all min(gamma, levels left) drafted levels; the first
+    call drafts from the root, so gamma >= L costs one target call."""
     per_list, _ = run(TARGET_ROWS, levels, gamma)
     assert per_list == [expected, expected], path
 
 
 @pytest.mark.parametrize(
     ("levels", "gamma", "row0"),
-    [(3, 1, [0, 1]), (3, 2, [0, 1]), (4, 2, [0, 2]), (4, 3, [0, 2])],
+    [(3, 1, [0, 1]), (3, 2, [0, 2]), (4, 2, [0, 2]), (4, 3, [0, 3])],
 )
 def test_a_draft_missing_a_target_choice_at_the_first_drafted_level_accepts_nothing(levels, gamma, row0) -> None:
-    """The draft reverses its preferences after token 4 only: at level 2 it drafts (4, 9) and (5, 8) where the
-    target wants (4, 7): row 0's first call accepts depth 0 (correction = the target's level 2), and the next call
-    goes on from the target's beams; row 1 never passes through token 4 and accepts everything."""
+    """The draft reverses its preferences after prompt A's last token only: at level 1 it drafts 6 and 5 where the
+    target wants 4 and 5: row 0's first call accepts depth 0 (correction = the target's level 1), and the next call
+    goes on from the target's beams; row 1 never passes through that token and accepts everything."""
+    per_list, _ = run({**TARGET_ROWS, STUB_PROMPT_A: reversed_row(TARGET_ROWS[STUB_PROMPT_A])}, levels, gamma)
+    assert per_list[0] == row0
+    assert per_list[1] == run(TARGET_ROWS, levels, gamma)[0][1]
+
+
+@pytest.mark.parametrize(("levels", "gamma", "row0"), [(3, 2, [1, 1]), (3, 3, [1, 1]), (4, 2, [1, 2]), (4, 3, [1, 2])])
+def test_a_draft_missing_a_target_choice_at_the_second_drafted_level_accepts_depth_one(levels, gamma, row0) -> None:
+    """The draft reverses its preferences after token 4 only: level 1 is accepted, at level 2 the draft has (4, 9)
+    and (5, 8) where the target wants (4, 7): accepted depth exactly 1 at the first call."""
     per_list, _ = run({**TARGET_ROWS, 4: reversed_row(TARGET_ROWS[4])}, levels, gamma)
     assert per_list[0] == row0
     assert per_list[1] == run(TARGET_ROWS, levels, gamma)[0][1]
 
 
-@pytest.mark.parametrize(("levels", "gamma", "row0"), [(3, 2, [1]), (3, 3, [1]), (4, 2, [1, 1]), (4, 3, [1, 1])])
-def test_a_draft_missing_a_target_choice_at_the_second_drafted_level_accepts_depth_one(levels, gamma, row0) -> None:
-    """The draft reverses its preferences after token 7 only: level 2 is accepted, at level 3 the draft has
-    (4, 7, 12) where the target wants (4, 7, 10): accepted depth exactly 1 at that call."""
+@pytest.mark.parametrize(("levels", "gamma", "row0"), [(3, 3, [2]), (4, 3, [2, 1])])
+def test_a_draft_missing_a_target_choice_at_the_third_drafted_level_accepts_depth_two(levels, gamma, row0) -> None:
+    """The draft reverses its preferences after token 7 only: levels 1 and 2 are accepted, at level 3 the draft has
+    (4, 7, 12) where the target wants (4, 7, 10): accepted depth exactly 2; the correction completes L = 3."""
     per_list, _ = run({**TARGET_ROWS, 7: reversed_row(TARGET_ROWS[7])}, levels, gamma)
     assert per_list[0] == row0
     assert per_list[1] == run(TARGET_ROWS, levels, gamma)[0][1]
