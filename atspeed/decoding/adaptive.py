@@ -7,8 +7,9 @@ used: a level is accepted when the target's choices at that level are verified n
 same count, its choices being random), so the largest draft rank among the nodes chosen at levels 1..d is the
 smallest budget that would still have accepted depth d (``needed_budgets``). The planner keeps the last ``window``
 calls and takes the M of its grid with the most tokens per ms; larger budgets than the one used are unobserved
-(counted as the one used), so every ``explore``-th call verifies the whole tree. A draft that keeps missing thus
-turns decoding into plain beam steps (plus the exploring calls) instead of paying for trees it never uses.
+(counted as the one used), so some calls verify the whole tree: every ``explore``-th, the interval doubling (up to
+``max_explore``) while beam steps stay the best plan. A draft that keeps missing thus turns decoding into plain beam
+steps (and rarer and rarer exploring calls) instead of paying for trees it never uses.
 """
 
 from __future__ import annotations
@@ -42,15 +43,20 @@ class BudgetPlanner:
     target_ms: dict[str, float]  # costs.forward_costs of the target
     draft_ms: dict[str, float]
     window: int = 256  # (row, call) observations kept
-    explore: int = 8  # every explore-th call verifies the whole tree
-    warm: int = 2  # so do the first calls
+    explore: int = 8  # calls between two that verify the whole tree (doubling while beam steps win, up to max_explore)
+    max_explore: int = 128
+    warm: int = 2  # the first calls verify the whole tree
     grid: list[int] = field(init=False)
     _tokens: deque = field(init=False)
     _calls: int = field(init=False, default=0)
+    _interval: int = field(init=False, default=0)
+    _next_explore: int = field(init=False, default=0)
 
     def __post_init__(self) -> None:
         self.grid = self.budgets(self.num_beams, self.draft_beams, self.gamma)
         self._tokens = deque(maxlen=self.window)
+        self._interval = self.explore
+        self._next_explore = self.warm + self.explore
 
     @staticmethod
     def budgets(num_beams: int, draft_beams: int, gamma: int) -> list[int]:
@@ -64,14 +70,19 @@ class BudgetPlanner:
         return ms_at(self.target_ms, self.num_beams + budget) + drafting
 
     def plan(self) -> int:
-        """Budget of the next call: the full tree for the first ``warm`` calls and every ``explore``-th, else the
-        grid's best predicted tokens per ms over the observations kept."""
+        """Budget of the next call: the grid's best predicted tokens per ms over the observations kept, or the whole
+        tree for the first ``warm`` calls and the exploring ones (their interval doubles while beam steps win)."""
         self._calls += 1
-        if self._calls <= self.warm or self._calls % self.explore == 1:
+        if self._calls <= self.warm or not self._tokens:
             return self.grid[-1]
         tokens = torch.stack(list(self._tokens)).float().mean(0)  # [grid]
         speed = tokens / torch.tensor([self.cost(m) for m in self.grid])
-        return self.grid[int(speed.argmax())]
+        best = self.grid[int(speed.argmax())]
+        if self._calls >= self._next_explore:
+            self._interval = self.explore if best else min(2 * self._interval, self.max_explore)
+            self._next_explore = self._calls + self._interval
+            return self.grid[-1]
+        return best
 
     def observe(self, budget: int, accepted: torch.Tensor, needed: torch.Tensor, remaining: torch.Tensor) -> None:
         """One call: per row its ``accepted`` depth [B], ``needed`` budgets [B, G] and levels ``remaining`` [B]."""

@@ -176,6 +176,14 @@ def _decide(
     return dataclasses.replace(verdict, chosen=tuple(chosen))
 
 
+def _beam_step(logits: torch.Tensor, beams: BeamState, trie: PrefixTrie, select) -> Verdict:
+    """The verdict of a call with an empty tree: K new beams chosen from the beams' next-token ``logits`` [B, K, V]."""
+    b, k, vocab = logits.shape
+    parents, tokens, scores = select(candidates(logits, beams.scores, beams.trie_states, trie), k, vocab)
+    none = torch.zeros(b, dtype=torch.long, device=logits.device)
+    return Verdict(none, parents, tokens, scores, none.bool())
+
+
 def _needed(tree: TokenTree, verdict: Verdict, by_score: bool) -> torch.Tensor:
     """[B, G] budgets that would have kept each accepted depth (``adaptive.needed_budgets``)."""
     if tree.levels == 0:
@@ -236,19 +244,17 @@ def speculative_decode(
     select = functools.partial(select_sample, generator=generator) if sample else select_top
     clock = StageClock(device)
     caches = (kv_cache.new_cache(), kv_cache.new_cache())  # target, draft
-    clock.switch("draft")
-    root_logits = prefill(draft, caches[1], input_ids, attention_mask)  # [B, V]: the draft's level 1
-    clock.switch("other")
-    # the target has seen nothing yet: its first call takes the prompts with the first tree (_first_forward)
+    # neither model has seen the prompts: the target's first call takes them with the first tree (_first_forward);
+    # the draft prefills when it first drafts (never, while a budget of 0 keeps to plain beam steps)
     t_beams = d_beams = root_state(attention_mask, levels + gamma + 1, width=num_beams)
     out = DecodeOutputBuffer(
         torch.zeros(b, num_beams, levels, dtype=torch.long, device=device), torch.zeros(b, num_beams, device=device)
     )
-    target_calls, draft_calls = torch.zeros(b, dtype=torch.long), torch.ones(b, dtype=torch.long)  # draft prefill
+    target_calls, draft_calls = torch.zeros(b, dtype=torch.long), torch.zeros(b, dtype=torch.long)
     verified = torch.zeros(b, dtype=torch.long)
     accepted: list[torch.Tensor] = []
     rows = torch.arange(b, device=device)  # original index of each row still decoding
-    first = True
+    first, prefilled = True, False
     while True:
         if not first:
             finished = t_beams.depth >= levels
@@ -256,10 +262,16 @@ def speculative_decode(
                 rows, (t_beams, d_beams) = _retire(finished, rows, (t_beams, d_beams), caches, out)
             if rows.numel() == 0:
                 break
-            t_beams, d_beams = _compact(caches[0], t_beams), _compact(caches[1], d_beams)
+            t_beams = _compact(caches[0], t_beams)
+            d_beams = _compact(caches[1], d_beams) if prefilled else d_beams
         m = planner.plan() if planner is not None else budget
         g = min(gamma, int((levels - t_beams.depth).max())) if m != 0 else 0
         clock.switch("draft")
+        root_logits = None
+        if g and not prefilled:  # d_beams still see the prompts only, none of their tokens fed
+            root_logits = prefill(draft, caches[1], input_ids[rows], attention_mask[rows])  # [B, V]: level 1
+            draft_calls[rows.cpu()] += 1
+            prefilled = True
         tree, table = draft_tree(
             draft, caches[1], d_beams, trie, draft_beams, g, select, keep_distributions=sample,
             root_logits=root_logits if first else None,
@@ -270,7 +282,10 @@ def speculative_decode(
             logits, node_visible = _first_forward(target, caches[0], input_ids, attention_mask, tree)
         else:
             logits, node_visible = _verify_forward(target, caches[0], t_beams, tree)
-        verdict = _decide(logits, tree, table, t_beams, levels, trie, verify_level, generator)
+        if g:
+            verdict = _decide(logits, tree, table, t_beams, levels, trie, verify_level, generator)
+        else:  # nothing drafted: the target's own beam step (what every rule's bonus step is)
+            verdict = _beam_step(logits[:, :num_beams], t_beams, trie, select)
         clock.switch("other")
         if planner is not None:
             planner.observe(m, verdict.accepted, _needed(tree, verdict, not sample), levels - t_beams.depth)

@@ -14,10 +14,12 @@ from transformers import DynamicCache
 
 
 def model_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The dtype of the model's first parameter (cheap: Hugging Face's ``dtype`` property walks every parameter)."""
+    first = next(model.parameters(), None)
+    if first is not None:
+        return first.dtype
     dtype = getattr(model, "dtype", None)
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    return next(model.parameters()).dtype
+    return dtype if isinstance(dtype, torch.dtype) else torch.float32
 
 
 def float_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

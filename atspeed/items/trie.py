@@ -15,6 +15,7 @@ any identifier, so its graph has one node per depth. ``lookup`` always uses the 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -23,6 +24,7 @@ import torch
 
 Rule = Literal["exact", "per_position"]
 RULES: tuple[Rule, ...] = ("exact", "per_position")
+DENSE_MASK_LIMIT = 1 << 26  # states x vocabulary booleans (64 MiB) up to which masks come from a precomputed table
 
 
 @dataclass(frozen=True)
@@ -173,8 +175,21 @@ class PrefixTrie:
             nxt = torch.where(at_leaf, states, nxt)
         return nxt
 
+    @functools.cached_property
+    def _table(self) -> torch.Tensor | None:
+        """Every state's mask [S, V], when that fits in ``DENSE_MASK_LIMIT`` booleans (decoding then indexes it)."""
+        if self.num_states * self.vocab_size > DENSE_MASK_LIMIT:
+            return None
+        return self._sparse_mask(torch.arange(self.num_states, device=self.device))
+
     def mask(self, states: torch.Tensor) -> torch.Tensor:
         """Allowed next tokens [M, V] (bool) for ``states`` [M]; a dead state allows nothing."""
+        table = self._table
+        if table is None or table.device != states.device:
+            return self._sparse_mask(states)
+        return table[states.clamp(min=0)] & (states >= 0)[:, None]
+
+    def _sparse_mask(self, states: torch.Tensor) -> torch.Tensor:
         g = self.graph
         alive = states >= 0
         safe = states.clamp(min=0)

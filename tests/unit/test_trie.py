@@ -73,10 +73,15 @@ def _mask_row(allowed: set[int], vocab: int) -> torch.Tensor:
     return row
 
 
+@pytest.mark.parametrize("dense", [True, False], ids=["table", "sparse"])
 @pytest.mark.parametrize("rule", ["exact", "per_position"])
 @pytest.mark.parametrize("eos", [None, 1])
 @pytest.mark.parametrize("levels", [1, 3, 4])
-def test_masks_match_reference_on_random_prefixes(rule: str, eos: int | None, levels: int) -> None:
+def test_masks_match_reference_on_random_prefixes(rule: str, eos: int | None, levels: int, dense: bool,
+                                                  monkeypatch) -> None:  # fmt: skip
+    """Masks from the precomputed table (small tries) and computed per call (above DENSE_MASK_LIMIT) alike."""
+    if not dense:
+        monkeypatch.setattr("atspeed.items.trie.DENSE_MASK_LIMIT", 0)
     rng = random.Random(levels * 10 + (eos or 0))
     per_level, base = 6, 5
     vocab = base + levels * per_level + 3
