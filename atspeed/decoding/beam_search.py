@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from atspeed.decoding.beam import candidates, extend, feed, root_state, select_sample, select_top
+from atspeed.decoding.header import PromptHeader, Prompts
 from atspeed.decoding.kv_cache import new_cache
 from atspeed.decoding.output import DecodeOutput, StageClock
 from atspeed.decoding.tree_attention import prefill
@@ -29,15 +30,18 @@ def beam_search(
     levels: int,
     sample: bool = False,
     generator: torch.Generator | None = None,
+    header: PromptHeader | None = None,
 ) -> DecodeOutput:
-    """Top-``num_beams`` identifiers of ``levels`` tokens for each left-padded prompt [B, P]."""
+    """Top-``num_beams`` identifiers of ``levels`` tokens for each left-padded prompt [B, P] (the shared ``header``'s
+    cached keys/values reused when it has one)."""
     if sample and generator is None:
         raise ValueError("sampling beam search needs a generator")
     clock = StageClock(input_ids.device)
-    cache = new_cache()
+    prompts = header.split(input_ids, attention_mask) if header is not None else Prompts(input_ids, attention_mask)
+    cache = prompts.cache(model, input_ids.shape[0])
     clock.switch("verify")
-    logits = prefill(model, cache, input_ids, attention_mask)[:, None]  # [B, 1, V]
-    state = root_state(attention_mask, levels)
+    logits = prefill(model, cache, prompts.input_ids, prompts.mask, prompts.past)[:, None]  # [B, 1, V]
+    state = root_state(prompts.visible, levels)
     vocab = logits.shape[-1]
     for t in range(levels):
         if t:

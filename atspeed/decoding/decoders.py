@@ -22,6 +22,7 @@ from atspeed.decoding import recursive, relaxed, strict
 from atspeed.decoding.adaptive import BudgetPlanner
 from atspeed.decoding.beam_search import beam_search
 from atspeed.decoding.costs import forward_costs
+from atspeed.decoding.header import PromptHeader
 from atspeed.decoding.hf_generate import hf_generate
 from atspeed.decoding.output import DecodeOutput
 from atspeed.decoding.settings import DecodeSettings
@@ -45,35 +46,33 @@ def check_settings(name: DecoderName, settings: DecodeSettings) -> None:
         )
 
 
-Decoder = Callable[
-    [
-        torch.nn.Module, torch.nn.Module | None, torch.Tensor, torch.Tensor, PrefixTrie, DecodeSettings,
-        torch.Generator | None, BudgetPlanner | None,
-    ],
-    DecodeOutput,
-]  # fmt: skip
+Decoder = Callable[["BoundDecoder", torch.Tensor, torch.Tensor, torch.Generator | None], DecodeOutput]
 
 
-def _beam(target, draft, input_ids, attention_mask, trie, s: DecodeSettings, generator, planner) -> DecodeOutput:
-    return beam_search(target, input_ids, attention_mask, trie, s.num_beams, s.levels)
+def _beam(d: BoundDecoder, input_ids, attention_mask, generator) -> DecodeOutput:
+    s = d.settings
+    return beam_search(d.target, input_ids, attention_mask, d.trie, s.num_beams, s.levels, header=d.header)
 
 
-def _beam_sample(target, draft, input_ids, attention_mask, trie, s: DecodeSettings, generator, planner):
-    return beam_search(target, input_ids, attention_mask, trie, s.num_beams, s.levels, sample=True, generator=generator)
+def _beam_sample(d: BoundDecoder, input_ids, attention_mask, generator) -> DecodeOutput:
+    s = d.settings
+    return beam_search(d.target, input_ids, attention_mask, d.trie, s.num_beams, s.levels, sample=True,
+                       generator=generator, header=d.header)  # fmt: skip
 
 
 def _spec(verify, sample: bool) -> Decoder:
-    def run(target, draft, input_ids, attention_mask, trie, s: DecodeSettings, generator, planner) -> DecodeOutput:
+    def run(d: BoundDecoder, input_ids, attention_mask, generator) -> DecodeOutput:
         return speculative_decode(
-            target, draft, input_ids, attention_mask, trie, s, verify, sample=sample, generator=generator,
-            planner=planner,
+            d.target, d.draft, input_ids, attention_mask, d.trie, d.settings, verify, sample=sample,
+            generator=generator, planner=d.planner, header=d.header,
         )  # fmt: skip
 
     return run
 
 
-def _hf(target, draft, input_ids, attention_mask, trie, s: DecodeSettings, generator, planner) -> DecodeOutput:
-    return hf_generate(target, input_ids, attention_mask, trie, s.num_beams, s.levels, s.pad_token_id)
+def _hf(d: BoundDecoder, input_ids, attention_mask, generator) -> DecodeOutput:
+    s = d.settings
+    return hf_generate(d.target, input_ids, attention_mask, d.trie, s.num_beams, s.levels, s.pad_token_id)
 
 
 DECODERS: dict[DecoderName, Decoder] = {
@@ -163,6 +162,7 @@ class BoundDecoder:
         settings: DecodeSettings,
         draft: torch.nn.Module | None = None,
         generator: torch.Generator | None = None,
+        share_header: bool = True,
     ) -> None:
         check_settings(name, settings)
         check_levels(settings, trie)
@@ -171,18 +171,18 @@ class BoundDecoder:
         self.draft = draft if name in SPECULATIVE else None
         self.generator = generator
         self.planner: BudgetPlanner | None = None
+        self.header = PromptHeader() if share_header and name != "hf_beam" else None
 
-    def _plan(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> BudgetPlanner | None:
+    def _plan(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
+        """With budget auto, build the planner on the first batch (cost model measured after its first prompt)."""
         s = self.settings
-        if s.budget != "auto" or self.name not in SPECULATIVE:
-            return None
-        if self.planner is None:
-            prompt = input_ids[0][attention_mask[0].bool()].tolist()
-            grid = BudgetPlanner.budgets(s.num_beams, s.draft_beams, s.gamma)
-            target_ms = forward_costs(self.target, prompt, sorted({s.num_beams + m for m in grid}))
-            draft_ms = forward_costs(self.draft, prompt, [s.draft_beams])
-            self.planner = BudgetPlanner(s.num_beams, s.draft_beams, s.gamma, target_ms, draft_ms)
-        return self.planner
+        if s.budget != "auto" or self.name not in SPECULATIVE or self.planner is not None:
+            return
+        prompt = input_ids[0][attention_mask[0].bool()].tolist()
+        grid = BudgetPlanner.budgets(s.num_beams, s.draft_beams, s.gamma)
+        target_ms = forward_costs(self.target, prompt, sorted({s.num_beams + m for m in grid}))
+        draft_ms = forward_costs(self.draft, prompt, [s.draft_beams])
+        self.planner = BudgetPlanner(s.num_beams, s.draft_beams, s.gamma, target_ms, draft_ms)
 
     def __call__(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, generator: torch.Generator | None = None
@@ -196,11 +196,11 @@ class BoundDecoder:
             if self.generator is None:
                 self.generator = torch.Generator(device=input_ids.device).manual_seed(self.settings.seed)
             generator = self.generator
-        planner = self._plan(input_ids, attention_mask)
         with torch.inference_mode():
-            return DECODERS[self.name](
-                self.target, self.draft, input_ids, attention_mask, self.trie, self.settings, generator, planner
-            )
+            if self.header is not None:
+                self.header.observe(input_ids, attention_mask)
+            self._plan(input_ids, attention_mask)
+            return DECODERS[self.name](self, input_ids, attention_mask, generator)
 
 
 def decode(

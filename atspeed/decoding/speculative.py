@@ -28,6 +28,7 @@ from atspeed.decoding import kv_cache
 from atspeed.decoding.adaptive import BudgetPlanner, needed_budgets
 from atspeed.decoding.beam import BeamState, candidates, extend, root_state, select_sample, select_top
 from atspeed.decoding.draft_tree import NodeTable, TokenTree, draft_tree, within_budget
+from atspeed.decoding.header import PromptHeader, Prompts
 from atspeed.decoding.output import DecodeOutput, StageClock
 from atspeed.decoding.settings import DecodeSettings
 from atspeed.decoding.tree_attention import forward_tree, prefill, prompt_positions
@@ -92,22 +93,25 @@ def _verify_forward(
 
 
 def _first_forward(
-    target: torch.nn.Module, cache: DynamicCache, input_ids: torch.Tensor, attention_mask: torch.Tensor, tree: TokenTree
+    target: torch.nn.Module, cache: DynamicCache, prompts: Prompts, tree: TokenTree
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The first target call: the prompts [B, P] and the tree drafted from the root, in one forward.
 
-    Prompt tokens attend causally (padding excluded); tree nodes attend the whole prompt and their ancestors. The
-    K roots are copies of the empty beam, i.e. the last prompt position. Returns what ``_verify_forward`` returns,
-    over the cache the call leaves (the prompts, then the computed drafted nodes).
+    Prompt tokens attend the shared header (when ``prompts`` has one in the cache) and causally each other (padding
+    excluded); tree nodes attend the whole prompt and their ancestors. The K roots are copies of the empty beam,
+    i.e. the last prompt position. Returns what ``_verify_forward`` returns, over the cache the call leaves (the
+    header, the prompts, then the computed drafted nodes).
     """
+    input_ids, past = prompts.input_ids, prompts.past
     b, p = input_ids.shape
     k = tree.roots
-    real = attention_mask.bool()
+    real = prompts.mask.bool()
+    seen = prompts.visible  # [B, past + P]
     anc, _ = tree.ancestry()
     level = torch.arange(tree.levels + 1, device=real.device).repeat_interleave(
         torch.tensor([k] + [tree.width] * tree.levels, device=real.device)
     )  # [Q]
-    positions = (real.long().sum(1) - 1)[:, None] + level[None, :]
+    positions = (seen.long().sum(1) - 1)[:, None] + level[None, :]
     tokens = torch.cat([input_ids[:, -1:].expand(b, k), tree.tokens.reshape(b, -1)], dim=1)
     selection = tree.selection()
     tree_mask, tokens, positions = _select(selection, anc, tokens, positions)
@@ -115,19 +119,19 @@ def _first_forward(
     nodes, node_tree, node_positions = tokens[:, k:], tree_mask[:, k:, k:], positions[:, k:]
     t = nodes.shape[1]
     causal = torch.ones(p, p, dtype=torch.bool, device=real.device).tril()[None] & real[:, None, :]
-    node_past = real[:, None, :].expand(b, t, p)
+    node_prompt = real[:, None, :].expand(b, t, p)
     allowed = torch.cat(
-        [torch.cat([causal, causal.new_zeros(b, p, t)], dim=2), torch.cat([node_past, node_tree], dim=2)], dim=1
-    )
+        [torch.cat([causal, causal.new_zeros(b, p, t)], dim=2), torch.cat([node_prompt, node_tree], dim=2)], dim=1
+    )  # [B, P + T, P + T]; every token also attends the cached header
     logits = forward_tree(
         target, cache, torch.cat([input_ids, nodes], dim=1),
-        torch.cat([prompt_positions(attention_mask), node_positions], dim=1),
-        real.new_zeros(b, p + t, 0), allowed, t + 1,
+        torch.cat([past + prompt_positions(prompts.mask), node_positions], dim=1),
+        real.new_ones(b, p + t, past), allowed, t + 1,
     )  # fmt: skip
     logits = torch.cat([logits[:, :1].expand(b, k, logits.shape[2]), logits[:, 1:]], dim=1)  # [B, R, V]
     logits, anc = _unselect(selection, logits, anc)
-    # every node sees the real prompt; among the computed columns, its drafted ancestors (the roots have none)
-    return logits, torch.cat([real[:, None, :].expand(b, anc.shape[1], p), anc[:, :, k:]], dim=2)
+    # every node sees the header and the real prompt; among the computed columns, its drafted ancestors
+    return logits, torch.cat([seen[:, None, :].expand(b, anc.shape[1], past + p), anc[:, :, k:]], dim=2)
 
 
 def _decide(
@@ -231,11 +235,14 @@ def speculative_decode(
     sample: bool = False,
     generator: torch.Generator | None = None,
     planner: BudgetPlanner | None = None,
+    header: PromptHeader | None = None,
 ) -> DecodeOutput:
     """Top-K identifiers of L tokens per left-padded prompt [B, P], N beams drafted gamma deep (``settings``).
 
     Each call verifies at most ``settings.budget`` drafted nodes (None: all; 0: plain beam steps, nothing drafted);
-    with ``budget="auto"``, what the ``planner`` plans from the calls it has observed (``adaptive``)."""
+    with ``budget="auto"``, what the ``planner`` plans from the calls it has observed (``adaptive``). A ``header``
+    that has learned the prompts' shared header puts its cached keys/values in both caches instead of recomputing it.
+    """
     num_beams, levels, draft_beams, gamma = settings.num_beams, settings.levels, settings.draft_beams, settings.gamma
     budget = None if settings.budget == "auto" else settings.budget
     if sample and generator is None:
@@ -243,10 +250,11 @@ def speculative_decode(
     b, device = input_ids.shape[0], input_ids.device
     select = functools.partial(select_sample, generator=generator) if sample else select_top
     clock = StageClock(device)
-    caches = (kv_cache.new_cache(), kv_cache.new_cache())  # target, draft
+    prompts = header.split(input_ids, attention_mask) if header is not None else Prompts(input_ids, attention_mask)
+    caches = [prompts.cache(target, b), kv_cache.new_cache()]  # target, draft (the header only, if any)
     # neither model has seen the prompts: the target's first call takes them with the first tree (_first_forward);
     # the draft prefills when it first drafts (never, while a budget of 0 keeps to plain beam steps)
-    t_beams = d_beams = root_state(attention_mask, levels + gamma + 1, width=num_beams)
+    t_beams = d_beams = root_state(prompts.visible, levels + gamma + 1, width=num_beams)
     out = DecodeOutputBuffer(
         torch.zeros(b, num_beams, levels, dtype=torch.long, device=device), torch.zeros(b, num_beams, device=device)
     )
@@ -269,7 +277,9 @@ def speculative_decode(
         clock.switch("draft")
         root_logits = None
         if g and not prefilled:  # d_beams still see the prompts only, none of their tokens fed
-            root_logits = prefill(draft, caches[1], input_ids[rows], attention_mask[rows])  # [B, V]: level 1
+            rest = prompts.select(rows)
+            caches[1] = rest.cache(draft, rows.numel())
+            root_logits = prefill(draft, caches[1], rest.input_ids, rest.mask, rest.past)  # [B, V]: level 1
             draft_calls[rows.cpu()] += 1
             prefilled = True
         tree, table = draft_tree(
@@ -279,7 +289,7 @@ def speculative_decode(
         tree = within_budget(tree, m, by_score=not sample)
         clock.switch("verify")
         if first:
-            logits, node_visible = _first_forward(target, caches[0], input_ids, attention_mask, tree)
+            logits, node_visible = _first_forward(target, caches[0], prompts, tree)
         else:
             logits, node_visible = _verify_forward(target, caches[0], t_beams, tree)
         if g:

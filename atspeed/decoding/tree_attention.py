@@ -61,18 +61,27 @@ def prompt_positions(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def prefill(
-    model: torch.nn.Module, cache: DynamicCache, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    model: torch.nn.Module,
+    cache: DynamicCache,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    past: int = 0,
 ) -> torch.Tensor:
-    """Run the left-padded prompts [B, P] into an empty ``cache``; float32 logits [B, V] at the last position."""
+    """Run the left-padded prompts [B, P] into ``cache``; float32 logits [B, V] at the last position.
+
+    With ``past`` > 0 the cache already holds that many positions (a shared header) which every prompt token attends,
+    and the prompts' positions start after them.
+    """
     real = attention_mask.bool()  # [B, P]
-    p = input_ids.shape[1]
+    b, p = input_ids.shape
     causal = torch.ones(p, p, dtype=torch.bool, device=input_ids.device).tril()
     allowed = causal[None] & real[:, None, :]  # [B, P, P]; pad rows keep their diagonal (see forward_tree)
     allowed |= torch.eye(p, dtype=torch.bool, device=input_ids.device)[None]
+    allowed = torch.cat([real.new_ones(b, p, past), allowed], dim=2)
     out = model(
         input_ids=input_ids,
         attention_mask=float_mask(allowed, model_dtype(model)),
-        position_ids=prompt_positions(attention_mask),
+        position_ids=past + prompt_positions(attention_mask),
         past_key_values=cache,
         use_cache=True,
         logits_to_keep=1,

@@ -13,6 +13,7 @@ from atspeed.decoding.adaptive import BudgetPlanner
 from atspeed.decoding.beam import candidates, extend, root_state, select_sample, select_top
 from atspeed.decoding.decoders import BoundDecoder, DecodeSettings, decode
 from atspeed.decoding.draft_tree import budget_rank, draft_tree, within_budget
+from atspeed.decoding.header import Prompts
 from atspeed.decoding.speculative import _first_forward, _verify_forward, speculative_decode
 from atspeed.decoding.tree_attention import prefill
 
@@ -57,7 +58,7 @@ def test_the_first_call_gives_every_verified_node_its_sequential_logits(world, b
     tree, table, input_ids, mask = first_tree(world, 3, 4, 3)
     tree = within_budget(tree, budget)
     cache = kv_cache.new_cache()
-    logits, visible = _first_forward(target, cache, input_ids, mask, tree)
+    logits, visible = _first_forward(target, cache, Prompts(input_ids, mask), tree)
     verified = int(tree.drafted_count().max())
     assert kv_cache.cache_length(cache) == input_ids.shape[1] + verified
     assert visible.shape == (3, tree.num_nodes, input_ids.shape[1] + verified)
