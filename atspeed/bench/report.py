@@ -57,7 +57,7 @@ def check_timing_flags(p: argparse.ArgumentParser, args: argparse.Namespace) -> 
 
 # (header, row key, width, format)
 COLUMNS = (
-    ("decoder", "decoder", 13, "s"),
+    ("decoder", "decoder", 18, "s"),
     ("K", "K", 3, "d"),
     ("b", "batch_size", 3, "d"),
     ("N", "N", 4, "d"),

@@ -14,7 +14,6 @@ steps (and rarer and rarer exploring calls) instead of paying for trees it never
 
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass, field
 
 import torch
@@ -42,19 +41,23 @@ class BudgetPlanner:
     gamma: int
     target_ms: dict[str, float]  # costs.forward_costs of the target
     draft_ms: dict[str, float]
-    window: int = 256  # (row, call) observations kept
+    memory: float = 0.98  # per call, the weight kept of what earlier calls showed
     explore: int = 8  # calls between two that verify the whole tree (doubling while beam steps win, up to max_explore)
     max_explore: int = 128
     warm: int = 2  # the first calls verify the whole tree
     grid: list[int] = field(init=False)
-    _tokens: deque = field(init=False)
+    _costs: torch.Tensor = field(init=False, repr=False)
+    _tokens: torch.Tensor = field(init=False, repr=False)  # [grid] decayed sums of tokens gained per call
+    _weight: torch.Tensor = field(init=False, repr=False)  # [grid] decayed counts of (row, call) observations
     _calls: int = field(init=False, default=0)
     _interval: int = field(init=False, default=0)
     _next_explore: int = field(init=False, default=0)
 
     def __post_init__(self) -> None:
         self.grid = self.budgets(self.num_beams, self.draft_beams, self.gamma)
-        self._tokens = deque(maxlen=self.window)
+        self._costs = torch.tensor([self.cost(m) for m in self.grid], dtype=torch.float64)
+        self._tokens = torch.zeros(len(self.grid), dtype=torch.float64)
+        self._weight = torch.zeros(len(self.grid), dtype=torch.float64)
         self._interval = self.explore
         self._next_explore = self.warm + self.explore
 
@@ -69,26 +72,41 @@ class BudgetPlanner:
         drafting = self.gamma * ms_at(self.draft_ms, self.draft_beams) if budget else 0.0
         return ms_at(self.target_ms, self.num_beams + budget) + drafting
 
+    def speeds(self) -> torch.Tensor:
+        """[grid] predicted tokens per ms of each budget (0 where nothing was observed yet)."""
+        tokens = self._tokens / self._weight.clamp(min=1e-12)
+        return torch.where(self._weight > 0, tokens / self._costs, 0.0)
+
     def plan(self) -> int:
-        """Budget of the next call: the grid's best predicted tokens per ms over the observations kept, or the whole
-        tree for the first ``warm`` calls and the exploring ones (their interval doubles while beam steps win)."""
+        """Budget of the next call: the grid's best predicted tokens per ms, or the whole tree for the first ``warm``
+        calls and the exploring ones (their interval doubles while beam steps win)."""
         self._calls += 1
-        if self._calls <= self.warm or not self._tokens:
+        if self._calls <= self.warm or not bool((self._weight > 0).all()):
             return self.grid[-1]
-        tokens = torch.stack(list(self._tokens)).float().mean(0)  # [grid]
-        speed = tokens / torch.tensor([self.cost(m) for m in self.grid])
-        best = self.grid[int(speed.argmax())]
+        best = self.grid[int(self.speeds().argmax())]
         if self._calls >= self._next_explore:
             self._interval = self.explore if best else min(2 * self._interval, self.max_explore)
             self._next_explore = self._calls + self._interval
             return self.grid[-1]
         return best
 
+    def beam_list(self, calls: int) -> bool:
+        """Whether the next ``calls`` calls (a whole list) would all be beam steps; if so they count as taken, and
+        the caller runs plain beam search (no speculation machinery at all)."""
+        ready = self._calls >= self.warm and bool((self._weight > 0).all())
+        if not ready or self._calls + calls >= self._next_explore or self.grid[int(self.speeds().argmax())] != 0:
+            return False
+        self._calls += calls
+        return True
+
     def observe(self, budget: int, accepted: torch.Tensor, needed: torch.Tensor, remaining: torch.Tensor) -> None:
-        """One call: per row its ``accepted`` depth [B], ``needed`` budgets [B, G] and levels ``remaining`` [B]."""
+        """One call: per row its ``accepted`` depth [B], ``needed`` budgets [B, G] and levels ``remaining`` [B].
+        Only budgets up to the one used are observed (what larger ones would have done is unknown)."""
         grid = torch.tensor(self.grid, device=needed.device)
         depths = torch.arange(1, needed.shape[1] + 1, device=needed.device)
         fits = (needed[:, None, :] <= grid[None, :, None]) & (depths[None, None, :] <= accepted[:, None, None])
-        depth = torch.where(grid[None, :] <= budget, fits.sum(2), accepted[:, None])  # [B, grid]; unobserved: as used
-        gained = torch.minimum(depth + 1, remaining[:, None])
-        self._tokens.extend(gained.cpu().unbind(0))
+        gained = torch.minimum(fits.sum(2) + 1, remaining[:, None])  # [B, grid]
+        seen = torch.tensor([m <= budget for m in self.grid])
+        total = gained.sum(0).double().cpu()
+        self._tokens = torch.where(seen, self.memory * self._tokens + total, self._tokens)
+        self._weight = torch.where(seen, self.memory * self._weight + gained.shape[0], self._weight)

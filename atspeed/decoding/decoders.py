@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Literal, get_args
 
@@ -62,6 +63,12 @@ def _beam_sample(d: BoundDecoder, input_ids, attention_mask, generator) -> Decod
 
 def _spec(verify, sample: bool) -> Decoder:
     def run(d: BoundDecoder, input_ids, attention_mask, generator) -> DecodeOutput:
+        s = d.settings
+        if d.planner is not None and d.planner.beam_list(s.levels):  # the plan is beam steps for the whole list
+            out = beam_search(d.target, input_ids, attention_mask, d.trie, s.num_beams, s.levels, sample=sample,
+                              generator=generator, header=d.header)  # fmt: skip
+            none = torch.zeros_like(out.stats.target_calls)
+            return dataclasses.replace(out, stats=dataclasses.replace(out.stats, verified_nodes=none))
         return speculative_decode(
             d.target, d.draft, input_ids, attention_mask, d.trie, d.settings, verify, sample=sample,
             generator=generator, planner=d.planner, header=d.header,

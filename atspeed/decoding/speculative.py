@@ -273,6 +273,7 @@ def speculative_decode(
             t_beams = _compact(caches[0], t_beams)
             d_beams = _compact(caches[1], d_beams) if prefilled else d_beams
         m = planner.plan() if planner is not None else budget
+        m = m if m is not None else gamma * draft_beams
         g = min(gamma, int((levels - t_beams.depth).max())) if m != 0 else 0
         clock.switch("draft")
         root_logits = None
@@ -297,7 +298,7 @@ def speculative_decode(
         else:  # nothing drafted: the target's own beam step (what every rule's bonus step is)
             verdict = _beam_step(logits[:, :num_beams], t_beams, trie, select)
         clock.switch("other")
-        if planner is not None:
+        if planner is not None and g:  # a beam step always gains one token: nothing to learn
             planner.observe(m, verdict.accepted, _needed(tree, verdict, not sample), levels - t_beams.depth)
         target_calls[rows.cpu()] += 1
         draft_calls[rows.cpu()] += g - int(first and g > 0)  # from the root, the prefill gave level 1
