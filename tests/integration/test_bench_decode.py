@@ -77,7 +77,9 @@ def test_strict_and_beam_lists_equal_hf_generate(smoke) -> None:
     assert all(r["mean_accepted_depth"] is None and r["accepted_histogram"] is None for r in refs)
     for r in rows:
         if r["decoder"].startswith("spec"):
-            assert len(r["accepted_histogram"]) == r["gamma"] + 1 and sum(r["accepted_histogram"]) >= r["lists"]
+            assert len(r["accepted_histogram"]) == r["gamma"] + 1
+            # a whole tree verifies once per list at least; auto may decode whole lists as beam search instead
+            assert sum(r["accepted_histogram"]) >= (r["lists"] if r["budget"] is None else 0)
             assert 0 <= r["mean_accepted_depth"] <= r["gamma"]
 
 
