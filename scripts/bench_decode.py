@@ -1,17 +1,19 @@
-"""Decoding benchmark: HF generate, our beam search, spec_strict and spec_relaxed on the same models and requests.
+"""Decoding benchmark: HF generate, beam search, sampling beam search and the speculative decoders on the same requests.
 
     python scripts/bench_decode.py                      # Beauty: runs/beauty/{target,draft}/hf, the full grid
     python scripts/bench_decode.py --ks 10 --batch-sizes 1 --requests 8 --repeats 1   # a quick look
     python scripts/bench_decode.py --preset smoke       # tiny random models, small grid, under a minute
 
 For each batch size b and K: hf_beam (``generate(num_beams=K, num_return_sequences=K, prefix_allowed_tokens_fn)``),
-beam, then spec_strict / spec_relaxed for every N in --draft-beams with N >= K and every gamma in --gammas. Each
-configuration decodes the same requests (the first --requests of a seeded random test subset): --warmup decodes of
-one batch, then --repeats timed passes; rows report the median seconds per list, speedups vs HF generate and vs beam
-search at the same K and b, target/draft calls per list, accepted depths and, for beam and spec_strict, whether every
-list equals HF generate's (identifiers equal, scores within 1e-3). Writes a JSON report (--out), a PNG of speedup vs
-K (--plot, needs matplotlib) and prints the table. torch threads come from the environment (OMP_NUM_THREADS); the
-header records the 1/5/15-minute load averages before and after, since other work on the machine skews timings.
+beam, beam_sample, then spec_strict / spec_relaxed / spec_relaxed_exact for every N in --draft-beams with N >= K,
+every gamma in --gammas and every budget M in --budgets (--self-draft adds spec_strict with the target as its own
+draft). Each configuration decodes the same requests (the first --requests of a seeded random test subset): --warmup
+decodes of one batch, then --repeats timed passes; rows report the median seconds per list, speedups vs HF generate
+and vs beam search at the same K and b, target/draft calls per list, drafted nodes verified per call, accepted depths
+and, for beam and spec_strict, whether every list equals HF generate's (identifiers equal, scores within 1e-3).
+Writes a JSON report (--out), a PNG of speedup vs K (--plot, needs matplotlib) and prints the table. torch threads
+come from the environment (OMP_NUM_THREADS); the header records the 1/5/15-minute load averages before and after,
+since other work on the machine skews timings.
 """
 
 from __future__ import annotations
@@ -33,16 +35,16 @@ from atspeed.bench.decode_bench import build_grid, check_grid, run_grid
 from atspeed.bench.report import check_timing_flags, machine, plot_speedups, table, write_json
 from atspeed.bench.workload import load_workload, parameters, smoke_workload
 from atspeed.data.sources import SOURCES
-from atspeed.decoding.decoders import SPECULATIVE, DecoderName
+from atspeed.decoding.decoders import SPECULATIVE, DecoderName, vocab_size
 
 log = logging.getLogger("atspeed.bench")
 
-# Grid defaults per preset; a flag given on the command line wins. "full" takes ~10-15 min on 2 idle CPU cores (188
-# configurations). With L = 4 identifier tokens the first comes from the prefill, so gamma > 3 behaves as gamma = 3.
+# Grid defaults per preset; a flag given on the command line wins. "full": ~300 configurations with all six
+# decoders (see docs/BENCHMARKS.md for its time here). With L = 4 identifier tokens, gamma > 4 behaves as gamma = 4.
 PRESETS = {
-    "full": {"ks": [1, 3, 5, 10, 20], "batch_sizes": [1, 16], "draft_beams": [10, 20, 40], "gammas": [1, 2, 3],
-             "budgets": [None], "requests": [32, 64], "repeats": 3, "warmup": 1, "out": "runs/bench/decode.json",
-             "plot": "runs/bench/decode.png"},
+    "full": {"ks": [1, 5, 10, 20], "batch_sizes": [1, 16], "draft_beams": [10, 40], "gammas": [1, 3],
+             "budgets": [None, 20, "auto"], "requests": [32, 64], "repeats": 3, "warmup": 1,
+             "out": "runs/bench/decode.json", "plot": "runs/bench/decode.png"},
     "smoke": {"ks": [1, 3, 5], "batch_sizes": [1, 4], "draft_beams": [6], "gammas": [2, 3], "budgets": [None, "auto"],
               "requests": [4, 8], "repeats": 2, "warmup": 1, "out": "runs/bench/decode_smoke.json",
               "plot": "runs/bench/decode_smoke.png"},
@@ -187,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         "preset": args.preset,
         "machine": host,
         "models": {"target_parameters": parameters(work.target), "draft_parameters": parameters(work.draft),
-                   "levels": work.levels, **work.info},
+                   "levels": work.levels, "vocab_size": vocab_size(work.target), **work.info},
         "settings": {key: getattr(args, key) for key in SETTINGS} | {"requests": requests},
         "total_seconds": time.perf_counter() - started,
         "cost_model": costs,

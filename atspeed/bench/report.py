@@ -139,7 +139,13 @@ def plot_speedups(path: str | Path, rows: list[dict], title: str) -> bool:
 
     fig = Figure(figsize=(7, 4.5), layout="constrained")
     ax = fig.subplots()
-    colors = {"beam": "tab:gray", "spec_strict": "tab:blue", "spec_relaxed": "tab:orange", "beam_sample": "tab:green"}
+    colors = {
+        "beam": "tab:gray",
+        "spec_strict": "tab:blue",
+        "spec_relaxed": "tab:orange",
+        "beam_sample": "tab:green",
+        "spec_relaxed_exact": "tab:red",
+    }
     styles = ["-", "--", ":", "-."]
     sizes = sorted({r["batch_size"] for r in rows})
     ks = sorted({r["K"] for r in rows})

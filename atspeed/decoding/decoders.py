@@ -3,9 +3,9 @@
 ========================  ===============================================================================
 ``beam``                  the target's own beam search (packed rows; the reference)
 ``spec_strict``           speculative beam search, strict top-K verification (lossless: equals ``beam``)
-``spec_relaxed``          speculative sampling beam search, recursive rejection sampling (``recursive``): keeps
+``spec_relaxed``          the paper's relaxed verification (``relaxed``, AtSpeed-R): biased once N > 1 (README)
+``spec_relaxed_exact``    speculative sampling beam search, recursive rejection sampling (``recursive``): keeps
                           the distribution of the target's sampling beam search exactly
-``spec_relaxed_paper``    the paper's relaxed verification (``relaxed``): biased when N > 1 (docs/RESULTS.md)
 ``beam_sample``           the target's own sampling beam search (the baseline of the relaxed decoders)
 ``hf_beam``               Hugging Face ``generate`` beam search (the independent oracle / baseline)
 ========================  ===============================================================================
@@ -31,9 +31,9 @@ from atspeed.decoding.speculative import speculative_decode
 from atspeed.errors import DataError
 from atspeed.items.trie import PrefixTrie
 
-DecoderName = Literal["beam", "spec_strict", "spec_relaxed", "spec_relaxed_paper", "hf_beam", "beam_sample"]
-SPECULATIVE: tuple[DecoderName, ...] = ("spec_strict", "spec_relaxed", "spec_relaxed_paper")
-SAMPLING: tuple[DecoderName, ...] = ("spec_relaxed", "spec_relaxed_paper", "beam_sample")  # seeded from settings.seed
+DecoderName = Literal["beam", "spec_strict", "spec_relaxed", "spec_relaxed_exact", "hf_beam", "beam_sample"]
+SPECULATIVE: tuple[DecoderName, ...] = ("spec_strict", "spec_relaxed", "spec_relaxed_exact")
+SAMPLING: tuple[DecoderName, ...] = ("spec_relaxed", "spec_relaxed_exact", "beam_sample")  # seeded from settings.seed
 
 
 def check_settings(name: DecoderName, settings: DecodeSettings) -> None:
@@ -85,8 +85,8 @@ def _hf(d: BoundDecoder, input_ids, attention_mask, generator) -> DecodeOutput:
 DECODERS: dict[DecoderName, Decoder] = {
     "beam": _beam,
     "spec_strict": _spec(strict.verify_level, sample=False),
-    "spec_relaxed": _spec(recursive.verify_level, sample=True),
-    "spec_relaxed_paper": _spec(relaxed.verify_level, sample=True),
+    "spec_relaxed": _spec(relaxed.verify_level, sample=True),
+    "spec_relaxed_exact": _spec(recursive.verify_level, sample=True),
     "hf_beam": _hf,
     "beam_sample": _beam_sample,  # the target's own sampling beam search: what relaxed decoding is measured against
 }

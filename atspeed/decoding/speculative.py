@@ -224,6 +224,54 @@ def _retire(
     return rows[going], (t_beams.select_rows(going), d_beams.select_rows(going))
 
 
+@dataclass
+class _Counters:
+    """Per list: target calls, draft calls, drafted nodes verified; per verification (a call that drafted): the
+    accepted depth."""
+
+    target_calls: torch.Tensor
+    draft_calls: torch.Tensor
+    verified: torch.Tensor
+    accepted: list[torch.Tensor]
+
+    @classmethod
+    def zeros(cls, b: int) -> _Counters:
+        return cls(*(torch.zeros(b, dtype=torch.long) for _ in range(3)), [])
+
+    def record(self, rows: torch.Tensor, draft_calls: int, tree: TokenTree, verdict: Verdict | None) -> None:
+        self.target_calls[rows] += 1
+        self.draft_calls[rows] += draft_calls
+        self.verified[rows] += tree.drafted_count().cpu()
+        if verdict is not None:
+            self.accepted.append(verdict.accepted.cpu())
+
+    def totals(self) -> tuple:
+        return self.target_calls, self.draft_calls, self.accepted, self.verified
+
+
+def _advance(
+    t_beams: BeamState,
+    d_beams: BeamState,
+    verdict: Verdict,
+    table: NodeTable,
+    node_visible: torch.Tensor,
+    g: int,
+    trie: PrefixTrie,
+) -> tuple[BeamState, BeamState]:
+    """The new beams: parent node (depth + accepted) + token, except rows already complete; the draft's view of the
+    same beams differs only in what they attend in its cache and in how much of them it has fed."""
+    depth = t_beams.depth + verdict.accepted
+    nodes = verdict.nodes[..., None]
+    view = table.as_beams(node_visible, depth, t_beams.prompt_lengths)
+    new = extend(view, verdict.nodes, verdict.tokens, verdict.scores, trie, grow=~verdict.complete)
+    return new, dataclasses.replace(
+        new,
+        visible=table.draft_visible.gather(1, nodes.expand(-1, -1, table.draft_visible.shape[2])),
+        # the draft never fed its last drafted level; with nothing drafted, it fed what it had fed
+        fed=depth - (verdict.accepted == g).long() if g else d_beams.fed,
+    )  # fmt: skip
+
+
 def speculative_decode(
     target: torch.nn.Module,
     draft: torch.nn.Module,
@@ -258,9 +306,7 @@ def speculative_decode(
     out = DecodeOutputBuffer(
         torch.zeros(b, num_beams, levels, dtype=torch.long, device=device), torch.zeros(b, num_beams, device=device)
     )
-    target_calls, draft_calls = torch.zeros(b, dtype=torch.long), torch.zeros(b, dtype=torch.long)
-    verified = torch.zeros(b, dtype=torch.long)
-    accepted: list[torch.Tensor] = []
+    count = _Counters.zeros(b)
     rows = torch.arange(b, device=device)  # original index of each row still decoding
     first, prefilled = True, False
     while True:
@@ -281,7 +327,7 @@ def speculative_decode(
             rest = prompts.select(rows)
             caches[1] = rest.cache(draft, rows.numel())
             root_logits = prefill(draft, caches[1], rest.input_ids, rest.mask, rest.past)  # [B, V]: level 1
-            draft_calls[rows.cpu()] += 1
+            count.draft_calls[rows.cpu()] += 1
             prefilled = True
         tree, table = draft_tree(
             draft, caches[1], d_beams, trie, draft_beams, g, select, keep_distributions=sample,
@@ -300,23 +346,9 @@ def speculative_decode(
         clock.switch("other")
         if planner is not None and g:  # a beam step always gains one token: nothing to learn
             planner.observe(m, verdict.accepted, _needed(tree, verdict, not sample), levels - t_beams.depth)
-        target_calls[rows.cpu()] += 1
-        draft_calls[rows.cpu()] += g - int(first and g > 0)  # from the root, the prefill gave level 1
-        verified[rows.cpu()] += tree.drafted_count().cpu()
-        accepted.append(verdict.accepted.cpu())
+        count.record(rows.cpu(), g - int(first and g > 0), tree, verdict if g else None)  # first: the prefill gave 1
         first = False
-        # new beams = parent node (depth + accepted) + token, except rows already complete; the draft's view of
-        # the same beams differs only in what they attend in its cache and in how much of them it has fed
-        depth = t_beams.depth + verdict.accepted
-        nodes = verdict.nodes[..., None]
-        view = table.as_beams(node_visible, depth, t_beams.prompt_lengths)
-        t_beams = extend(view, verdict.nodes, verdict.tokens, verdict.scores, trie, grow=~verdict.complete)
-        d_beams = dataclasses.replace(
-            t_beams,
-            visible=table.draft_visible.gather(1, nodes.expand(-1, -1, table.draft_visible.shape[2])),
-            # the draft never fed its last drafted level; with nothing drafted, it fed what it had fed
-            fed=depth - (verdict.accepted == g).long() if g else d_beams.fed,
-        )
+        t_beams, d_beams = _advance(t_beams, d_beams, verdict, table, node_visible, g, trie)
     scores, order = out.scores.sort(dim=1, descending=True, stable=True)
     sequences = out.sequences.gather(1, order[..., None].expand_as(out.sequences))
-    return DecodeOutput(sequences, scores, clock.stats(target_calls, draft_calls, accepted, verified))
+    return DecodeOutput(sequences, scores, clock.stats(*count.totals()))

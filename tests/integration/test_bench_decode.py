@@ -13,7 +13,7 @@ from atspeed.bench.report import matplotlib_available
 from tests.integration.tiny_data import load_script
 
 ROOT = Path(__file__).resolve().parents[2]
-DECODERS = {"hf_beam", "beam", "spec_strict", "spec_relaxed", "spec_relaxed_paper", "beam_sample"}
+DECODERS = {"hf_beam", "beam", "spec_strict", "spec_relaxed", "spec_relaxed_exact", "beam_sample"}
 
 
 def _script():

@@ -51,7 +51,7 @@ def relaxed_run(world, k: int, n: int, gamma: int, seed: int, draft_kind: str = 
     input_ids, mask = left_pad(prompts)
     settings = DecodeSettings(num_beams=k, levels=LEVELS, draft_beams=n, gamma=gamma, seed=seed)
     return decode(
-        "spec_relaxed_paper", target, input_ids, mask, trie, settings, draft=target if draft_kind == "self" else draft
+        "spec_relaxed", target, input_ids, mask, trie, settings, draft=target if draft_kind == "self" else draft
     )
 
 
@@ -68,7 +68,7 @@ def assert_valid_lists(out: DecodeOutput, trie: PrefixTrie, score_of) -> None:
 
 @pytest.mark.parametrize("draft_kind", ["other", "self"])
 @pytest.mark.parametrize(("k", "n", "gamma"), [(1, 2, 1), (3, 6, 2), (10, 13, 3), (20, 20, 2)])
-def test_spec_relaxed_paper_is_reproducible_and_returns_true_target_scores(world, k, n, gamma, draft_kind) -> None:
+def test_spec_relaxed_is_reproducible_and_returns_true_target_scores(world, k, n, gamma, draft_kind) -> None:
     """The same seed twice gives identical lists and stats; lists are valid, distinct, sorted, and scored with the
     target's true cumulative log-probabilities (a plain forward per returned identifier)."""
     first = relaxed_run(world, k, n, gamma, seed=3, draft_kind=draft_kind)
@@ -81,21 +81,21 @@ def test_spec_relaxed_paper_is_reproducible_and_returns_true_target_scores(world
     assert_valid_lists(first, trie, lambda row, seqs: true_scores(target, prompts[row], seqs))
 
 
-def test_spec_relaxed_paper_depends_on_the_seed(world) -> None:
+def test_spec_relaxed_depends_on_the_seed(world) -> None:
     """Different seeds give different lists (it samples): among 5 seeds at least two outputs differ."""
     outs = [relaxed_run(world, 3, 6, 2, seed=s) for s in range(5)]
     distinct = {tuple(o.sequences.flatten().tolist()) for o in outs}
     assert len(distinct) >= 2
 
 
-def test_spec_relaxed_paper_with_an_explicit_generator_matches_the_seeded_default(world) -> None:
+def test_spec_relaxed_with_an_explicit_generator_matches_the_seeded_default(world) -> None:
     """decode() seeds its generator with settings.seed: passing torch.Generator().manual_seed(seed) is the same."""
     target, draft, trie, prompts = world
     input_ids, mask = left_pad(prompts)
     settings = DecodeSettings(num_beams=3, levels=LEVELS, draft_beams=5, gamma=2, seed=11)
-    default = decode("spec_relaxed_paper", target, input_ids, mask, trie, settings, draft=draft)
+    default = decode("spec_relaxed", target, input_ids, mask, trie, settings, draft=draft)
     explicit = decode(
-        "spec_relaxed_paper", target, input_ids, mask, trie, settings, draft=draft,
+        "spec_relaxed", target, input_ids, mask, trie, settings, draft=draft,
         generator=torch.Generator().manual_seed(11),
     )  # fmt: skip
     assert torch.equal(default.sequences, explicit.sequences)
@@ -126,7 +126,7 @@ def stub_run(target_table, draft_table, levels: int, k: int, n: int, gamma: int,
     settings = DecodeSettings(num_beams=k, levels=levels, draft_beams=n, gamma=gamma, seed=seed)
     trie = stub_trie(levels)
     out = decode(
-        "spec_relaxed_paper", BigramStub(target_table), input_ids, mask, trie, settings, draft=BigramStub(draft_table)
+        "spec_relaxed", BigramStub(target_table), input_ids, mask, trie, settings, draft=BigramStub(draft_table)
     )
     assert_valid_lists(out, trie, stub_score_of(target_table, STUB_PROMPTS))
     return out
@@ -313,7 +313,7 @@ def test_verify_level_never_returns_a_forbidden_candidate_when_the_residual_is_t
     assert not bad, f"{len(bad)}/50 seeds return trie-forbidden beams, e.g. {bad[0]}"
 
 
-def test_spec_relaxed_paper_end_to_end_returns_only_valid_identifiers_when_the_residual_is_too_small() -> None:
+def test_spec_relaxed_end_to_end_returns_only_valid_identifiers_when_the_residual_is_too_small() -> None:
     """End to end through decode(): a stub draft equal to the target except that it nearly never proposes the
     target's favourite child of token 4. With K = N = 3 and 2-token identifiers the level after the prefill is
     the last one; when the drafted candidates are rejected the residual max(p - q, 0) has one positive entry and
@@ -326,7 +326,7 @@ def test_spec_relaxed_paper_end_to_end_returns_only_valid_identifiers_when_the_r
     bad = []
     for seed in range(5):
         settings = DecodeSettings(num_beams=3, levels=2, draft_beams=3, gamma=1, seed=seed)
-        out = decode("spec_relaxed_paper", target, input_ids, mask, trie, settings, draft=draft)
+        out = decode("spec_relaxed", target, input_ids, mask, trie, settings, draft=draft)
         valid = (trie.lookup(out.sequences.reshape(-1, 2)) >= 0).all() and torch.isfinite(out.scores).all()
         if not valid:
             bad.append((seed, out.sequences[0].tolist(), out.scores[0].tolist()))

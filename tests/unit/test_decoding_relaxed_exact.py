@@ -1,11 +1,11 @@
-"""``spec_relaxed`` (recursive rejection sampling, ``atspeed.decoding.recursive``) keeps the distribution of
-the target's sampling beam search, where the paper's ``spec_relaxed_paper`` does not.
+"""``spec_relaxed_exact`` (recursive rejection sampling, ``atspeed.decoding.recursive``) keeps the distribution of
+the target's sampling beam search, where the paper's ``spec_relaxed`` does not.
 
 1. K = 1: its identifiers follow the enumerated trie-constrained distribution (chi-square on 20,000 draws, the test
    of ``test_decoding_sampling``) at N = 3 and 5, gamma = 2, with the target as its own draft (q = p) and with
-   another draft: the settings in which that test rejects ``spec_relaxed_paper``.
+   another draft: the settings in which that test rejects ``spec_relaxed``.
 2. K = 3: per-item inclusion counts of 10,000 lists equal those of ``beam_sample`` (a two-sample chi-square, see
-   ``two_sample_p``), for N = 3 and 6, gamma = 1 and 2 with another draft. The same test rejects ``spec_relaxed_paper``
+   ``two_sample_p``), for N = 3 and 6, gamma = 1 and 2 with another draft. The same test rejects ``spec_relaxed``
    with q = p, N = 6, passes ``beam_sample`` against itself under another seed, and rejects synthetic lists whose
    normalised inclusion frequencies are 0.03 away in total variation.
 3. ``recursive.verify_level`` on hand-built levels: with q = p the first K drafts are accepted; the K outputs, as
@@ -75,7 +75,7 @@ def item_counts(
 def test_at_k1_identifiers_follow_the_constrained_distribution(world, n, self_draft) -> None:
     target, _, identifiers, trie = world
     p = exact_distribution(target, PROMPT, identifiers, trie).double()
-    counts = item_counts(world, "spec_relaxed", 1, n, gamma=2, seed=0, self_draft=self_draft)
+    counts = item_counts(world, "spec_relaxed_exact", 1, n, gamma=2, seed=0, self_draft=self_draft)
     assert chi_square_p(counts, DRAWS * p) > 1e-3
 
 
@@ -85,7 +85,7 @@ def test_at_k1_a_verification_budget_keeps_the_distribution(world, self_draft) -
     level 2 (``budget_rank``), so the drafts verified never depend on deeper ones and the output stays exact."""
     target, _, identifiers, trie = world
     p = exact_distribution(target, PROMPT, identifiers, trie).double()
-    counts = item_counts(world, "spec_relaxed", 1, 5, gamma=2, seed=2, self_draft=self_draft, budget=3)
+    counts = item_counts(world, "spec_relaxed_exact", 1, 5, gamma=2, seed=2, self_draft=self_draft, budget=3)
     assert chi_square_p(counts, DRAWS * p) > 1e-3
 
 
@@ -125,17 +125,17 @@ def beam_sample_counts(world) -> torch.Tensor:
 def test_at_k3_item_inclusion_matches_the_targets_sampling_beam_search(
     world, beam_sample_counts, n, gamma, budget
 ) -> None:
-    counts = item_counts(world, "spec_relaxed", 3, n, gamma, seed=1, budget=budget)
+    counts = item_counts(world, "spec_relaxed_exact", 3, n, gamma, seed=1, budget=budget)
     assert two_sample_p(counts, beam_sample_counts) > 1e-3, tv(counts, beam_sample_counts)
 
 
 def test_the_inclusion_test_rejects_papers_relaxed_verification_and_passes_beam_sample_itself(
     world, beam_sample_counts
 ) -> None:
-    """spec_relaxed_paper with q = p, N = 6, gamma = 2 is rejected (measured: TV 0.059 between the normalised
+    """spec_relaxed with q = p, N = 6, gamma = 2 is rejected (measured: TV 0.059 between the normalised
     inclusion frequencies, p-value 6e-49; with the other draft TV 0.26); beam_sample with another seed passes
-    (TV 0.013, p-value 0.71, as for spec_relaxed)."""
-    relaxed = item_counts(world, "spec_relaxed_paper", 3, 6, 2, seed=1, self_draft=True)
+    (TV 0.013, p-value 0.71, as for spec_relaxed_exact)."""
+    relaxed = item_counts(world, "spec_relaxed", 3, 6, 2, seed=1, self_draft=True)
     assert two_sample_p(relaxed, beam_sample_counts) < 1e-6, tv(relaxed, beam_sample_counts)
     again = item_counts(world, "beam_sample", 3, 3, 1, seed=1)
     assert two_sample_p(again, beam_sample_counts) > 1e-3

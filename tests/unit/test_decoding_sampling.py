@@ -69,7 +69,7 @@ def test_beam_sample_is_seeded_and_returns_distinct_items() -> None:
 
 @pytest.mark.parametrize("draft_seed", [None, 4])  # None: the target drafts for itself (q = p)
 def test_papers_relaxed_verification_follows_p_with_one_draft_and_is_biased_with_three(draft_seed) -> None:
-    """spec_relaxed_paper (the paper's procedure) at K = 1, gamma = 2: with N = 1 its identifiers follow the target's
+    """spec_relaxed (the paper's procedure) at K = 1, gamma = 2: with N = 1 its identifiers follow the target's
     distribution; with N = 3 the same test rejects them (measured TV 0.08 when q = p, 0.034 with another draft):
     the accepted drafts were drawn without replacement but tested with single-draw probabilities, and one of them is
     kept uniformly (SPEC section 5). This records the paper variant's bias; an exact verifier must pass at N = 3."""
@@ -80,7 +80,7 @@ def test_papers_relaxed_verification_follows_p_with_one_draft_and_is_biased_with
     input_ids, mask = left_pad([prompt] * DRAWS)
     for n, unbiased in ((1, True), (3, False)):
         settings = DecodeSettings(1, LEVELS, draft_beams=n, gamma=2, seed=0)
-        drawn = decode("spec_relaxed_paper", model, input_ids, mask, trie, settings, draft).sequences[:, 0]
+        drawn = decode("spec_relaxed", model, input_ids, mask, trie, settings, draft).sequences[:, 0]
         counts = torch.bincount((drawn[:, None, :] == identifiers[None]).all(2).float().argmax(1), minlength=len(p))
         p_value = chi_square_p(counts.double(), DRAWS * p)
         assert (p_value > 1e-3) if unbiased else (p_value < 1e-6), (n, p_value)

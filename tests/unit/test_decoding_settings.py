@@ -31,8 +31,8 @@ def target() -> LlamaForCausalLM:
 
 
 def test_the_decoder_table_lists_the_six_decoders() -> None:
-    assert set(DECODERS) == {"beam", "spec_strict", "spec_relaxed", "spec_relaxed_paper", "hf_beam", "beam_sample"}
-    assert set(SPECULATIVE) == {"spec_strict", "spec_relaxed", "spec_relaxed_paper"}
+    assert set(DECODERS) == {"beam", "spec_strict", "spec_relaxed", "spec_relaxed_exact", "hf_beam", "beam_sample"}
+    assert set(SPECULATIVE) == {"spec_strict", "spec_relaxed", "spec_relaxed_exact"}
 
 
 @pytest.mark.parametrize(
