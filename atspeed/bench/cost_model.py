@@ -22,9 +22,10 @@ def predicted_ms_per_list(row: dict, target: dict[str, float], draft: dict[str, 
     model does not cover: batches > 1, HF generate).
 
     beam / beam_sample: the target's prefill, then L - 1 forwards of K tokens. spec_*: the draft's prefill and a
-    forward of N tokens per further draft call; the target's first call takes the prompt with the first tree, counted
-    as its prefill plus a tree forward (an upper bound: one call instead of two), and every call verifies the full
-    tree K + gamma x N (an upper bound: the last one may be shallower).
+    forward of N tokens per further draft call; the target's first call reads the prompt and the first tree in one
+    forward, counted as the prefill plus a tree forward less a 1-token forward (what appending the tree to the
+    prefill adds, without a second call's fixed cost); every call verifies K + the row's mean verified drafted nodes
+    per call (K + gamma x N when the row does not say).
     """
     if row["batch_size"] != 1 or row["decoder"] == "hf_beam":
         return None
@@ -34,8 +35,8 @@ def predicted_ms_per_list(row: dict, target: dict[str, float], draft: dict[str, 
     verified = row.get("verified_nodes_per_call")
     tree = k + (row["gamma"] * row["N"] if verified is None else verified)
     return (
-        target["prefill"] + draft["prefill"] + row["target_calls_per_list"] * ms_at(target, tree)
-        + (row["draft_calls_per_list"] - 1) * ms_at(draft, row["N"])
+        target["prefill"] - ms_at(target, 1) + row["target_calls_per_list"] * ms_at(target, tree)
+        + draft["prefill"] + (row["draft_calls_per_list"] - 1) * ms_at(draft, row["N"])
     )  # fmt: skip
 
 

@@ -29,15 +29,16 @@ def test_beam_costs_a_prefill_and_l_minus_1_steps_of_k_tokens() -> None:
 
 
 def test_speculative_costs_both_prefills_verifications_and_draft_steps() -> None:
-    """2 target calls = the prompt + 2 verifications of the 130-token tree; 7 draft calls = prefill + 6 steps of N."""
+    """2 calls of the 130-token tree, the first with the prompt (prefill + tree - a 1-token forward); 7 draft calls =
+    prefill + 6 steps of N."""
     r = row("spec_strict", target_calls_per_list=2.0, draft_calls_per_list=7.0)
-    assert predicted_ms_per_list(r, TARGET, DRAFT, levels=4) == pytest.approx(10.0 + 3.0 + 2 * 8.0 + 6 * 1.0)
+    assert predicted_ms_per_list(r, TARGET, DRAFT, levels=4) == pytest.approx(10.0 - 1.0 + 2 * 8.0 + 3.0 + 6 * 1.0)
 
 
 def test_unmeasured_sizes_interpolate_and_uncovered_rows_give_none() -> None:
     r = row("spec_relaxed", N=20, target_calls_per_list=2.0, draft_calls_per_list=4.0)  # tree 70, draft width 20
     tree, width = 4.0 + (8.0 - 4.0) * 30 / 90, 0.6 + (1.0 - 0.6) * 10 / 30
-    assert predicted_ms_per_list(r, TARGET, DRAFT, 4) == pytest.approx(10.0 + 3.0 + 2 * tree + 3 * width)
+    assert predicted_ms_per_list(r, TARGET, DRAFT, 4) == pytest.approx(10.0 - 1.0 + 3.0 + 2 * tree + 3 * width)
     assert predicted_ms_per_list(row("hf_beam"), TARGET, DRAFT, 4) is None
     assert predicted_ms_per_list({**row("beam"), "batch_size": 16}, TARGET, DRAFT, 4) is None
 
