@@ -47,7 +47,7 @@ def test_pipeline_names_shipped_configs(pipeline: Path, monkeypatch) -> None:
         configs = [stage.argv[i + 1] for i, arg in enumerate(stage.argv) if arg == "--config"]
         assert configs and all(Path(c).is_file() for c in configs), stage.name
     decoders = [s.name for s in stages if "decode.yaml" in " ".join(s.argv)]
-    assert decoders == [s.name for s in stages[-len(decoders) :]] and len(decoders) == 4
+    assert decoders == [s.name for s in stages[-len(decoders) :]] and len(decoders) >= 4  # HF, beam, one per draft
 
 
 def _fake_export(root: Path) -> Path:
