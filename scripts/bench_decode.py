@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import get_args
 
 import torch
+from jsonargparse import ActionConfigFile, ArgumentParser
 
 from atspeed.bench.cost_model import cost_table, forward_costs, predicted_ms_per_list, tree_sizes
 from atspeed.bench.decode_bench import build_grid, check_grid, run_grid
@@ -54,17 +55,24 @@ SETTINGS = ("decoders", "ks", "batch_sizes", "draft_beams", "gammas", "budgets",
 GRID_KEYS = ("ks", "batch_sizes", "draft_beams", "gammas", "budgets", "requests", "repeats", "warmup", "out", "plot")
 
 
-def budget(text: str) -> int | str | None:
-    """--budgets values: an integer M >= 0, auto, or none (the whole tree)."""
-    if text in ("auto", "none"):
-        return None if text == "none" else text
-    if not text.isdigit():
-        raise argparse.ArgumentTypeError(f"a budget is an integer >= 0, auto or none, got {text!r}")
-    return int(text)
+def budget(value: object) -> int | str | None:
+    """--budgets values: an integer M >= 0, auto, or none / null (the whole tree); from a command line or a config."""
+    if value is None or value == "none":
+        return None
+    if value == "auto":
+        return "auto"
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    if isinstance(value, str) and value.isdigit():
+        return int(value)
+    raise argparse.ArgumentTypeError(f"a budget is an integer >= 0, auto or none, got {value!r}")
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 2)[2])
+def parser() -> ArgumentParser:
+    """The flags, on jsonargparse as the CLI is: ``--config bench.yaml`` reads them from a file, ``--print_config``
+    writes one."""
+    p = ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 2)[2])
+    p.add_argument("--config", action=ActionConfigFile, help="a YAML file of these flags (see --print_config)")
     p.add_argument(
         "--preset",
         choices=sorted(PRESETS),
@@ -113,7 +121,7 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def resolve(p: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
+def resolve(p: ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
     """Fill unset grid flags from the preset and check every value (argparse errors name the flag)."""
     for key in GRID_KEYS:
         if getattr(args, key) is None:

@@ -2,27 +2,29 @@
 
 A CPU forward's cost grows with its tokens, a GPU's stays nearly flat up to a few hundred: this table, measured in
 the same run as the decoding rows, says which regime the benchmark ran in and how large a verified tree can be before
-it costs more than the target steps it saves (``budget="auto"`` plans every call with it). Each entry is the median
+it costs more than the target steps it saves (``budget="auto"`` plans every call with it). Each entry is the mean
 of ``repeats`` forwards of t tree tokens (a chain: each node attends the prompt and the nodes before it) appended to
 one cached prompt, which is cropped back after each forward; the prefill of the prompt is timed the same way.
 """
 
 from __future__ import annotations
 
-import statistics
-import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
+from torch.utils import benchmark
 
 from atspeed.decoding import kv_cache
 from atspeed.decoding.tree_attention import forward_tree, prefill
 
 
-def _now(device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
+def _ms(fn: Callable[[], object], repeats: int, warmup: int) -> float:
+    """Mean ms of ``repeats`` calls of ``fn`` after ``warmup`` (torch.utils.benchmark: CUDA synchronised, with the
+    current thread count, not the Timer's default of one thread)."""
+    for _ in range(warmup):
+        fn()
+    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    return 1e3 * timer.timeit(repeats).mean
 
 
 @torch.inference_mode()
@@ -34,8 +36,9 @@ def forward_costs(
     ids = torch.tensor([list(prompt)], device=device)
     mask = torch.ones_like(ids)
     length = ids.shape[1]
+    cache = kv_cache.new_cache()
 
-    def once(cache, t: int) -> None:
+    def tree(t: int) -> None:
         tokens = ids[:, -1:].expand(1, t)  # any tokens: the cost does not depend on their values
         positions = torch.arange(length, length + t, device=device)[None]
         past = torch.ones(1, t, length, dtype=torch.bool, device=device)
@@ -43,24 +46,10 @@ def forward_costs(
         forward_tree(model, cache, tokens, positions, past, chain)
         kv_cache.crop(cache, length)
 
-    costs = {}
-    times = []
-    for i in range(warmup + repeats):
-        start = _now(device)
-        prefill(model, kv_cache.new_cache(), ids, mask)
-        if i >= warmup:
-            times.append(_now(device) - start)
-    costs["prefill"] = 1e3 * statistics.median(times)
-    cache = kv_cache.new_cache()
+    costs = {"prefill": _ms(lambda: prefill(model, kv_cache.new_cache(), ids, mask), repeats, warmup)}
     prefill(model, cache, ids, mask)
     for t in token_counts:
-        times = []
-        for i in range(warmup + repeats):
-            start = _now(device)
-            once(cache, t)
-            if i >= warmup:
-                times.append(_now(device) - start)
-        costs[str(t)] = 1e3 * statistics.median(times)
+        costs[str(t)] = _ms(lambda t=t: tree(t), repeats, warmup)
     return costs
 
 

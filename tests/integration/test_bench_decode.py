@@ -111,10 +111,24 @@ def test_header_and_plot(smoke) -> None:
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_flags_round_trip_through_a_config_file(tmp_path, capsys) -> None:
+    """jsonargparse, as the CLI: --print_config writes the flags as YAML and --config reads them back."""
+    script = _script()
+    with pytest.raises(SystemExit) as exit_info:
+        script.main(["--preset", "smoke", "--ks", "1", "3", "--budgets", "none", "auto", "7", "--print_config"])
+    assert exit_info.value.code == 0
+    path = tmp_path / "bench.yaml"
+    path.write_text(capsys.readouterr().out)
+    p = script.parser()
+    args = script.resolve(p, p.parse_args(["--config", str(path)]))
+    assert (args.preset, args.ks, args.budgets, args.batch_sizes) == ("smoke", [1, 3], [None, "auto", 7], [1, 4])
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
         (["--gammas", "0"], "--gammas"),
+        (["--budgets", "-1"], "--budgets"),
         (["--ks", "20", "--draft-beams", "10"], "--draft-beams"),
         (["--requests", "5", "--batch-sizes", "4"], "--requests"),
         (["--preset", "full", "--target", "/nonexistent/target"], "--target: directory not found"),
