@@ -34,6 +34,7 @@ from atspeed.callbacks.progress import ProgressLog
 from atspeed.callbacks.signals import StopPredictOnSigterm
 from atspeed.data.datamodule import EvalSpec, RecDataModule
 from atspeed.data.item_index import SemanticIdSpec
+from atspeed.deepspeed_config import check_deepspeed_config, strategy_config
 from atspeed.errors import DataError
 from atspeed.losses import LossOptions
 from atspeed.models.build import LoraSpec, ModelSpec
@@ -135,6 +136,9 @@ def _check_run_config(subcommand: str | None, config) -> None:
         raise DataError(f"trainer.max_steps must be -1 (no limit) or >= 0, got {trainer.max_steps}")
     root = Path(trainer.default_root_dir or ".")
     check_output_dir(root, "trainer.default_root_dir")
+    deepspeed = strategy_config(trainer.strategy)
+    if deepspeed is not None:
+        check_deepspeed_config(deepspeed)
     if config.checkpoint.dirpath is None:
         config.checkpoint.dirpath = str(root / "checkpoints")
     if subcommand is None or "ckpt_path" not in config:

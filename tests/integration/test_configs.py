@@ -11,8 +11,9 @@ from atspeed.pipeline import read_pipeline
 
 ROOT = Path(__file__).resolve().parents[2]
 PIPELINES = sorted((ROOT / "configs").rglob("pipeline.yaml"))
+ADD_ONS = ("loggers", "deepspeed")  # merged into a stage's config (test_deepspeed_configs covers deepspeed/)
 STAGE_CONFIGS = sorted(
-    p for p in (ROOT / "configs").rglob("*.yaml") if p.parent.name != "loggers" and p not in PIPELINES
+    p for p in (ROOT / "configs").rglob("*.yaml") if p.parent.name not in ADD_ONS and p not in PIPELINES
 )
 SHARED = ROOT.parent / "shared" / "data" / "amazon-beauty"
 
