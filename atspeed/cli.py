@@ -14,6 +14,7 @@ by SIGTERM (what was complete is kept: ``last.ckpt`` in fit, the finished predic
 from __future__ import annotations
 
 import logging
+import os
 import re
 import sys
 from collections.abc import Iterator
@@ -38,7 +39,7 @@ from atspeed.deepspeed_config import check_deepspeed_config, strategy_config
 from atspeed.errors import DataError
 from atspeed.losses import LossOptions
 from atspeed.models.build import LoraSpec, ModelSpec
-from atspeed.preflight import check_checkpoint, check_output_dir
+from atspeed.preflight import check_checkpoint, check_launch, check_output_dir
 
 # Config dataclasses travel in checkpoint hyper-parameters; allow them through torch.load(weights_only=True).
 torch.serialization.add_safe_globals(
@@ -136,6 +137,7 @@ def _check_run_config(subcommand: str | None, config) -> None:
         raise DataError(f"trainer.max_steps must be -1 (no limit) or >= 0, got {trainer.max_steps}")
     root = Path(trainer.default_root_dir or ".")
     check_output_dir(root, "trainer.default_root_dir")
+    check_launch(trainer.num_nodes, trainer.devices, os.environ)
     deepspeed = strategy_config(trainer.strategy)
     if deepspeed is not None:
         check_deepspeed_config(deepspeed)

@@ -57,3 +57,26 @@ def check_new_file(path: str | Path, key: str, overwrite: bool = False) -> None:
             "path, or set overwrite: true"
         )
     check_output_dir(path.parent, key)
+
+
+def check_launch(num_nodes: int, devices, env) -> None:
+    """``trainer.num_nodes`` and ``trainer.devices`` agree with the launcher that started this process: torchrun
+    (``WORLD_SIZE`` / ``LOCAL_WORLD_SIZE``) or Slurm (``SLURM_NNODES`` / ``SLURM_NTASKS_PER_NODE``), else the
+    processes would wait for each other forever or train on a part of the data."""
+    if "TORCHELASTIC_RUN_ID" in env and "LOCAL_WORLD_SIZE" in env and "WORLD_SIZE" in env:
+        per_node, world, launcher = int(env["LOCAL_WORLD_SIZE"]), int(env["WORLD_SIZE"]), "torchrun"
+        nodes = world // per_node
+    elif "SLURM_NTASKS" in env and env.get("SLURM_JOB_NAME") not in ("bash", "interactive") and "SLURM_NNODES" in env:
+        per_node_text = env.get("SLURM_NTASKS_PER_NODE", "").split("(")[0]
+        if not per_node_text.isdigit():
+            return
+        per_node, nodes, launcher = int(per_node_text), int(env["SLURM_NNODES"]), "Slurm"
+    else:
+        return
+    devices = int(devices) if isinstance(devices, str) and devices.isdigit() else devices
+    if isinstance(devices, int) and devices != per_node:
+        raise DataError(f"trainer.devices = {devices}, but {launcher} started {per_node} processes per node: set "
+                        f"trainer.devices {per_node} (scripts/torchrun.sh and scripts/slurm.sbatch do)")  # fmt: skip
+    if num_nodes != nodes:
+        raise DataError(f"trainer.num_nodes = {num_nodes}, but {launcher} runs {nodes} nodes: set trainer.num_nodes "
+                        f"{nodes} (scripts/torchrun.sh and scripts/slurm.sbatch do)")  # fmt: skip
