@@ -6,6 +6,8 @@ template or the tokenizer. Its keys and values are computed once per model (batc
 fresh cache; the batch then runs only the rest of each prompt (``Prompts``), whose tokens attend the whole header.
 Positions are unchanged (the header takes 0..H-1 in every row, as it does in the full prompt), so the decoders see
 the same sequences; the numbers differ from a full-prompt prefill only by float rounding (other matrix shapes).
+The keys/values are kept per model object: a model whose weights change (a draft in training) needs a new header,
+which is why one-shot ``decode()`` builds a fresh one every call and only long-lived ``BoundDecoder``s keep one.
 """
 
 from __future__ import annotations
