@@ -20,7 +20,7 @@ SHARED = ROOT.parent / "shared" / "data" / "amazon-beauty"
 
 @pytest.mark.parametrize("config", STAGE_CONFIGS, ids=lambda p: str(p.relative_to(ROOT)))
 def test_config_parses(config: Path, tmp_path, monkeypatch) -> None:
-    if "beauty" in config.parts and not SHARED.is_dir():
+    if ("beauty" in config.parts or "llama7b" in config.parts) and not SHARED.is_dir():
         pytest.skip("needs ../shared/data/amazon-beauty")
     monkeypatch.chdir(ROOT)
     data = tmp_path / "data"
@@ -34,6 +34,11 @@ def test_config_parses(config: Path, tmp_path, monkeypatch) -> None:
         args += ["--model.init_args.target", export]
         if config.name == "decode.yaml":
             args += ["--model.init_args.draft", export]
+    if "llama7b" in config.parts:  # names a local checkpoint: one in the real format, tiny
+        from tests.integration.tiny_data import tiny_hf_checkpoint
+
+        checkpoint = str(tiny_hf_checkpoint(tmp_path / "llama"))
+        args += ["--model.init_args.model.path", checkpoint, "--data.tokenizer", checkpoint]
     cli = main(args, run=False)
     assert cli.model is not None and cli.datamodule is not None
     assert type(cli.trainer.logger).__name__ == "WandbLogger"

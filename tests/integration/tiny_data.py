@@ -127,3 +127,22 @@ def align_args(exported, teacher_dir: Path, out: Path, *extra: str) -> list[str]
         "--trainer.callbacks.init_args.dirpath", str(out / "hf"),
         *extra,
     ]  # fmt: skip
+
+
+def tiny_hf_checkpoint(root: Path) -> Path:
+    """A tiny Llama and its word-level tokenizer saved with ``save_pretrained``: the real on-disk format of a local
+    Hugging Face checkpoint (config.json, safetensors weights, tokenizer files), for configs that name one."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from atspeed.data.prompts import PAPER_PROMPT
+    from atspeed.models.tokenizer import build_word_tokenizer
+
+    tokenizer = build_word_tokenizer([PAPER_PROMPT.format(history="")], [])
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id,
+                         eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)  # fmt: skip
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(root)
+    tokenizer.save_pretrained(root)
+    return root
