@@ -112,12 +112,6 @@ def check_models(name: DecoderName, target: torch.nn.Module, draft: torch.nn.Mod
             )
 
 
-def check_inputs(settings: DecodeSettings, trie: PrefixTrie, input_ids: torch.Tensor, mask: torch.Tensor) -> None:
-    """Settings that match the trie, and a non-empty left-padded prompt [B, P] for every request."""
-    check_levels(settings, trie)
-    check_prompts(input_ids, mask)
-
-
 def check_levels(settings: DecodeSettings, trie: PrefixTrie) -> None:
     if settings.levels != trie.levels:
         raise ValueError(f"levels = {settings.levels}, but the trie's identifiers have {trie.levels} tokens")

@@ -47,6 +47,12 @@ class TokenTree:
     def num_nodes(self) -> int:
         return self.roots + self.levels * self.width
 
+    def node_levels(self) -> torch.Tensor:
+        """[Q] each node's level: K zeros (the roots), then N ones, ..., N times G."""
+        device = self.parents.device
+        return torch.cat([torch.zeros(self.roots, dtype=torch.long, device=device),
+                          torch.arange(1, self.levels + 1, device=device).repeat_interleave(self.width)])  # fmt: skip
+
     def offset(self, level: int) -> int:
         """Node id of the first node of ``level`` (0 = roots)."""
         return 0 if level == 0 else self.roots + (level - 1) * self.width

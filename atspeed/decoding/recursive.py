@@ -39,7 +39,7 @@ from __future__ import annotations
 import torch
 
 from atspeed.decoding.beam import gumbel, select_sample
-from atspeed.decoding.relaxed import _candidate_draft_probs
+from atspeed.decoding.relaxed import candidate_draft_probs
 from atspeed.decoding.verify import LevelDecision, LevelInput, match_drafted
 
 _TINY = 1.0e-300  # floor of the proposal's normaliser (float64)
@@ -91,7 +91,7 @@ def _recursive_draws(inp: LevelInput, vocab: int) -> torch.Tensor:
     drafts (rows that cannot match: plain draws from p)."""
     gen, k = inp.generator, inp.current.shape[1]
     p = torch.softmax(inp.cand.double(), dim=1).nan_to_num(0.0)  # [B, K * V]
-    q = _candidate_draft_probs(inp).double()  # [B, K * V] q over the grid, consumed drafts zeroed as we go
+    q = candidate_draft_probs(inp).double()  # [B, K * V] q over the grid, consumed drafts zeroed as we go
     index, on_grid, q_draft, real = _drafts_on_grid(inp, vocab)  # [B, N]
     b, n = index.shape
     u = torch.rand((b, n), generator=gen, device=gen.device).to(p.device, p.dtype)

@@ -25,7 +25,7 @@ from atspeed.decoding.verify import LevelDecision, LevelInput, match_drafted
 _ACCEPTED_FIRST = 1.0e4  # sort key offset between tiers: accepted > residual draws > draws from p
 
 
-def _candidate_draft_probs(inp: LevelInput) -> torch.Tensor:
+def candidate_draft_probs(inp: LevelInput) -> torch.Tensor:
     """q over the target's candidates [B, K * V]: the draft's probability of the same extensions."""
     g, tree = inp.level, inp.tree
     log_q = tree.candidate_log_q[g - 1]  # [B, W_{g-1}, V]
@@ -54,7 +54,7 @@ def verify_level(inp: LevelInput) -> LevelDecision:
     # 2./3. accepted candidates first (random order), then residual draws, then (when the residual has fewer
     # positive entries than beams are missing) draws from p, so a candidate the trie forbids is never taken
     p = torch.softmax(inp.cand, dim=1).nan_to_num(0.0).masked_fill(accepted, 0.0)
-    residual = (p - _candidate_draft_probs(inp)).clamp(min=0)
+    residual = (p - candidate_draft_probs(inp)).clamp(min=0)
     noise = gumbel(p.shape, gen, p.device)
     keys = torch.where(residual > 0, residual.log() + noise, p.log() + noise - _ACCEPTED_FIRST)
     shuffle = torch.rand(keys.shape, generator=gen, device=gen.device).to(keys.device)

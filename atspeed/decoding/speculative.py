@@ -80,10 +80,7 @@ def _verify_forward(
     anc, root = tree.ancestry()  # [B, Q, Q], [B, Q]
     newest = beams.sequences.gather(2, (beams.depth - 1)[:, None, None].expand(b, k, 1))[..., 0]  # [B, K]
     tokens = torch.cat([newest, tree.tokens.reshape(b, -1)], dim=1)  # [B, Q]
-    level = torch.arange(tree.levels + 1, device=tokens.device).repeat_interleave(
-        torch.tensor([k] + [tree.width] * tree.levels, device=tokens.device)
-    )  # [Q]
-    positions = (beams.prompt_lengths + beams.depth - 1)[:, None] + level[None, :]
+    positions = (beams.prompt_lengths + beams.depth - 1)[:, None] + tree.node_levels()[None, :]
     past = beams.visible.gather(1, root[..., None].expand(b, tree.num_nodes, s))  # [B, Q, S]
     selection = tree.selection()
     tree_mask, tokens_r, positions_r, past_r = _select(selection, anc, tokens, positions, past)
@@ -108,10 +105,7 @@ def _first_forward(
     real = prompts.mask.bool()
     seen = prompts.visible  # [B, past + P]
     anc, _ = tree.ancestry()
-    level = torch.arange(tree.levels + 1, device=real.device).repeat_interleave(
-        torch.tensor([k] + [tree.width] * tree.levels, device=real.device)
-    )  # [Q]
-    positions = (seen.long().sum(1) - 1)[:, None] + level[None, :]
+    positions = (seen.long().sum(1) - 1)[:, None] + tree.node_levels()[None, :]
     tokens = torch.cat([input_ids[:, -1:].expand(b, k), tree.tokens.reshape(b, -1)], dim=1)
     selection = tree.selection()
     tree_mask, tokens, positions = _select(selection, anc, tokens, positions)
