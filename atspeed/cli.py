@@ -13,6 +13,8 @@ by SIGTERM (what was complete is kept: ``last.ckpt`` in fit, the finished predic
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
 import re
@@ -33,6 +35,7 @@ import atspeed.modules.teacher  # noqa: F401
 from atspeed.callbacks.checkpoint import SaveLast
 from atspeed.callbacks.progress import ProgressLog
 from atspeed.callbacks.signals import StopPredictOnSigterm
+from atspeed.callbacks.summary import MetricsSummary
 from atspeed.data.datamodule import EvalSpec, RecDataModule
 from atspeed.data.item_index import SemanticIdSpec
 from atspeed.deepspeed_config import check_deepspeed_config, strategy_config
@@ -97,6 +100,7 @@ class AtspeedCLI(LightningCLI):
         parser.add_lightning_class_args(SaveLast, "save_last")
         parser.add_lightning_class_args(StopPredictOnSigterm, "sigterm")
         parser.add_lightning_class_args(ProgressLog, "progress")  # log lines when the output is not a terminal
+        parser.add_lightning_class_args(MetricsSummary, "summary")  # --summary.path: final metrics as JSON
         # stages that load a trained target read its prompt, tokenizer and index from its export: one path, given once
         parser.link_arguments("model", "data.model_dir", compute_fn=target_export, apply_on="parse")
         # one name, one meaning: never last-v1.ckpt
@@ -199,21 +203,52 @@ def _check_config_files(args: list[str]) -> None:
                 raise DataError(f"--config {path}: not a text YAML file (byte {err.start} is not UTF-8)") from None
 
 
+CLI_OPTIONS = {
+    "datamodule_class": RecDataModule,
+    "subclass_mode_model": True,
+    "parser_class": AtspeedParser,
+    "parser_kwargs": {"parser_mode": "omegaconf"},
+    "save_config_kwargs": {"overwrite": True},
+    "trainer_defaults": TRAINER_DEFAULTS,
+}
+
+
+class _ParseOnlyCLI(AtspeedCLI):
+    """Parses and checks a command exactly as a run would, then builds and runs nothing."""
+
+    def instantiate_classes(self) -> None:
+        pass
+
+    def _add_configure_optimizers_method_to_model(self, subcommand: str | None) -> None:
+        pass
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        pass
+
+    def _set_seed(self) -> None:
+        pass
+
+
+def parse_command(args: list[str]):
+    """The parsed config of ``python -m atspeed <args>`` (the subcommand's part), built from nothing; a command
+    that would stop with bad input raises ``DataError`` with the message the run would print."""
+    _check_config_files(args)
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(captured):
+            cli = _ParseOnlyCLI(**CLI_OPTIONS, args=args, run=True)
+    except SystemExit:
+        errors = [line for line in captured.getvalue().splitlines() if line.startswith("error: ")]
+        raise DataError(errors[-1].removeprefix("error: ") if errors else captured.getvalue().strip()) from None
+    return cli.config[cli.config.subcommand]
+
+
 def main(args: list[str] | None = None, run: bool = True) -> AtspeedCLI:
     """Run the CLI (``args`` default to ``sys.argv[1:]``): exit 2 on bad input, 143 when stopped by SIGTERM."""
     show_atspeed_logs()
     try:
         _check_config_files(sys.argv[1:] if args is None else args)
-        return AtspeedCLI(
-            datamodule_class=RecDataModule,
-            subclass_mode_model=True,
-            parser_class=AtspeedParser,
-            parser_kwargs={"parser_mode": "omegaconf"},
-            save_config_kwargs={"overwrite": True},
-            trainer_defaults=TRAINER_DEFAULTS,
-            args=args,
-            run=run,
-        )
+        return AtspeedCLI(**CLI_OPTIONS, args=args, run=run)
     except DataError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from err

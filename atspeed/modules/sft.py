@@ -26,6 +26,10 @@ class SFT(pl.LightningModule):
     """Cross-entropy fine-tuning of a causal LM (target or draft) on (prompt, identifier + EOS), with Recall/NDCG from
     beam search."""
 
+    # what it logs (patterns): the sweep runner checks a sweep's metric against them before any run starts
+    LOGGED_METRICS = ("train/loss", "val/loss", "test/loss", "val/recall@*", "val/ndcg@*", "test/recall@*",
+                      "test/ndcg@*", "val/pop_*", "test/pop_*")  # fmt: skip
+
     def __init__(
         self,
         model: ModelSpec | None = None,

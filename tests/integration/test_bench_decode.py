@@ -124,6 +124,20 @@ def test_flags_round_trip_through_a_config_file(tmp_path, capsys) -> None:
     assert (args.preset, args.ks, args.budgets, args.batch_sizes) == ("smoke", [1, 3], [None, "auto", 7], [1, 4])
 
 
+def test_wandb_flags_round_trip_through_a_config_file(tmp_path, capsys) -> None:
+    script = _script()
+    with pytest.raises(SystemExit) as exit_info:
+        script.main(
+            ["--preset", "smoke", "--wandb-project", "p", "--wandb-entity", "e", "--wandb-dir", "w", "--print_config"]
+        )
+    assert exit_info.value.code == 0
+    path = tmp_path / "bench.yaml"
+    path.write_text(capsys.readouterr().out)
+    p = script.parser()
+    args = script.resolve(p, p.parse_args(["--config", str(path)]))
+    assert (args.wandb_project, args.wandb_entity, Path(args.wandb_dir)) == ("p", "e", Path("w"))
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
@@ -131,6 +145,7 @@ def test_flags_round_trip_through_a_config_file(tmp_path, capsys) -> None:
         (["--budgets", "-1"], "--budgets"),
         (["--ks", "20", "--draft-beams", "10"], "--draft-beams"),
         (["--requests", "5", "--batch-sizes", "4"], "--requests"),
+        (["--wandb-entity", "me"], "--wandb-entity: give --wandb-project too"),
         (["--preset", "full", "--target", "/nonexistent/target"], "--target: directory not found"),
         (["--preset", "full", "--target", ".", "--draft", "/nonexistent/draft"], "--draft: directory not found"),
         (["--preset", "full", "--target", ".", "--draft", ".", "--data", "/nonexistent/data"], "--data: not found"),

@@ -1,0 +1,67 @@
+"""``python -m atspeed sweep FILE [--count N] [--dir DIR]``: run a W&B sweep file with no W&B server.
+
+The same ``sweeps/*.yaml`` runs on W&B (``wandb sweep FILE``, then ``wandb agent ENTITY/PROJECT/ID``) and here:
+W&B's own search engine (the ``sweeps`` package, grid / random / bayes) proposes each run's parameters from the
+finished runs, and each run is the file's ``command`` (``python -m atspeed ...`` with ``--<parameter>=<value>``) in
+a fresh process. Before any run starts the file is checked against W&B's sweep schema, every value a run can get
+is parsed by the CLI (a parameter that is not a CLI key, a value the CLI refuses), and the metric must be one the
+stage logs. Outputs in ``--dir`` (default ``runs/sweeps/<file name>``): each run's directory and log, ``state.json``
+(rerunning the same command resumes: unfinished runs first, then new ones up to ``--count`` finished runs),
+``results.csv`` / ``results.json`` (the table, best run) and ``<metric>.png`` (the metric against each parameter).
+
+Exit codes: 0 done; 2 bad input (one message naming the file and key); 1 a run failed (its log is named; rerun to
+resume); 143 stopped by SIGTERM (the unfinished run is rerun on resume).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from atspeed.errors import DataError
+
+SIGTERM_EXIT = 128 + 15
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m atspeed sweep", description=__doc__.split("\n\n")[0])
+    parser.add_argument("file", type=Path, help="a W&B sweep YAML (sweeps/*.yaml)")
+    parser.add_argument("--count", type=int, default=None, help="finished runs to reach (needed by random/bayes)")
+    parser.add_argument("--dir", type=Path, default=None, help="output directory (default runs/sweeps/<file stem>)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Check, run and tabulate a sweep; returns the exit code (see the module docstring)."""
+    from atspeed.cli import show_atspeed_logs
+    from atspeed.sweep.check import check_sweep
+    from atspeed.sweep.report import check_plotting, write_report
+    from atspeed.sweep.runner import RunFailed, run_sweep
+    from atspeed.sweep.spec import read_sweep
+
+    show_atspeed_logs()
+    log = logging.getLogger("atspeed.sweep")
+    args = _parser().parse_args(argv)
+    try:
+        if args.count is not None and args.count < 1:
+            raise DataError(f"--count must be >= 1, got {args.count}")
+        sweep = read_sweep(args.file, args.count)
+        out_dir = args.dir or Path("runs/sweeps") / sweep.name
+        check_plotting()
+        probes = check_sweep(sweep, out_dir / ".check")
+        log.info("%s: %d probe runs parse in the CLI; metric %s (%s)", sweep.path, probes, sweep.metric, sweep.goal)
+        state = run_sweep(sweep, out_dir, args.count)
+    except DataError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except RunFailed as err:
+        print(f"error: {err}; rerun the same command to resume", file=sys.stderr)
+        return SIGTERM_EXIT if err.code == SIGTERM_EXIT else 1
+    except KeyboardInterrupt:
+        print("sweep stopped: rerun the same command to resume", file=sys.stderr)
+        return SIGTERM_EXIT
+    print(write_report(sweep, state, out_dir))
+    log.info("wrote %s/results.csv, results.json and the plot", out_dir)
+    return 0
