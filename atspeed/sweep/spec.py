@@ -9,6 +9,7 @@ writes as ``--<parameter>=<value>``: a parameter is a dotted CLI key such as ``m
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,8 +19,8 @@ from atspeed.yaml_file import read_yaml
 
 # W&B's default command when a sweep file gives none
 DEFAULT_COMMAND = ("${env}", "${interpreter}", "${program}", "${args}")
-# macros W&B also knows but that do not give atspeed's dotted ``--key=value`` overrides
-UNSUPPORTED_MACROS = ("${args_no_hyphens}", "${args_json}", "${args_json_file}", "${args_no_boolean_flags}")
+# W&B's macros for the parameters that give atspeed's dotted overrides: ``--key=value`` and ``--key value``
+ARGS_MACROS = ("${args}", "${args_no_equals}")
 METHODS_NEEDING_COUNT = ("random", "bayes")
 
 
@@ -32,7 +33,9 @@ def install_hint() -> str:
 
 def _sweeps():
     try:
-        import sweeps
+        with warnings.catch_warnings():  # its pydantic-1 style config names warn under pydantic 2
+            warnings.filterwarnings("ignore", module="pydantic")
+            import sweeps
     except ImportError as err:
         raise DataError(f"{install_hint()} ({err})") from None
     return sweeps
@@ -82,6 +85,8 @@ class Sweep:
         for word in self.config.get("command", DEFAULT_COMMAND):
             if word == "${args}":
                 words += [format_arg(name, value) for name, value in values.items()]
+            elif word == "${args_no_equals}":
+                words += [part for name, value in values.items() for part in (f"--{name}", str(plain(value)))]
             elif word == "${program}":
                 words.append(program)
             elif word != "${env}":
@@ -116,9 +121,9 @@ def read_sweep(path: str | Path, count: int | None = None) -> Sweep:
     if "parameters" not in config:
         raise DataError(f"{path}: parameters: the runner needs parameters to sweep")
     command = [str(word) for word in config.get("command", DEFAULT_COMMAND)]
-    if bad := [word for word in command if word in UNSUPPORTED_MACROS]:
+    if bad := [word for word in command if word.startswith("${args") and word not in ARGS_MACROS]:
         raise DataError(f"{path}: command: {bad[0]} is not supported: atspeed takes --key=value overrides (${{args}})")
-    if "${args}" not in command:
+    if not any(word in ARGS_MACROS for word in command):
         raise DataError(f"{path}: command: needs ${{args}} (where W&B puts --<parameter>=<value>)")
     if "${program}" in command and "program" not in config:
         raise DataError(f"{path}: program: the command uses ${{program}} (set program: atspeed)")

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from atspeed.sweep import main as sweep_main
-from atspeed.sweep.check import check_sweep
+from atspeed.sweep.check import check_sweep, parse_run
 from atspeed.sweep.runner import SweepState, next_values
 from atspeed.sweep.spec import read_sweep
 from tests.integration.tiny_data import ROOT, tiny_args, write_processed
@@ -152,3 +152,15 @@ def test_a_sweep_file_that_is_not_yaml_names_its_line(tmp_path, capsys) -> None:
     path.write_text("method: grid\nparameters: [unclosed\n")
     assert sweep_main([str(path)]) == 2
     assert f"error: {path}, line 3: not a YAML sweep file" in capsys.readouterr().err
+
+
+def test_both_override_macros_reach_the_cli_alike(tmp_path) -> None:
+    """W&B's ${args} (--key=value) and ${args_no_equals} (--key value) set the same CLI values."""
+    data = write_processed(tmp_path / "data")
+    parsed = []
+    for macro in ("${args}", "${args_no_equals}"):
+        command = [*COMMAND, "fit", *tiny_args(data, tmp_path / "unused"), macro]
+        sweep = read_sweep(_write_sweep(tmp_path, data, command=command))
+        config = parse_run(sweep, {"model.init_args.lr": 0.25, "data.batch_size": 5}, tmp_path / "run")
+        parsed.append((config.model.init_args.lr, config.data.batch_size))
+    assert parsed == [(0.25, 5), (0.25, 5)]
