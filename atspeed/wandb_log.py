@@ -16,7 +16,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from lightning.pytorch.loggers import Logger, WandbLogger
+from lightning.pytorch.loggers import Logger
+from lightning.pytorch.loggers import WandbLogger as LightningWandbLogger
 
 DEFAULT_HOST = "https://api.wandb.ai"
 
@@ -27,7 +28,7 @@ def log_predict_tables(loggers: Iterable[Logger], row: dict[str, Any], histogram
     Returns how many loggers got them."""
     sent = 0
     for logger in loggers:
-        if not isinstance(logger, WandbLogger):
+        if not isinstance(logger, LightningWandbLogger):
             continue
         logger.log_table("decode/stats", columns=list(row), data=[list(row.values())], step=step)
         if histogram is not None:
@@ -54,6 +55,14 @@ def wandb_mode(env: Mapping[str, str] | None = None) -> str:
     if env.get("WANDB_MODE"):
         return env["WANDB_MODE"]
     return "online" if api_key_configured(env) else "offline"
+
+
+class WandbLogger(LightningWandbLogger):
+    """Lightning's ``WandbLogger``, offline unless W&B would log online: ``WANDB_MODE`` when set, else online only
+    with an API key configured (``wandb login``). ``offline: true`` / ``false`` forces it, as in Lightning."""
+
+    def __init__(self, *args: Any, offline: bool | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, offline=wandb_mode() == "offline" if offline is None else offline, **kwargs)
 
 
 def _kind(value: Any) -> str:

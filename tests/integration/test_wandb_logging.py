@@ -166,3 +166,20 @@ def test_bench_logs_its_table_and_plot_to_an_offline_run(tmp_path, offline) -> N
         assert len(images) == 1 and images[0].read_bytes() == (out / "bench.png").read_bytes()
     else:
         assert images == []
+
+
+def test_the_config_logger_is_offline_unless_wandb_would_log_online(tmp_path, monkeypatch) -> None:
+    """configs/loggers/wandb.yaml's logger: offline without WANDB_MODE and without an API key, online with a key,
+    WANDB_MODE first, an explicit offline flag above all."""
+    from atspeed.wandb_log import WandbLogger
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc: not logged in
+    monkeypatch.setenv("NETRC", str(tmp_path / "none"))
+    assert WandbLogger(save_dir=str(tmp_path))._offline is True
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    assert WandbLogger(save_dir=str(tmp_path))._offline is False
+    assert WandbLogger(save_dir=str(tmp_path), offline=True)._offline is True
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert WandbLogger(save_dir=str(tmp_path))._offline is True
