@@ -1,4 +1,10 @@
-"""Export the trained model in Hugging Face format, with its tokenizer and item index, for later stages."""
+"""Export the trained model in Hugging Face format, with its tokenizer and item index, for later stages.
+
+``write_export`` is the one writer of that directory: the ``ExportHuggingFace`` callback calls it when fit ends, and
+``python -m atspeed export`` (``atspeed.export_checkpoint``) when it turns a checkpoint into an export. Under DeepSpeed
+ZeRO-3 each rank holds only its partition of the parameters, so the callback gathers them whole on every rank (a
+collective: all ranks take part) before rank 0 alone writes.
+"""
 
 from __future__ import annotations
 
@@ -6,16 +12,45 @@ import json
 import logging
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import lightning.pytorch as pl
-from lightning.pytorch.utilities import rank_zero_only
+from transformers import PreTrainedModel
 
 from atspeed.atomic import atomic_directory, check_replaceable
 from atspeed.data.export_dir import INDEX_FILE, META_FILE
 from atspeed.errors import DataError
+from atspeed.models.build import gathered_parameters
+
+if TYPE_CHECKING:
+    from atspeed.data.datamodule import RecDataModule
 
 log = logging.getLogger(__name__)
 KEY = "ExportHuggingFace.dirpath"
+
+
+def write_export(
+    dirpath: str | Path, model: PreTrainedModel, dm: RecDataModule, global_step: int, key: str = KEY
+) -> None:
+    """``save_pretrained`` + tokenizer + ``index.json`` + ``atspeed.json`` into ``dirpath``, atomically (``key`` names
+    the setting in the message when ``dirpath`` may not be replaced)."""
+    prepared = dm.prepared
+    meta = {
+        "prompt": dm.hparams.prompt,
+        "max_history": dm.hparams.max_history,
+        "levels": prepared.index.levels,
+        "constraint": dm.hparams.constraint,
+        "dataset": prepared.data.name,
+        "split": dm.hparams.split,
+        "global_step": global_step,
+        "export_id": uuid.uuid4().hex,  # tells two exports apart (teacher data names the one it came from)
+    }
+    with atomic_directory(dirpath, key) as tmp:
+        model.save_pretrained(tmp)
+        prepared.tokenizer.save_pretrained(tmp)
+        (tmp / INDEX_FILE).write_text(json.dumps(prepared.index.to_mapping()), encoding="utf-8")
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
+    log.info("exported the model to %s", Path(dirpath).resolve())
 
 
 class ExportHuggingFace(pl.Callback):
@@ -43,25 +78,12 @@ class ExportHuggingFace(pl.Callback):
             if export == path.resolve() or export in path.resolve().parents:
                 raise DataError(f"{KEY}: {self.dirpath} would replace this run's {path}; export beside it instead")
 
-    @rank_zero_only
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """On every rank (ZeRO-3 gathers the parameters collectively); rank 0 writes."""
         if trainer.interrupted:
             return
-        dm = trainer.datamodule
-        prepared = dm.prepared
-        meta = {
-            "prompt": dm.hparams.prompt,
-            "max_history": dm.hparams.max_history,
-            "levels": prepared.index.levels,
-            "constraint": dm.hparams.constraint,
-            "dataset": prepared.data.name,
-            "split": dm.hparams.split,
-            "global_step": trainer.global_step,
-            "export_id": uuid.uuid4().hex,  # tells two exports apart (teacher data names the one it came from)
-        }
-        with atomic_directory(self.dirpath, KEY) as tmp:
-            pl_module.export_model().save_pretrained(tmp)
-            prepared.tokenizer.save_pretrained(tmp)
-            (tmp / INDEX_FILE).write_text(json.dumps(prepared.index.to_mapping()), encoding="utf-8")
-            (tmp / META_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
-        log.info("exported the model to %s", Path(self.dirpath).resolve())
+        with gathered_parameters(pl_module):
+            if trainer.is_global_zero:
+                write_export(self.dirpath, pl_module.export_model(), trainer.datamodule, trainer.global_step)
+        # every rank returns from fit with the export written (the next stage of a pipeline may read it at once)
+        trainer.strategy.barrier("ExportHuggingFace")

@@ -197,7 +197,9 @@ class BoundDecoder:
             if self.generator is None:
                 self.generator = torch.Generator(device=input_ids.device).manual_seed(self.settings.seed)
             generator = self.generator
-        with torch.inference_mode():
+        # no_grad, not inference_mode: under ZeRO-3 (alignment's validation) parameters gathered here would turn
+        # into inference tensors that the next training step cannot use
+        with torch.no_grad():
             if self.header is not None:
                 self.header.observe(input_ids, attention_mask)
             self._plan(input_ids, attention_mask)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -75,6 +78,52 @@ def context_length(spec: ModelSpec) -> int | None:
     """Positions the model of ``spec`` can attend, known before it is built (None: no fixed limit)."""
     config = model_config(spec)
     return spec.max_positions if config is None else getattr(config, "max_position_embeddings", None)
+
+
+@contextlib.contextmanager
+def outside_zero_init() -> Iterator[None]:
+    """Build modules whole inside DeepSpeed ZeRO-3's ``zero.Init`` (Lightning enters it around ``configure_model``;
+    the training modules' ``configure_model`` runs in this): there transformers 5 would initialise weights on
+    already partitioned, empty tensors and fail. ``deepspeed.initialize`` partitions the whole model right after
+    (each process holds it whole for a moment)."""
+    zero = sys.modules.get("deepspeed.runtime.zero.partition_parameters")  # never imports DeepSpeed itself
+    if zero is None or not zero.zero_init_context:
+        yield
+        return
+    zero.shutdown_init_context()
+    try:
+        yield
+    finally:
+        zero.restore_init_context()
+
+
+def gathered_parameters(module: torch.nn.Module) -> contextlib.AbstractContextManager:
+    """Context in which ZeRO-3's partitioned parameters of ``module`` are whole on every rank (every rank must enter
+    it); a no-op for parameters DeepSpeed does not partition (any other strategy, ZeRO-1/2)."""
+    partitioned = [p for p in module.parameters() if hasattr(p, "ds_id")]
+    if not partitioned:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None)
+
+
+def unpartitioned(model: PreTrainedModel) -> PreTrainedModel:
+    """``model`` itself, or when ZeRO-3 partitions its parameters over the processes, a plain copy in eval mode with
+    the whole weights, gathered once (a collective: every process must call this). Decoding needs it: how many
+    forwards a batch takes depends on its data, and each forward of a partitioned model is a collective that every
+    process would have to join as often."""
+    params = list(model.parameters())
+    if not any(hasattr(param, "ds_id") for param in params):  # DeepSpeed marks the parameters it partitions
+        return model
+    with gathered_parameters(model):
+        weights = {name: param.detach().clone() for name, param in model.named_parameters()}
+    with outside_zero_init():
+        whole = type(model)(model.config)
+    missing, unexpected = whole.load_state_dict(weights, strict=False)
+    if unexpected or set(missing) - {name for name, _ in whole.named_buffers()}:
+        raise RuntimeError(f"gathering the partitioned model: missing {missing}, unexpected {unexpected}")
+    return whole.to(device=params[0].device, dtype=params[0].dtype).eval()
 
 
 def build_causal_lm(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase, seed: int = 0) -> PreTrainedModel:

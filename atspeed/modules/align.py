@@ -49,7 +49,7 @@ from atspeed.decoding.teacher import (
 )
 from atspeed.errors import DataError
 from atspeed.losses import LOSSES, LossName, LossOptions, beam_weights, check_top_k, reduce
-from atspeed.models.build import ModelSpec, build_causal_lm, load_model
+from atspeed.models.build import ModelSpec, build_causal_lm, load_model, outside_zero_init, unpartitioned
 from atspeed.modules.optim import adamw_cosine
 
 TeacherMode = Literal["cached", "recompute", "on_policy"]
@@ -58,7 +58,8 @@ GENERATOR_KEY = "on_policy_generator"  # checkpoint entry: the on-policy mixing 
 
 @dataclass
 class _Frozen:
-    """Holds the target outside the module tree: not trained, not saved, not moved by Lightning."""
+    """Holds a model outside the module tree (the target; validation's draft): not trained, not saved, not moved by
+    Lightning."""
 
     model: torch.nn.Module
 
@@ -132,6 +133,7 @@ class Align(pl.LightningModule):
         self.store: TeacherStore | None = None
         self.codes: torch.Tensor | None = None
         self.generator: torch.Generator | None = None
+        self.validation_draft: _Frozen | None = None
         self.mixing = torch.Generator().manual_seed(seed)  # on CPU: on-policy or not, and the sampling seed, per batch
 
     @property
@@ -171,10 +173,11 @@ class Align(pl.LightningModule):
     def configure_model(self) -> None:
         if self.draft is not None:
             return
-        if self.hparams.draft_init is None:
-            self.draft = build_causal_lm(self.spec, self.dm.prepared.tokenizer, seed=self.hparams.seed)
-        else:
-            self.draft = load_model(self.hparams.draft_init).train()
+        with outside_zero_init():
+            if self.hparams.draft_init is None:
+                self.draft = build_causal_lm(self.spec, self.dm.prepared.tokenizer, seed=self.hparams.seed)
+            else:
+                self.draft = load_model(self.hparams.draft_init).train()
 
     def export_model(self) -> PreTrainedModel:
         return self.draft
@@ -262,8 +265,13 @@ class Align(pl.LightningModule):
     # -- validation: what predicts speed --------------------------------------------------------------
 
     def on_validation_epoch_start(self) -> None:
-        """A fresh seeded generator for spec_relaxed: every validation draws the same samples for the same draft."""
+        """A fresh seeded generator for spec_relaxed: every validation draws the same samples for the same draft;
+        the draft whole for decoding (under ZeRO-3 a gathered copy: ``unpartitioned``)."""
         self.generator = torch.Generator(device=self.device).manual_seed(self.hparams.seed)
+        self.validation_draft = _Frozen(unpartitioned(self.draft))  # held outside the module tree
+
+    def on_validation_epoch_end(self) -> None:
+        self.validation_draft = None
 
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         if dataloader_idx == 0:
@@ -271,8 +279,8 @@ class Align(pl.LightningModule):
         hp, prepared = self.hparams, self.dm.prepared
         settings = DecodeSettings(hp.num_beams, prepared.index.levels, hp.draft_beams, hp.gamma, seed=hp.seed)
         measured = speed_metrics(
-            self._target(), self.draft, batch["input_ids"], batch["attention_mask"], prepared.trie, settings,
-            self.generator,
+            self._target(), self.validation_draft.model, batch["input_ids"], batch["attention_mask"], prepared.trie,
+            settings, self.generator,
         )  # fmt: skip
         size = batch["input_ids"].shape[0]
         for name, value in measured.items():

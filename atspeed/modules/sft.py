@@ -18,7 +18,7 @@ from atspeed.data.datamodule import RecDataModule
 from atspeed.decoding.decoders import DecodeSettings, check_list_length, decode
 from atspeed.errors import DataError
 from atspeed.metrics.ranking import RankingMetrics, popularity_ranking
-from atspeed.models.build import LoraSpec, ModelSpec, apply_lora, build_causal_lm, context_length
+from atspeed.models.build import LoraSpec, ModelSpec, apply_lora, build_causal_lm, context_length, outside_zero_init
 from atspeed.modules.optim import adamw_cosine
 
 
@@ -87,10 +87,11 @@ class SFT(pl.LightningModule):
         if self.model is not None:
             return
         prepared = self.dm.prepared
-        model = build_causal_lm(self.spec, prepared.tokenizer, seed=self.hparams.seed)
-        if self.lora is not None:
-            new_ids = sorted(set(prepared.item_token_ids.flatten().tolist()))
-            model = apply_lora(model, self.lora, new_ids)
+        with outside_zero_init():
+            model = build_causal_lm(self.spec, prepared.tokenizer, seed=self.hparams.seed)
+            if self.lora is not None:
+                new_ids = sorted(set(prepared.item_token_ids.flatten().tolist()))
+                model = apply_lora(model, self.lora, new_ids)
         self.model = model
 
     def export_model(self) -> PreTrainedModel:

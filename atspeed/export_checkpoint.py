@@ -1,0 +1,188 @@
+"""``python -m atspeed export CKPT --out DIR [--single-file FILE]``: a fit's checkpoint as a Hugging Face export.
+
+CKPT is a checkpoint of ``python -m atspeed fit``: the directory DeepSpeed writes (Lightning's DeepSpeed
+``last.ckpt``: ZeRO partitions, one set per rank) or a single-file Lightning checkpoint. A ZeRO directory is first
+consolidated by Lightning's own ``convert_zero_checkpoint_to_fp32_state_dict`` into one fp32 checkpoint: kept as FILE
+with ``--single-file`` (a checkpoint without DeepSpeed, for ``--ckpt_path`` or ``load_from_checkpoint``), else written
+to a temporary file beside DIR and removed. The run's LightningModule and data module are then rebuilt from the
+checkpoint's hyper-parameters (the data files and, for alignment, the target export must still be where the fit read
+them), the weights loaded, and DIR written exactly as ``ExportHuggingFace`` writes it when fit ends: ``save_pretrained``
+weights and config, the tokenizer, ``index.json`` and ``atspeed.json`` (``global_step`` the checkpoint's). The weights
+are those the optimizer held: fp32 from ZeRO (a bf16 fit's own export holds their bf16 copies).
+
+    python -m atspeed export runs/beauty/target/checkpoints/last.ckpt --out runs/beauty/target/hf_last
+    python -m atspeed export runs/beauty/target/checkpoints/last.ckpt --out runs/beauty/target/hf_last \\
+        --single-file runs/beauty/target/last_fp32.ckpt
+
+DIR and FILE appear whole or not at all. DIR may replace only an earlier atspeed export; FILE must not exist.
+Exit codes: 0 written; 2 bad input (one line ``error: ...`` naming the path, before any model is built): CKPT
+missing or not a checkpoint of an atspeed fit, DIR present but not written by atspeed, FILE present; 1 failed.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import pickle
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from jsonargparse import ArgumentParser
+
+from atspeed.atomic import atomic_file, check_replaceable
+from atspeed.callbacks.export import write_export
+from atspeed.data.datamodule import RecDataModule
+from atspeed.errors import DataError
+from atspeed.preflight import check_checkpoint
+
+log = logging.getLogger("atspeed")
+ZERO_LATEST = "latest"  # DeepSpeed's file naming the tag directory of the newest save
+
+
+def check_inputs(ckpt: Path, out: Path, single_file: Path | None) -> None:
+    """Every path is usable before anything is read in full or built (DataError naming the path)."""
+    if not ckpt.exists():
+        raise DataError(f"CKPT: checkpoint not found: {ckpt}")
+    if ckpt.is_dir():
+        check_zero_directory(ckpt)
+    else:
+        check_checkpoint(ckpt, "CKPT")
+        if single_file is not None:
+            raise DataError(f"--single-file: {ckpt} is already a single-file checkpoint; export it without the option")
+    if single_file is not None and (single_file.exists() or single_file.is_symlink()):
+        raise DataError(f"--single-file: {single_file} exists; refusing to replace it")
+    if single_file is not None and single_file.absolute() == out.absolute():
+        raise DataError(f"--single-file: {single_file} is also --out; give the file and the directory two paths")
+    check_replaceable(out, "--out")
+
+
+def check_zero_directory(path: Path) -> None:
+    """``path`` holds a DeepSpeed checkpoint: a ``latest`` file naming a tag directory of model-state files."""
+    latest = path / ZERO_LATEST
+    if not latest.is_file():
+        raise DataError(f"CKPT: {path} is a directory but not a DeepSpeed checkpoint (no {ZERO_LATEST} file)")
+    tag = path / latest.read_text(encoding="utf-8", errors="replace").strip()
+    if not tag.is_dir() or not any(tag.glob("*model_states.pt")):
+        raise DataError(f"CKPT: {path}: {latest.name} names {tag.name}, which holds no DeepSpeed model states")
+
+
+def consolidate(ckpt: Path, single_file: Path) -> None:
+    """One fp32 Lightning checkpoint from a ZeRO directory, written atomically to ``single_file``."""
+    from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
+
+    with atomic_file(single_file) as tmp:
+        convert_zero_checkpoint_to_fp32_state_dict(ckpt, tmp)
+    log.info("consolidated %s into %s", ckpt, single_file)
+
+
+def load_checkpoint(path: Path, name: Path) -> dict[str, Any]:
+    """A single-file checkpoint of an atspeed fit, loaded with ``weights_only=True`` (``name``: what the user gave)."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        reason = str(err).split("WeightsUnpickler error:")[-1].strip().splitlines()[0]
+        raise DataError(
+            f"CKPT: {name} refused: it holds objects other than tensors and atspeed's types ({reason})"
+        ) from None
+    ours = isinstance(checkpoint, dict) and isinstance(checkpoint.get("datamodule_hyper_parameters"), dict)
+    hparams = checkpoint.get("hyper_parameters") if ours else None
+    if not isinstance(hparams, dict) or "_class_path" not in hparams or "state_dict" not in checkpoint:
+        raise DataError(f"CKPT: {name} lacks the module class, data hyper-parameters or weights of a checkpoint of "
+                        "`python -m atspeed fit`")  # fmt: skip
+    return checkpoint
+
+
+def build_datamodule(checkpoint: dict[str, Any], name: Path) -> RecDataModule:
+    """The fit's data module, from the checkpoint's hyper-parameters, set up (tokenizer, item index)."""
+    hparams = {k: v for k, v in checkpoint["datamodule_hyper_parameters"].items() if k != "_instantiator"}
+    try:
+        dm = RecDataModule(**hparams)
+    except TypeError as err:
+        raise DataError(f"CKPT: {name}: its data hyper-parameters do not fit this atspeed version: {err}") from None
+    dm.prepare_data()
+    dm.setup("fit")
+    return dm
+
+
+def module_class(class_path: str, name: Path) -> type[pl.LightningModule]:
+    """The LightningModule class the checkpoint names; only atspeed's own modules are imported."""
+    module_name, _, class_name = class_path.rpartition(".")
+    cls = None
+    if module_name.startswith("atspeed."):
+        try:
+            cls = getattr(importlib.import_module(module_name), class_name, None)
+        except ImportError:
+            cls = None
+    if not (isinstance(cls, type) and issubclass(cls, pl.LightningModule) and hasattr(cls, "export_model")):
+        raise DataError(f"CKPT: {name} names {class_path!r}, not an atspeed training module with export_model")
+    return cls
+
+
+def build_module(checkpoint: dict[str, Any], dm: RecDataModule, name: Path) -> pl.LightningModule:
+    """The fit's LightningModule rebuilt from the checkpoint's hyper-parameters, its model built and loaded."""
+    from lightning.pytorch.cli import instantiate_module
+
+    hparams = {k: v for k, v in checkpoint["hyper_parameters"].items() if k != "_instantiator"}
+    module = instantiate_module(module_class(hparams["_class_path"], name), hparams)
+    # the modules read the data module through their trainer, as in fit
+    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    trainer.datamodule = dm
+    module.trainer = trainer
+    module.configure_model()
+    try:
+        module.load_state_dict(checkpoint["state_dict"])
+    except RuntimeError as err:
+        raise DataError(f"CKPT: {name}: its weights do not fit the module its hyper-parameters describe: "
+                        f"{str(err).splitlines()[0]}") from None  # fmt: skip
+    return module
+
+
+def export_checkpoint(ckpt: str | Path, out: str | Path, single_file: str | Path | None = None) -> None:
+    """Write the Hugging Face export of checkpoint ``ckpt`` to ``out`` (the module docstring)."""
+    ckpt, out = Path(ckpt), Path(out)
+    single_file = Path(single_file) if single_file is not None else None
+    check_inputs(ckpt, out, single_file)
+    out.absolute().parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.absolute().parent, prefix=f".{out.name}.consolidating.") as scratch:
+        path = ckpt
+        if ckpt.is_dir():
+            path = single_file or Path(scratch) / "checkpoint.ckpt"
+            consolidate(ckpt, path)
+        checkpoint = load_checkpoint(path, ckpt)
+        dm = build_datamodule(checkpoint, ckpt)
+        module = build_module(checkpoint, dm, ckpt)
+        write_export(out, module.export_model(), dm, int(checkpoint.get("global_step", 0)), key="--out")
+
+
+def _parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="python -m atspeed export", description=__doc__.split("\n\n")[0],
+                            exit_on_error=False)  # fmt: skip
+    parser.add_argument("ckpt", type=str, metavar="CKPT",
+                        help="a fit's checkpoint: a DeepSpeed ZeRO directory or a single file")  # fmt: skip
+    parser.add_argument("--out", type=str, required=True, metavar="DIR",
+                        help="the Hugging Face export directory to write")  # fmt: skip
+    parser.add_argument("--single-file", type=str | None, default=None, metavar="FILE",
+                        help="also keep the consolidated fp32 checkpoint of a ZeRO directory here")  # fmt: skip
+    return parser
+
+
+def main(args: list[str]) -> None:
+    """``python -m atspeed export``: exit 2 with one ``error: ...`` line on bad input."""
+    import atspeed.cli  # registers the config types checkpoints hold as safe for weights_only loading
+
+    atspeed.cli.show_atspeed_logs()
+    try:
+        parsed = _parser().parse_args(args)
+    except Exception as err:  # jsonargparse's ArgumentError: a missing or unknown option
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    try:
+        export_checkpoint(parsed.ckpt, parsed.out, parsed.single_file)
+    except DataError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
