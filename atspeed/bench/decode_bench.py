@@ -10,7 +10,6 @@ Counters, equality with HF and Recall/NDCG come from the first timed pass.
 from __future__ import annotations
 
 import statistics
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -18,7 +17,7 @@ import torch
 
 from atspeed.bench.workload import Workload
 from atspeed.decoding.decoders import SAMPLING, SPECULATIVE, BoundDecoder, DecoderName, DecodeSettings
-from atspeed.decoding.output import DecodeOutput, DecodeStats
+from atspeed.decoding.output import DecodeOutput, DecodeStats, synced_now
 from atspeed.decoding.settings import Budget
 from atspeed.metrics.ranking import RankingMetrics
 
@@ -89,12 +88,6 @@ def build_grid(
     return grid
 
 
-def _clock(device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
-
-
 class Runner:
     """Decodes ``batches`` with one configuration: untimed warm-up decodes, and timed passes over all batches."""
 
@@ -122,9 +115,9 @@ class Runner:
 
     def timed_pass(self) -> tuple[float, list[DecodeOutput]]:
         device = self.batches[0][0].device
-        start = _clock(device)
+        start = synced_now(device)
         outputs = [self._decode(ids, mask) for ids, mask in self.batches]
-        return _clock(device) - start, outputs
+        return synced_now(device) - start, outputs
 
 
 def time_group(runners: list[Runner], repeats: int, warmup: int) -> list[tuple[list[float], list[DecodeOutput]]]:

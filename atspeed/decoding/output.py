@@ -15,6 +15,13 @@ SUMMARY_KEYS = (
 )  # fmt: skip
 
 
+def synced_now(device: torch.device) -> float:
+    """``time.perf_counter()`` once the GPU's queued work on ``device`` is done (kernels run asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 def _cat_or_none(parts: list[torch.Tensor | None]) -> torch.Tensor | None:
     return None if any(p is None for p in parts) else torch.cat(parts)
 

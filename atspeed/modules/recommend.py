@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -33,7 +32,7 @@ from atspeed.decoding.decoders import (
     check_list_length,
     check_settings,
 )
-from atspeed.decoding.output import SUMMARY_KEYS, DecodeOutput, DecodeStats
+from atspeed.decoding.output import SUMMARY_KEYS, DecodeOutput, DecodeStats, synced_now
 from atspeed.errors import DataError
 from atspeed.metrics.ranking import RankingMetrics
 from atspeed.models.build import load_model, model_config
@@ -42,13 +41,6 @@ from atspeed.wandb_log import log_predict_tables
 log = logging.getLogger(__name__)
 
 SPEED_KEYS = ("ms_per_list", "beam_ms_per_list", "ratio_over_beam")  # of results["speed"], in summary_metrics()
-
-
-def _synced_now(device: torch.device) -> float:
-    """``time.perf_counter()`` once the GPU's queued work is done (kernels run asynchronously)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
 
 
 class SpeedTally:
@@ -200,9 +192,9 @@ class Recommender(pl.LightningModule):
         runs = {"decoder": self.decoder} | ({"beam": self.beam} if self.beam is not None else {})
         outputs, seconds = {}, {}
         for name in self.speed.order(list(runs)):
-            start = _synced_now(input_ids.device)
+            start = synced_now(input_ids.device)
             outputs[name] = runs[name](input_ids, attention_mask)
-            seconds[name] = _synced_now(input_ids.device) - start
+            seconds[name] = synced_now(input_ids.device) - start
         self.speed.add(seconds, input_ids.shape[0])
         return outputs["decoder"]
 
