@@ -39,7 +39,7 @@ from atspeed.callbacks.summary import MetricsSummary
 from atspeed.data.datamodule import EvalSpec, RecDataModule
 from atspeed.data.item_index import SemanticIdSpec
 from atspeed.deepspeed_config import check_deepspeed_config, strategy_config
-from atspeed.errors import DataError
+from atspeed.errors import SIGTERM_EXIT, DataError
 from atspeed.losses import LossOptions
 from atspeed.models.build import LoraSpec, ModelSpec
 from atspeed.preflight import check_checkpoint, check_launch, check_output_dir
@@ -52,7 +52,6 @@ torch.serialization.add_safe_globals(
 TRAINER_DEFAULTS = {
     "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "runs"}},
 }
-SIGTERM_EXIT = 128 + 15
 
 
 # jsonargparse's lines that explain its own search (through Union types and class paths), not the user's mistake

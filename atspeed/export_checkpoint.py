@@ -37,7 +37,7 @@ from atspeed.atomic import atomic_file, check_replaceable
 from atspeed.callbacks.export import write_export
 from atspeed.data.datamodule import RecDataModule
 from atspeed.errors import DataError
-from atspeed.preflight import check_checkpoint
+from atspeed.preflight import check_checkpoint, weights_only_refusal
 
 log = logging.getLogger("atspeed")
 ZERO_LATEST = "latest"  # DeepSpeed's file naming the tag directory of the newest save
@@ -84,9 +84,9 @@ def load_checkpoint(path: Path, name: Path) -> dict[str, Any]:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        reason = str(err).split("WeightsUnpickler error:")[-1].strip().splitlines()[0]
         raise DataError(
-            f"CKPT: {name} refused: it holds objects other than tensors and atspeed's types ({reason})"
+            f"CKPT: {name} refused: it holds objects other than tensors and atspeed's types "
+            f"({weights_only_refusal(err)})"
         ) from None
     ours = isinstance(checkpoint, dict) and isinstance(checkpoint.get("datamodule_hyper_parameters"), dict)
     hparams = checkpoint.get("hyper_parameters") if ours else None

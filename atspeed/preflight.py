@@ -24,6 +24,11 @@ def check_output_dir(path: str | Path, key: str) -> None:
         raise DataError(f"{key}: {existing} is not writable")
 
 
+def weights_only_refusal(err: pickle.UnpicklingError) -> str:
+    """What ``torch.load(weights_only=True)`` refused, in one line (its message is a page of advice)."""
+    return str(err).split("WeightsUnpickler error:")[-1].strip().splitlines()[0]
+
+
 def check_checkpoint(path: str | Path, key: str) -> None:
     """``path`` is a Lightning checkpoint that loads under ``weights_only=True`` (read lazily, tensors not copied)."""
     path = Path(path)
@@ -36,9 +41,9 @@ def check_checkpoint(path: str | Path, key: str) -> None:
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as err:
-        reason = str(err).split("WeightsUnpickler error:")[-1].strip().splitlines()[0]
         raise DataError(
-            f"{key}: {path} refused: it holds objects other than tensors and atspeed's config types ({reason})"
+            f"{key}: {path} refused: it holds objects other than tensors and atspeed's config types "
+            f"({weights_only_refusal(err)})"
         ) from None
     except (RuntimeError, OSError, EOFError, ValueError) as err:
         raise DataError(f"{key}: {path} cannot be read (truncated?): {str(err).splitlines()[0]}") from None

@@ -20,9 +20,7 @@ import logging
 import sys
 from pathlib import Path
 
-from atspeed.errors import DataError
-
-SIGTERM_EXIT = 128 + 15
+from atspeed.errors import SIGTERM_EXIT, DataError
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -22,12 +22,11 @@ from pathlib import Path
 from typing import Any
 
 from atspeed.atomic import write_text_atomic
-from atspeed.errors import DataError
+from atspeed.errors import SIGTERM_EXIT, DataError
 from atspeed.sweep.spec import Sweep, plain
 
 log = logging.getLogger("atspeed.sweep")
 STATE_FILE = "state.json"
-SIGTERM_EXIT = 128 + 15
 
 
 class RunFailed(RuntimeError):

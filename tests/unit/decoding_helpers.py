@@ -56,6 +56,22 @@ def random_prompts(vocab: int, lengths: list[int], seed: int) -> list[list[int]]
     return [torch.randint(3, vocab, (n,), generator=gen).tolist() for n in lengths]
 
 
+def speculative_world(
+    vocab: int, levels: int, lengths: list[int], seed: int, draft_seed: int, prompt_seed: int, items: int = 400
+) -> tuple[LlamaForCausalLM, LlamaForCausalLM, PrefixTrie, list[list[int]]]:
+    """(target, a smaller draft (1 layer, hidden 16), a random trie, random prompts of ``lengths``)."""
+    target = tiny_llama(vocab, seed=seed)
+    draft = tiny_llama(vocab, seed=draft_seed, hidden=16, layers=1)
+    trie = random_trie(vocab, levels, seed=seed, count=items)
+    return target, draft, trie, random_prompts(vocab, lengths, seed=prompt_seed)
+
+
+def sampling_world(vocab: int, levels: int, items: int, seed: int) -> tuple[LlamaForCausalLM, torch.Tensor, PrefixTrie]:
+    """(a model, its ``items`` random identifiers [I, L], their trie): the world of the distribution tests."""
+    identifiers = random_identifiers(vocab, levels, seed=seed, count=items)
+    return tiny_llama(vocab, seed=seed), identifiers, PrefixTrie.build(identifiers, vocab, eos_token_id=EOS)
+
+
 @torch.no_grad()
 def plain_logits(model: torch.nn.Module, tokens: list[int]) -> torch.Tensor:
     """Float32 logits [n, V] of one unpadded sequence, no cache, no mask: the reference for every cached path."""

@@ -6,7 +6,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from decoding_helpers import left_pad, one_torch_thread, plain_logits, random_prompts, random_trie, tiny_llama
+from decoding_helpers import (
+    left_pad,
+    one_torch_thread,
+    plain_logits,
+    speculative_world,
+)
 
 from atspeed.decoding import kv_cache, strict
 from atspeed.decoding.adaptive import BudgetPlanner
@@ -28,11 +33,7 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def world():
-    target = tiny_llama(VOCAB, seed=7)
-    draft = tiny_llama(VOCAB, seed=8, hidden=16, layers=1)
-    trie = random_trie(VOCAB, LEVELS, seed=7, count=120)
-    prompts = random_prompts(VOCAB, [6, 2, 9], seed=7)
-    return target, draft, trie, prompts
+    return speculative_world(VOCAB, LEVELS, [6, 2, 9], seed=7, draft_seed=8, prompt_seed=7, items=120)
 
 
 def first_tree(world, k: int, n: int, levels: int, sample: bool = False):

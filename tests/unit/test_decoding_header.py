@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from decoding_helpers import left_pad, one_torch_thread, plain_logits, random_prompts, random_trie, tiny_llama
+from decoding_helpers import (
+    left_pad,
+    one_torch_thread,
+    plain_logits,
+    speculative_world,
+)
 
 from atspeed.decoding import kv_cache
 from atspeed.decoding.beam import root_state, select_top
@@ -25,11 +30,8 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def world():
-    target = tiny_llama(VOCAB, seed=5)
-    draft = tiny_llama(VOCAB, seed=6, hidden=16, layers=1)
-    trie = random_trie(VOCAB, LEVELS, seed=5, count=120)
-    prompts = [HEADER + rest for rest in random_prompts(VOCAB, [4, 1, 7, 3, 9, 2], seed=5)]
-    return target, draft, trie, prompts
+    target, draft, trie, rests = speculative_world(VOCAB, LEVELS, [4, 1, 7, 3, 9, 2], 5, 6, prompt_seed=5, items=120)
+    return target, draft, trie, [HEADER + rest for rest in rests]
 
 
 def test_the_header_is_the_common_prefix_of_the_prompts_seen() -> None:

@@ -13,11 +13,9 @@ from decoding_helpers import (
     check_spec_stats,
     left_pad,
     one_torch_thread,
-    random_prompts,
-    random_trie,
+    speculative_world,
     stub_table,
     stub_trie,
-    tiny_llama,
     true_scores,
 )
 from transformers import LlamaForCausalLM
@@ -41,9 +39,7 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def world() -> tuple[LlamaForCausalLM, LlamaForCausalLM, PrefixTrie, list[list[int]]]:
-    target = tiny_llama(VOCAB, seed=0)
-    draft = tiny_llama(VOCAB, seed=100, hidden=16, layers=1)
-    return target, draft, random_trie(VOCAB, LEVELS, seed=0), random_prompts(VOCAB, [6, 2, 9], seed=50)
+    return speculative_world(VOCAB, LEVELS, [6, 2, 9], seed=0, draft_seed=100, prompt_seed=50)
 
 
 def relaxed_run(world, k: int, n: int, gamma: int, seed: int, draft_kind: str = "other") -> DecodeOutput:

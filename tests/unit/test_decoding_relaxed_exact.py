@@ -21,12 +21,11 @@ import itertools
 import pytest
 import torch
 from decoding_helpers import (
-    EOS,
     chi_square_p,
     exact_distribution,
     left_pad,
     one_torch_thread,
-    random_identifiers,
+    sampling_world,
     tiny_llama,
 )
 
@@ -49,9 +48,8 @@ def _one_thread():
 @pytest.fixture(scope="module")
 def world() -> tuple[torch.nn.Module, torch.nn.Module, torch.Tensor, PrefixTrie]:
     """The world of ``test_decoding_sampling`` (target, 30 items) plus another random draft."""
-    identifiers = random_identifiers(VOCAB, LEVELS, seed=3, count=ITEMS)  # [I, L]
-    trie = PrefixTrie.build(identifiers, VOCAB, eos_token_id=EOS)
-    return tiny_llama(VOCAB, seed=3), tiny_llama(VOCAB, seed=4), identifiers, trie
+    target, identifiers, trie = sampling_world(VOCAB, LEVELS, ITEMS, seed=3)
+    return target, tiny_llama(VOCAB, seed=4), identifiers, trie
 
 
 def item_counts(

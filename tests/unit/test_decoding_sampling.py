@@ -13,12 +13,11 @@ from __future__ import annotations
 import pytest
 import torch
 from decoding_helpers import (
-    EOS,
     chi_square_p,
     exact_distribution,
     left_pad,
     one_torch_thread,
-    random_identifiers,
+    sampling_world,
     tiny_llama,
 )
 
@@ -34,8 +33,7 @@ def _one_thread():
 
 
 def setup() -> tuple[torch.nn.Module, torch.Tensor, PrefixTrie]:
-    identifiers = random_identifiers(VOCAB, LEVELS, seed=3, count=ITEMS)  # [I, L]
-    return tiny_llama(VOCAB, seed=3), identifiers, PrefixTrie.build(identifiers, VOCAB, eos_token_id=EOS)
+    return sampling_world(VOCAB, LEVELS, ITEMS, seed=3)
 
 
 def test_beam_sample_at_k1_follows_the_constrained_distribution() -> None:
