@@ -82,10 +82,24 @@ def candidates(logits: torch.Tensor, scores: torch.Tensor, trie_states: torch.Te
     return (logprobs + scores[..., None]).view(b, w * v)
 
 
+def ordered_keys(cand: torch.Tensor) -> torch.Tensor:
+    """int64 keys [B, M] that order ``cand`` [B, M] by value, descending, and equal values by index, ascending.
+
+    ``torch.topk`` leaves the order among equal values unspecified (and it differs on CUDA), while bf16 logits make
+    exact ties common; one ``topk`` over these keys breaks every tie by the lower flattened index, i.e. the lower
+    (beam, token id), wherever it runs. Float32 bits map to integers of the same order; the index fills the low bits.
+    """
+    bits = cand.float().view(torch.int32).long()
+    ordered = torch.where(bits < 0, -(bits & 0x7FFFFFFF) - 1, bits)  # monotone in the float's value
+    shift = max(cand.shape[1] - 1, 1).bit_length()
+    position = torch.arange(cand.shape[1], device=cand.device)
+    return (ordered << shift) | ((1 << shift) - 1 - position)
+
+
 def select_top(cand: torch.Tensor, width: int, vocab: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The ``width`` best candidates: (parents [B, k], tokens [B, k], scores [B, k]), best first."""
-    scores, index = torch.topk(cand, width, dim=1)
-    return index // vocab, index % vocab, scores
+    """The ``width`` best candidates: (parents [B, k], tokens [B, k], scores [B, k]), best first, ties by index."""
+    index = torch.topk(ordered_keys(cand), width, dim=1).indices
+    return index // vocab, index % vocab, cand.gather(1, index)
 
 
 def gumbel(shape: torch.Size, generator: torch.Generator, device: torch.device) -> torch.Tensor:
@@ -136,17 +150,20 @@ def extend(
     )
 
 
-def feed(model: torch.nn.Module, cache: DynamicCache, state: BeamState) -> tuple[torch.Tensor, BeamState]:
+def feed(
+    model: torch.nn.Module, cache: DynamicCache, state: BeamState, longest: int | None = None
+) -> tuple[torch.Tensor, BeamState]:
     """Run every beam's unfed tail through ``model`` in one tree-masked forward.
 
     Returns the logits after each beam's last token [B, W, V] and the state with everything fed. Beams of a row
-    with nothing to feed get meaningless logits.
+    with nothing to feed get meaningless logits. ``longest``, the longest unfed tail when the caller knows it (the
+    decoders always do), saves reading it back from the device.
     """
     b, w, capacity = state.sequences.shape
     s = state.visible.shape[2]
     device = state.sequences.device
     unfed = state.depth - state.fed  # [B]
-    r = max(int(unfed.max()), 1)
+    r = max(int(unfed.max()) if longest is None else longest, 1)
     steps = torch.arange(r, device=device)
     valid = steps[None, :] < unfed[:, None]  # [B, R]
     column = (state.fed[:, None] + steps[None, :]).clamp(max=capacity - 1)  # [B, R]

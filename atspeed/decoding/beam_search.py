@@ -31,12 +31,14 @@ def beam_search(
     sample: bool = False,
     generator: torch.Generator | None = None,
     header: PromptHeader | None = None,
+    synced_clock: bool = False,
 ) -> DecodeOutput:
     """Top-``num_beams`` identifiers of ``levels`` tokens for each left-padded prompt [B, P] (the shared ``header``'s
-    cached keys/values reused when it has one)."""
+    cached keys/values reused when it has one). Nothing is read back to the host: every step feeds exactly one
+    token per beam."""
     if sample and generator is None:
         raise ValueError("sampling beam search needs a generator")
-    clock = StageClock(input_ids.device)
+    clock = StageClock(input_ids.device, sync=synced_clock)
     prompts = header.split(input_ids, attention_mask) if header is not None else Prompts(input_ids, attention_mask)
     cache = prompts.cache(model, input_ids.shape[0])
     clock.switch("verify")
@@ -46,7 +48,7 @@ def beam_search(
     for t in range(levels):
         if t:
             clock.switch("verify")
-            logits, state = feed(model, cache, state)  # [B, K, V]
+            logits, state = feed(model, cache, state, longest=1)  # [B, K, V]
         clock.switch("other")
         cand = candidates(logits, state.scores, state.trie_states, trie)
         if sample:

@@ -52,13 +52,14 @@ Decoder = Callable[["BoundDecoder", torch.Tensor, torch.Tensor, torch.Generator 
 
 def _beam(d: BoundDecoder, input_ids, attention_mask, generator) -> DecodeOutput:
     s = d.settings
-    return beam_search(d.target, input_ids, attention_mask, d.trie, s.num_beams, s.levels, header=d.header)
+    return beam_search(d.target, input_ids, attention_mask, d.trie, s.num_beams, s.levels, header=d.header,
+                       synced_clock=d.synced_clock)  # fmt: skip
 
 
 def _beam_sample(d: BoundDecoder, input_ids, attention_mask, generator) -> DecodeOutput:
     s = d.settings
     return beam_search(d.target, input_ids, attention_mask, d.trie, s.num_beams, s.levels, sample=True,
-                       generator=generator, header=d.header)  # fmt: skip
+                       generator=generator, header=d.header, synced_clock=d.synced_clock)  # fmt: skip
 
 
 def _spec(verify, sample: bool) -> Decoder:
@@ -66,12 +67,12 @@ def _spec(verify, sample: bool) -> Decoder:
         s = d.settings
         if d.planner is not None and d.planner.beam_list(s.levels):  # the plan is beam steps for the whole list
             out = beam_search(d.target, input_ids, attention_mask, d.trie, s.num_beams, s.levels, sample=sample,
-                              generator=generator, header=d.header)  # fmt: skip
+                              generator=generator, header=d.header, synced_clock=d.synced_clock)  # fmt: skip
             none = torch.zeros_like(out.stats.target_calls)
             return dataclasses.replace(out, stats=dataclasses.replace(out.stats, verified_nodes=none))
         return speculative_decode(
             d.target, d.draft, input_ids, attention_mask, d.trie, d.settings, verify, sample=sample,
-            generator=generator, planner=d.planner, header=d.header,
+            generator=generator, planner=d.planner, header=d.header, synced_clock=d.synced_clock,
         )  # fmt: skip
 
     return run
@@ -117,15 +118,23 @@ def check_levels(settings: DecodeSettings, trie: PrefixTrie) -> None:
         raise ValueError(f"levels = {settings.levels}, but the trie's identifiers have {trie.levels} tokens")
 
 
-def check_prompts(input_ids: torch.Tensor, mask: torch.Tensor) -> None:
-    """A non-empty left-padded prompt [B, P] for every request (one host sync)."""
+def check_prompts(input_ids: torch.Tensor, mask: torch.Tensor, bad: int | None = None) -> None:
+    """A non-empty left-padded prompt [B, P] for every request. ``bad``: ``prompt_faults`` already read back (the
+    bound decoder reads it with the header's length in one host sync); read here otherwise."""
     if input_ids.ndim != 2 or mask.shape != input_ids.shape:
         raise ValueError(f"prompts must be [B, P] with a mask of the same shape, got {tuple(input_ids.shape)} and "
                          f"{tuple(mask.shape)}")  # fmt: skip
-    if input_ids.shape[1] and bool(mask.bool().any(1).all()):  # one host sync per batch, none per step
+    if input_ids.shape[1] == 0:
+        raise ValueError(f"request 0 of the batch has an empty prompt ({len(input_ids)} empty in all)")
+    if (int(prompt_faults(mask)) if bad is None else bad) == 0:
         return
-    empty = (~mask.bool().any(1)).nonzero().flatten().tolist() if input_ids.shape[1] else list(range(len(input_ids)))
+    empty = (~mask.bool().any(1)).nonzero().flatten().tolist()  # the failure path may read back freely
     raise ValueError(f"request {empty[0]} of the batch has an empty prompt ({len(empty)} empty in all)")
+
+
+def prompt_faults(mask: torch.Tensor) -> torch.Tensor:
+    """[] on the device: how many prompts of the batch are faulty (empty)."""
+    return (~mask.bool().any(1)).sum()
 
 
 def check_list_length(k: int, num_items: int, key: str) -> None:
@@ -164,6 +173,7 @@ class BoundDecoder:
         draft: torch.nn.Module | None = None,
         generator: torch.Generator | None = None,
         share_header: bool = True,
+        synced_clock: bool = False,
     ) -> None:
         check_settings(name, settings)
         check_levels(settings, trie)
@@ -173,6 +183,18 @@ class BoundDecoder:
         self.generator = generator
         self.planner: BudgetPlanner | None = None
         self.header = PromptHeader() if share_header and name != "hf_beam" else None
+        self.synced_clock = synced_clock  # wait for the device at every stage switch (benchmarks' stage split)
+
+    def _check_batch(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
+        """Check the prompts and let the header learn from them: one host sync per batch for both."""
+        check_prompts(input_ids, attention_mask, bad=0)  # shapes only
+        facts = [prompt_faults(attention_mask)]
+        if self.header is not None:
+            facts.append(self.header.common_length(input_ids, attention_mask))
+        values = torch.stack(facts).tolist()
+        check_prompts(input_ids, attention_mask, bad=values[0])
+        if self.header is not None:
+            self.header.shrink(values[1], input_ids.shape[0])
 
     def _plan(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
         """With budget auto, build the planner on the first batch (cost model measured after its first prompt)."""
@@ -189,7 +211,7 @@ class BoundDecoder:
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, generator: torch.Generator | None = None
     ) -> DecodeOutput:
         """Decode a batch of left-padded prompts [B, P] (no gradients); ``generator`` overrides the bound one."""
-        check_prompts(input_ids, attention_mask)
+        self._check_batch(input_ids, attention_mask)
         check_context(self.target, input_ids.shape[1], self.settings.levels)
         if self.draft is not None:
             check_context(self.draft, input_ids.shape[1], self.settings.levels, "draft")
@@ -200,8 +222,6 @@ class BoundDecoder:
         # no_grad, not inference_mode: under ZeRO-3 (alignment's validation) parameters gathered here would turn
         # into inference tensors that the next training step cannot use
         with torch.no_grad():
-            if self.header is not None:
-                self.header.observe(input_ids, attention_mask)
             self._plan(input_ids, attention_mask)
             return DECODERS[self.name](self, input_ids, attention_mask, generator)
 

@@ -34,6 +34,7 @@ class TokenTree:
     candidate_log_q: tuple[torch.Tensor, ...]  # per level: [B, W_prev, V] draft log-probs of all candidates (relaxed)
     scores: torch.Tensor | None = None  # [B, G, N] cumulative scores the draft ranked its nodes by
     verified: torch.Tensor | None = None  # [B, G, N] nodes within the budget (None: every drafted node)
+    budget: int = 0  # with ``verified``: at most this many verified nodes per row
 
     @property
     def levels(self) -> int:
@@ -82,7 +83,7 @@ class TokenTree:
         b, k = self.parents.shape[0], self.roots
         keep = torch.cat([self.verified.new_ones(b, k), self.verified.reshape(b, -1)], dim=1)  # [B, Q]
         count = keep.sum(1)
-        width = int(count.max())
+        width = k + min(self.budget, self.levels * self.width)  # known on the host: no read-back
         index = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices[:, :width]  # kept first, in order
         valid = torch.arange(width, device=keep.device)[None, :] < count[:, None]
         index = index.masked_fill(~valid, 0)
@@ -152,7 +153,7 @@ def within_budget(tree: TokenTree, budget: int | None, by_score: bool = True) ->
     keep = ((budget_rank(tree, by_score) < budget).view_as(drafted) & drafted).clone()
     for g in range(1, tree.levels):
         keep[:, g] &= keep[:, g - 1].gather(1, tree.parents[:, g])
-    return dataclasses.replace(tree, verified=keep)
+    return dataclasses.replace(tree, verified=keep, budget=budget)
 
 
 def _pad_positions(visible: torch.Tensor, length: int) -> torch.Tensor:
@@ -169,13 +170,15 @@ def draft_tree(
     select: Select,
     keep_distributions: bool = False,
     root_logits: torch.Tensor | None = None,
+    longest_unfed: int | None = None,
 ) -> tuple[TokenTree, NodeTable]:
     """Draft ``levels`` steps of ``width`` beams from ``beams`` (the target's K beams, their target scores).
 
     ``beams`` is expressed against the draft cache; their unfed tails are fed first. The draft feeds levels
     0..G-1 (G forwards); level G stays unfed, so ``NodeTable.draft_visible`` of a level-G node is its parent's.
     From the root (``beams`` with nothing unfed), ``root_logits`` [B, V] are the draft's prefill logits: they give
-    level 1 without a forward, so G levels cost the prefill and G - 1 forwards.
+    level 1 without a forward, so G levels cost the prefill and G - 1 forwards. ``longest_unfed``: the longest unfed
+    tail of ``beams`` when the caller knows it (later levels feed one token each), so nothing is read back.
     """
     if levels == 0:  # a plain target step: nothing drafted, nothing fed
         empty = beams.scores.new_zeros(beams.scores.shape[0], 0, width)
@@ -187,7 +190,7 @@ def draft_tree(
         if g == 0 and root_logits is not None:
             logits = root_logits[:, None].expand(-1, beams.width, -1)  # [B, W, V]
         else:
-            logits, state = feed(draft, cache, state)  # [B, W, V]
+            logits, state = feed(draft, cache, state, longest_unfed if g == 0 else 1)  # [B, W, V]
         fed_states.append(state)
         vocab = logits.shape[-1]
         cand = candidates(logits, state.scores, state.trie_states, trie)  # [B, W * V]

@@ -53,22 +53,39 @@ class PromptHeader:
     tokens: torch.Tensor | None = None  # [H]
     prompts_seen: int = 0
     _kv: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict, repr=False)
+    _candidate: torch.Tensor | None = field(default=None, repr=False)  # row 0 of the first batch, left-aligned
 
     def observe(self, input_ids: torch.Tensor, mask: torch.Tensor) -> None:
-        """Shrink the header to the common prefix of itself and every prompt of the batch (one host sync)."""
+        """Shrink the header to the common prefix of itself and every prompt of the batch (one host sync; decoders
+        that check their prompts too read both back at once: ``common_length`` + ``shrink``)."""
+        self.shrink(int(self.common_length(input_ids, mask)), input_ids.shape[0])
+
+    def common_length(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """[] on the device: how much of the header (first: of row 0's prompt without its last token, as a header
+        never takes a whole prompt) every prompt of the batch starts with."""
         lengths = mask.long().sum(1)  # [B]
+        p = input_ids.shape[1]
+        start = p - lengths  # [B] first real column
+        ref = self.tokens
+        if ref is None:  # row 0's real tokens, left-aligned (only the first lengths[0] - 1 can count)
+            ref = self._candidate = input_ids[0].gather(
+                0, (start[0] + torch.arange(p, device=input_ids.device)).clamp(max=p - 1)
+            )
+        h = ref.numel()
+        if h == 0:
+            return lengths.new_zeros(())
+        steps = torch.arange(h, device=input_ids.device)[None, :]
+        same = input_ids.gather(1, (start[:, None] + steps).clamp(max=p - 1)) == ref[None, :]
+        same &= steps < (lengths - 1)[:, None]
+        return same.long().cumprod(1).sum(1).min()
+
+    def shrink(self, common: int, batch: int) -> None:
+        """Keep the first ``common`` header tokens (``common_length``, read back), after a batch of ``batch``."""
         if self.tokens is None:
-            first = input_ids[0, input_ids.shape[1] - int(lengths[0]) :]
-            self.tokens = first[:-1].clone()  # a header never takes a whole prompt
-        h = self.tokens.numel()
-        start = input_ids.shape[1] - lengths  # [B] first real column
-        column = (start[:, None] + torch.arange(h, device=input_ids.device)[None, :]).clamp(max=input_ids.shape[1] - 1)
-        same = input_ids.gather(1, column) == self.tokens.to(input_ids.device)[None, :]
-        same &= torch.arange(h, device=input_ids.device)[None, :] < (lengths - 1)[:, None]
-        common = int(same.long().cumprod(1).sum(1).min()) if h else 0
-        if common < h:
+            self.tokens = self._candidate[:common].clone()
+        elif common < self.tokens.numel():
             self.tokens, self._kv = self.tokens[:common], {}
-        self.prompts_seen += input_ids.shape[0]
+        self.prompts_seen += batch
 
     @property
     def usable(self) -> bool:

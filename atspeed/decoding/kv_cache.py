@@ -58,14 +58,16 @@ def select_rows(cache: DynamicCache, rows: torch.Tensor) -> None:
         layer.values = layer.values.index_select(0, rows.to(layer.values.device))
 
 
-def keep_index(needed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def keep_index(needed: torch.Tensor, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Compaction plan for ``needed`` [B, S] (bool): ``(index [B, S'], kept [B, S'])``.
 
     ``index`` lists each row's needed positions first, in their original order, then filler positions; ``kept``
-    marks the real ones. S' = the largest number of needed positions in any row.
+    marks the real ones. S' = ``width``, the largest number of needed positions in any row (read back from the
+    device when not given).
     """
     count = needed.sum(1)  # [B]
-    width = int(count.max()) if needed.numel() else 0
+    if width is None:
+        width = int(count.max()) if needed.numel() else 0
     order = torch.sort((~needed).to(torch.int8), dim=1, stable=True).indices  # needed first, order preserved
     index = order[:, :width]
     kept = torch.arange(width, device=needed.device)[None, :] < count[:, None]

@@ -101,9 +101,7 @@ def _recursive_draws(inp: LevelInput, vocab: int) -> torch.Tensor:
     chosen = torch.zeros_like(p, dtype=torch.bool)
     q_left = torch.ones(b, dtype=p.dtype, device=p.device)  # [B] q mass of the unconsumed (off the grid included)
     r = p  # [B, K * V] the working target of the current slot
-    for j in range(n):
-        if not bool((inp.can_match & (slot < k)).any()):
-            break
+    for j in range(n):  # all N drafts: rows done early only see ``live`` false (no read-back to stop sooner)
         live = inp.can_match & (slot < k) & real[:, j]  # [B] rows proposing draft j to their current slot
         x = index[:, j : j + 1]  # [B, 1]
         norm = q_left.clamp(min=_TINY)
@@ -124,7 +122,7 @@ def _recursive_draws(inp: LevelInput, vocab: int) -> torch.Tensor:
 def verify_level(inp: LevelInput) -> LevelDecision:
     k = inp.current.shape[1]
     vocab = inp.cand.shape[1] // k
-    if inp.level > inp.tree.levels or not bool(inp.can_match.any()):  # the bonus step: K draws from p
+    if inp.level > inp.tree.levels:  # the bonus step: K draws from p
         parents, tokens, scores = select_sample(inp.cand, k, vocab, inp.generator)
         return LevelDecision(torch.zeros_like(inp.can_match), parents, scores, parents, tokens, scores)
     chosen = _recursive_draws(inp, vocab)  # [B, K]

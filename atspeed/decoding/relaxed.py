@@ -39,7 +39,7 @@ def verify_level(inp: LevelInput) -> LevelDecision:
     k = inp.current.shape[1]
     vocab = inp.cand.shape[1] // k
     gen, tree, g = inp.generator, inp.tree, inp.level
-    if g > tree.levels or not bool(inp.can_match.any()):
+    if g > tree.levels:  # the bonus step (rows that cannot match at g take it below too)
         parents, tokens, scores = select_sample(inp.cand, k, vocab, gen)
         return LevelDecision(torch.zeros_like(inp.can_match), parents, scores, parents, tokens, scores)
     # 1. accept each drafted sequence with probability min(1, p / q)

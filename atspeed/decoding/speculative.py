@@ -2,198 +2,102 @@
 
 One iteration for a batch of B requests (each at its own depth; SPEC section 5):
 
-1. the draft runs G = min(gamma, levels left) beam steps of width N from the target's K beams and their target
-   scores (``draft_tree``);
-2. the target runs ONE forward over the K beams' newest tokens plus the tree (tree attention);
-3. a verification rule (``strict`` or ``relaxed``) walks the levels: each row accepts m levels and gets K new beams
-   at depth m + 1 (a correction, or the bonus step when all of its levels passed): m + 1 tokens per target call;
+1. propose: the draft runs G = min(gamma, levels left) beam steps of width N from the target's K beams and their
+   target scores (``draft_tree``);
+2. verify: the target runs ONE forward over the K beams' newest tokens plus the tree (``tree_forward``);
+3. accept: a verification rule (``strict``, ``relaxed``, ``recursive``) walks the levels on the device (``accept``):
+   each row accepts m levels and gets K new beams at depth m + 1 (a correction, or the bonus step when all of its
+   levels passed): m + 1 tokens per target call;
 4. both caches keep only what the new beams attend (the accepted paths); finished requests leave the batch.
 
 The draft goes first: the first iteration drafts from the root (the draft's prefill gives level 1), and the
-target's first call takes the prompts together with that tree (``_first_forward``), so the target has no prefill
+target's first call takes the prompts together with that tree (``first_forward``), so the target has no prefill
 call of its own: a list whose first tree holds the target's whole beam search (a perfect draft, gamma >= L)
 costs one target call.
+
+Host work: every shape the loop needs (rows still decoding, cache widths after compaction, the longest unfed
+draft tail, levels left) and every counter comes back in ONE read-back per call (``_read_back``), after the
+verdict; nothing else in the loop waits for the device.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from transformers import DynamicCache
 
 from atspeed.decoding import kv_cache
-from atspeed.decoding.adaptive import BudgetPlanner, needed_budgets
-from atspeed.decoding.beam import BeamState, candidates, extend, root_state, select_sample, select_top
+from atspeed.decoding.accept import Verdict, beam_step, decide, needed
+from atspeed.decoding.adaptive import BudgetPlanner
+from atspeed.decoding.beam import BeamState, extend, root_state, select_sample, select_top
 from atspeed.decoding.draft_tree import NodeTable, TokenTree, draft_tree, within_budget
 from atspeed.decoding.header import PromptHeader, Prompts
 from atspeed.decoding.output import DecodeOutput, StageClock
 from atspeed.decoding.settings import DecodeSettings
-from atspeed.decoding.tree_attention import forward_tree, prefill, prompt_positions
-from atspeed.decoding.verify import LevelInput, VerifyLevel
+from atspeed.decoding.tree_attention import prefill
+from atspeed.decoding.tree_forward import first_forward, verify_forward
+from atspeed.decoding.verify import VerifyLevel
 from atspeed.items.trie import PrefixTrie
 
 
 @dataclass(frozen=True)
-class Verdict:
-    """Per row: ``accepted`` levels m, then K new beams = node ``nodes`` + ``tokens`` (none where ``complete``)."""
+class _Seen:
+    """What the host learns after a call, in one read-back, for each row of the batch (in batch order)."""
 
-    accepted: torch.Tensor  # [B]
-    nodes: torch.Tensor  # [B, K] parent node ids (level m)
-    tokens: torch.Tensor  # [B, K]
-    scores: torch.Tensor  # [B, K]
-    complete: torch.Tensor  # [B] the accepted nodes already hold all L tokens
-    chosen: tuple[torch.Tensor, ...] = ()  # per drafted level g: [B, K] nodes chosen there (rows that accepted g)
+    depth: list[int]  # tokens generated (>= levels: finished)
+    accepted: list[int]
+    verified: list[int]  # drafted nodes verified
+    target_kept: list[int]  # target-cache positions the row's beams attend (the compaction width is their max)
+    draft_kept: list[int]
+    draft_unfed: list[int]  # tokens the draft has not fed yet
+    needed: torch.Tensor | None  # [B, G] for the budget planner (host)
 
+    def going(self, levels: int) -> list[bool]:
+        return [d < levels for d in self.depth]
 
-def _select(selection, anc: torch.Tensor, *rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Restrict a forward to the selected nodes: ``anc`` [B, Q, Q] -> [B, R, R], each [B, Q, ...] -> [B, R, ...]."""
-    if selection is None:
-        return (anc, *rows)
-    index, valid, _ = selection
-    b, r = index.shape
-    anc = anc.gather(1, index[..., None].expand(b, r, anc.shape[2])).gather(2, index[:, None, :].expand(b, r, r))
-    picked = [x.gather(1, index.view(b, r, *[1] * (x.ndim - 2)).expand(b, r, *x.shape[2:])) for x in rows]
-    return (anc & valid[:, None, :] & valid[:, :, None], *picked)
+    def widest(self, values: list[int], levels: int) -> int:
+        """The largest of ``values`` over the rows still decoding."""
+        return max((v for v, go in zip(values, self.going(levels), strict=True) if go), default=0)
 
 
-def _unselect(selection, logits: torch.Tensor, anc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits of every node [B, Q, V] (pruned ones: meaningless) and ``anc`` over the computed columns [B, Q, R]."""
-    if selection is None:
-        return logits, anc
-    index, valid, slot = selection
-    b, q = slot.shape
-    logits = logits.gather(1, slot[..., None].expand(b, q, logits.shape[2]))
-    return logits, anc.gather(2, index[:, None, :].expand(b, q, index.shape[1])) & valid[:, None, :]
+def _read_back(t_beams: BeamState, d_beams: BeamState, verdict: Verdict, tree: TokenTree, need) -> _Seen:
+    """One device-to-host copy of everything the next iteration and the counters need."""
+    b = t_beams.depth.shape[0]
+    columns = [
+        t_beams.depth, verdict.accepted, tree.drafted_count(), t_beams.visible.any(1).sum(1),
+        d_beams.visible.any(1).sum(1), d_beams.depth - d_beams.fed,
+    ]  # fmt: skip
+    flat = torch.cat([c.long() for c in columns] + ([need.reshape(-1)] if need is not None else []))
+    values = flat.tolist()  # the call's one host sync
+    per_row = [values[i * b : (i + 1) * b] for i in range(len(columns))]
+    host_need = torch.tensor(values[len(columns) * b :]).view(b, -1) if need is not None else None
+    return _Seen(*per_row, needed=host_need)
 
 
-def _verify_forward(
-    target: torch.nn.Module, cache: DynamicCache, beams: BeamState, tree: TokenTree
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Target logits at every tree node [B, Q, V] and what each node attends [B, Q, S + R] (R nodes computed:
-    all Q, or the roots and the verified ones under a budget)."""
-    if not bool((beams.depth - beams.fed == 1).all()):
-        raise RuntimeError("target beams must have exactly one unfed token before verification")
-    b, k, s = beams.visible.shape
-    anc, root = tree.ancestry()  # [B, Q, Q], [B, Q]
-    newest = beams.sequences.gather(2, (beams.depth - 1)[:, None, None].expand(b, k, 1))[..., 0]  # [B, K]
-    tokens = torch.cat([newest, tree.tokens.reshape(b, -1)], dim=1)  # [B, Q]
-    positions = (beams.prompt_lengths + beams.depth - 1)[:, None] + tree.node_levels()[None, :]
-    past = beams.visible.gather(1, root[..., None].expand(b, tree.num_nodes, s))  # [B, Q, S]
-    selection = tree.selection()
-    tree_mask, tokens_r, positions_r, past_r = _select(selection, anc, tokens, positions, past)
-    logits = forward_tree(target, cache, tokens_r, positions_r, past_r, tree_mask)
-    logits, anc = _unselect(selection, logits, anc)
-    return logits, torch.cat([past, anc], dim=2)
+@dataclass
+class _Counters:
+    """Per list (original batch order): target calls, draft calls, drafted nodes verified; per verification (a call
+    that drafted): the accepted depth. Kept on the host from the read-backs."""
 
+    target_calls: list[int]
+    draft_calls: list[int]
+    verified: list[int]
+    accepted: list[int] = field(default_factory=list)
 
-def _first_forward(
-    target: torch.nn.Module, cache: DynamicCache, prompts: Prompts, tree: TokenTree
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first target call: the prompts [B, P] and the tree drafted from the root, in one forward.
+    def record(self, rows: list[int], drafts: int, seen: _Seen, drafted: bool) -> None:
+        for i, row in enumerate(rows):
+            self.target_calls[row] += 1
+            self.draft_calls[row] += drafts
+            self.verified[row] += seen.verified[i]
+        if drafted:
+            self.accepted.extend(seen.accepted)
 
-    Prompt tokens attend the shared header (when ``prompts`` has one in the cache) and causally each other (padding
-    excluded); tree nodes attend the whole prompt and their ancestors. The K roots are copies of the empty beam,
-    i.e. the last prompt position. Returns what ``_verify_forward`` returns, over the cache the call leaves (the
-    header, the prompts, then the computed drafted nodes).
-    """
-    input_ids, past = prompts.input_ids, prompts.past
-    b, p = input_ids.shape
-    k = tree.roots
-    real = prompts.mask.bool()
-    seen = prompts.visible  # [B, past + P]
-    anc, _ = tree.ancestry()
-    positions = (seen.long().sum(1) - 1)[:, None] + tree.node_levels()[None, :]
-    tokens = torch.cat([input_ids[:, -1:].expand(b, k), tree.tokens.reshape(b, -1)], dim=1)
-    selection = tree.selection()
-    tree_mask, tokens, positions = _select(selection, anc, tokens, positions)
-    # the roots are the prompt's last position: drop them from the forward, the prompt takes their place
-    nodes, node_tree, node_positions = tokens[:, k:], tree_mask[:, k:, k:], positions[:, k:]
-    t = nodes.shape[1]
-    causal = torch.ones(p, p, dtype=torch.bool, device=real.device).tril()[None] & real[:, None, :]
-    node_prompt = real[:, None, :].expand(b, t, p)
-    allowed = torch.cat(
-        [torch.cat([causal, causal.new_zeros(b, p, t)], dim=2), torch.cat([node_prompt, node_tree], dim=2)], dim=1
-    )  # [B, P + T, P + T]; every token also attends the cached header
-    logits = forward_tree(
-        target, cache, torch.cat([input_ids, nodes], dim=1),
-        torch.cat([past + prompt_positions(prompts.mask), node_positions], dim=1),
-        real.new_ones(b, p + t, past), allowed, t + 1,
-    )  # fmt: skip
-    logits = torch.cat([logits[:, :1].expand(b, k, logits.shape[2]), logits[:, 1:]], dim=1)  # [B, R, V]
-    logits, anc = _unselect(selection, logits, anc)
-    # every node sees the header and the real prompt; among the computed columns, its drafted ancestors
-    return logits, torch.cat([seen[:, None, :].expand(b, anc.shape[1], past + p), anc[:, :, k:]], dim=2)
-
-
-def _decide(
-    logits: torch.Tensor,
-    tree: TokenTree,
-    table: NodeTable,
-    beams: BeamState,
-    levels: int,
-    trie: PrefixTrie,
-    verify_level: VerifyLevel,
-    generator: torch.Generator | None,
-) -> Verdict:
-    """Walk the tree level by level with ``verify_level`` until every row has stopped."""
-    b, k = beams.scores.shape
-    remaining = levels - beams.depth  # [B]
-    reachable = remaining.clamp(max=tree.levels)
-    current = torch.arange(k, device=logits.device).expand(b, k)
-    scores, trie_states = beams.scores, beams.trie_states
-    active = torch.ones(b, dtype=torch.bool, device=logits.device)
-    verdict = Verdict(torch.zeros_like(remaining), current, torch.zeros_like(current), scores, ~active)
-    chosen: list[torch.Tensor] = []
-    for g in range(1, tree.levels + 2):
-        if not bool(active.any()):
-            break
-        node_logits = logits.gather(1, current[..., None].expand(b, k, logits.shape[2]))  # [B, K, V]
-        cand = candidates(node_logits, scores, trie_states, trie)
-        d = verify_level(LevelInput(cand, current, g, active & (g <= reachable), tree, generator))
-        ok = active & d.ok
-        stop = (active & ~ok)[:, None]  # [B, 1]
-        complete = stop[:, 0] & (remaining == g - 1)  # [B] nothing left to choose
-        full = complete[:, None]
-        verdict = Verdict(
-            accepted=torch.where(stop[:, 0], g - 1, verdict.accepted),
-            nodes=torch.where(stop, torch.where(full, current, current.gather(1, d.stop_parents)), verdict.nodes),
-            tokens=torch.where(stop, d.stop_tokens, verdict.tokens),
-            scores=torch.where(stop, torch.where(full, scores, d.stop_scores), verdict.scores),
-            complete=verdict.complete | complete,
-        )
-        keep = ok[:, None]
-        if g <= tree.levels:
-            chosen.append(d.next_nodes)
-        current = torch.where(keep, d.next_nodes, current)
-        scores = torch.where(keep, d.next_scores, scores)
-        trie_states = torch.where(keep, table.trie_states.gather(1, current), trie_states)
-        active = ok
-    return dataclasses.replace(verdict, chosen=tuple(chosen))
-
-
-def _beam_step(logits: torch.Tensor, beams: BeamState, trie: PrefixTrie, select) -> Verdict:
-    """The verdict of a call with an empty tree: K new beams chosen from the beams' next-token ``logits`` [B, K, V]."""
-    b, k, vocab = logits.shape
-    parents, tokens, scores = select(candidates(logits, beams.scores, beams.trie_states, trie), k, vocab)
-    none = torch.zeros(b, dtype=torch.long, device=logits.device)
-    return Verdict(none, parents, tokens, scores, none.bool())
-
-
-def _needed(tree: TokenTree, verdict: Verdict, by_score: bool) -> torch.Tensor:
-    """[B, G] budgets that would have kept each accepted depth (``adaptive.needed_budgets``)."""
-    if tree.levels == 0:
-        return tree.log_q.new_zeros(tree.log_q.shape[0], 0, dtype=torch.long)
-    return needed_budgets(tree, list(verdict.chosen), by_score)
-
-
-def _compact(cache: DynamicCache, beams: BeamState) -> BeamState:
-    """Keep only the cache positions some beam attends; re-express ``visible`` over the kept ones."""
-    index, kept = kv_cache.keep_index(beams.visible.any(1))
-    kv_cache.gather_positions(cache, index)
-    return beams.gather_visible(index, kept)
+    def tensors(self) -> tuple:
+        long = functools.partial(torch.tensor, dtype=torch.long)
+        return long(self.target_calls), long(self.draft_calls), [long(self.accepted)], long(self.verified)
 
 
 @dataclass(frozen=True)
@@ -205,42 +109,25 @@ class DecodeOutputBuffer:
 
 
 def _retire(
-    finished: torch.Tensor, rows: torch.Tensor, beams: tuple[BeamState, BeamState], caches, out: DecodeOutputBuffer
+    going: int, levels: int, rows: torch.Tensor, beams: tuple[BeamState, BeamState], caches, out: DecodeOutputBuffer
 ) -> tuple[torch.Tensor, tuple[BeamState, BeamState]]:
-    """Copy finished rows' beams to ``out`` and drop them from the batch (states and both caches)."""
+    """Copy finished rows' beams to ``out`` and drop them from the batch (states and both caches); ``going``, the
+    number of rows still decoding, is known on the host, so the split needs no read-back."""
     t_beams, d_beams = beams
-    done = finished.nonzero()[:, 0]
+    order = torch.sort((t_beams.depth >= levels).long(), stable=True).indices  # going rows first, in order
+    done, kept = order[going:], order[:going]
     out.sequences[rows[done]] = t_beams.sequences[done, :, : out.sequences.shape[2]]
     out.scores[rows[done]] = t_beams.scores[done]
-    going = (~finished).nonzero()[:, 0]
     for cache in caches:
-        kv_cache.select_rows(cache, going)
-    return rows[going], (t_beams.select_rows(going), d_beams.select_rows(going))
+        kv_cache.select_rows(cache, kept)
+    return rows[kept], (t_beams.select_rows(kept), d_beams.select_rows(kept))
 
 
-@dataclass
-class _Counters:
-    """Per list: target calls, draft calls, drafted nodes verified; per verification (a call that drafted): the
-    accepted depth."""
-
-    target_calls: torch.Tensor
-    draft_calls: torch.Tensor
-    verified: torch.Tensor
-    accepted: list[torch.Tensor]
-
-    @classmethod
-    def zeros(cls, b: int) -> _Counters:
-        return cls(*(torch.zeros(b, dtype=torch.long) for _ in range(3)), [])
-
-    def record(self, rows: torch.Tensor, draft_calls: int, tree: TokenTree, verdict: Verdict | None) -> None:
-        self.target_calls[rows] += 1
-        self.draft_calls[rows] += draft_calls
-        self.verified[rows] += tree.drafted_count().cpu()
-        if verdict is not None:
-            self.accepted.append(verdict.accepted.cpu())
-
-    def totals(self) -> tuple:
-        return self.target_calls, self.draft_calls, self.accepted, self.verified
+def _compact(cache: DynamicCache, beams: BeamState, width: int) -> BeamState:
+    """Keep only the ``width`` cache positions (at most) some beam attends; re-express ``visible`` over them."""
+    index, kept = kv_cache.keep_index(beams.visible.any(1), width)
+    kv_cache.gather_positions(cache, index)
+    return beams.gather_visible(index, kept)
 
 
 def _advance(
@@ -266,6 +153,45 @@ def _advance(
     )  # fmt: skip
 
 
+@dataclass
+class _Loop:
+    """The loop's state between calls: both models' beams and caches, the rows still decoding and what the host
+    knows of them."""
+
+    t_beams: BeamState
+    d_beams: BeamState
+    caches: list[DynamicCache]
+    rows: torch.Tensor  # [B'] original index of each row still decoding (device)
+    host_rows: list[int]
+    prefilled: bool = False
+    seen: _Seen | None = None
+
+    def next_call(self, levels: int, out: DecodeOutputBuffer) -> int:
+        """Retire finished rows, compact both caches; the most levels any row has left (0: all done)."""
+        seen = self.seen
+        if seen is None:
+            return levels
+        going = seen.going(levels)
+        if not all(going):
+            self.rows, (self.t_beams, self.d_beams) = _retire(
+                sum(going), levels, self.rows, (self.t_beams, self.d_beams), self.caches, out
+            )
+            self.host_rows = [r for r, go in zip(self.host_rows, going, strict=True) if go]
+        if not self.host_rows:
+            return 0
+        self.t_beams = _compact(self.caches[0], self.t_beams, seen.widest(seen.target_kept, levels))
+        if self.prefilled:
+            self.d_beams = _compact(self.caches[1], self.d_beams, seen.widest(seen.draft_kept, levels))
+        return levels - min(d for d, go in zip(seen.depth, going, strict=True) if go)
+
+    def draft_prefill(self, draft: torch.nn.Module, prompts: Prompts) -> torch.Tensor:
+        """The draft's prefill of the rows still decoding: its logits [B', V] give level 1."""
+        rest = prompts.select(self.rows)
+        self.caches[1] = rest.cache(draft, len(self.host_rows))
+        self.prefilled = True
+        return prefill(draft, self.caches[1], rest.input_ids, rest.mask, rest.past)
+
+
 def speculative_decode(
     target: torch.nn.Module,
     draft: torch.nn.Module,
@@ -278,12 +204,14 @@ def speculative_decode(
     generator: torch.Generator | None = None,
     planner: BudgetPlanner | None = None,
     header: PromptHeader | None = None,
+    synced_clock: bool = False,
 ) -> DecodeOutput:
     """Top-K identifiers of L tokens per left-padded prompt [B, P], N beams drafted gamma deep (``settings``).
 
     Each call verifies at most ``settings.budget`` drafted nodes (None: all; 0: plain beam steps, nothing drafted);
     with ``budget="auto"``, what the ``planner`` plans from the calls it has observed (``adaptive``). A ``header``
     that has learned the prompts' shared header puts its cached keys/values in both caches instead of recomputing it.
+    ``synced_clock`` waits for the device at each stage switch (the benchmark's stage split).
     """
     num_beams, levels, draft_beams, gamma = settings.num_beams, settings.levels, settings.draft_beams, settings.gamma
     budget = None if settings.budget == "auto" else settings.budget
@@ -291,58 +219,52 @@ def speculative_decode(
         raise ValueError("relaxed (sampling) decoding needs a generator")
     b, device = input_ids.shape[0], input_ids.device
     select = functools.partial(select_sample, generator=generator) if sample else select_top
-    clock = StageClock(device)
+    clock = StageClock(device, sync=synced_clock)
     prompts = header.split(input_ids, attention_mask) if header is not None else Prompts(input_ids, attention_mask)
-    caches = [prompts.cache(target, b), kv_cache.new_cache()]  # target, draft (the header only, if any)
-    # neither model has seen the prompts: the target's first call takes them with the first tree (_first_forward);
+    # neither model has seen the prompts: the target's first call takes them with the first tree (first_forward);
     # the draft prefills when it first drafts (never, while a budget of 0 keeps to plain beam steps)
-    t_beams = d_beams = root_state(prompts.visible, levels + gamma + 1, width=num_beams)
+    root = root_state(prompts.visible, levels + gamma + 1, width=num_beams)
+    loop = _Loop(root, root, [prompts.cache(target, b), kv_cache.new_cache()], torch.arange(b, device=device),
+                 list(range(b)))  # fmt: skip
     out = DecodeOutputBuffer(
         torch.zeros(b, num_beams, levels, dtype=torch.long, device=device), torch.zeros(b, num_beams, device=device)
     )
-    count = _Counters.zeros(b)
-    rows = torch.arange(b, device=device)  # original index of each row still decoding
-    first, prefilled = True, False
-    while True:
-        if not first:
-            finished = t_beams.depth >= levels
-            if bool(finished.any()):
-                rows, (t_beams, d_beams) = _retire(finished, rows, (t_beams, d_beams), caches, out)
-            if rows.numel() == 0:
-                break
-            t_beams = _compact(caches[0], t_beams)
-            d_beams = _compact(caches[1], d_beams) if prefilled else d_beams
+    count = _Counters([0] * b, [0] * b, [0] * b)
+    depth_before = [0] * b
+    while left := loop.next_call(levels, out):
+        first = loop.seen is None
         m = planner.plan() if planner is not None else budget
         m = m if m is not None else gamma * draft_beams
-        g = min(gamma, int((levels - t_beams.depth).max())) if m != 0 else 0
+        g = min(gamma, left) if m != 0 else 0
         clock.switch("draft")
-        root_logits = None
-        if g and not prefilled:  # d_beams still see the prompts only, none of their tokens fed
-            rest = prompts.select(rows)
-            caches[1] = rest.cache(draft, rows.numel())
-            root_logits = prefill(draft, caches[1], rest.input_ids, rest.mask, rest.past)  # [B, V]: level 1
-            count.draft_calls[rows.cpu()] += 1
-            prefilled = True
+        root_logits = loop.draft_prefill(draft, prompts) if g and not loop.prefilled else None
+        drafts = g - int(first and g > 0) + int(root_logits is not None)  # the first prefill gives level 1
         tree, table = draft_tree(
-            draft, caches[1], d_beams, trie, draft_beams, g, select, keep_distributions=sample,
+            draft, loop.caches[1], loop.d_beams, trie, draft_beams, g, select, keep_distributions=sample,
             root_logits=root_logits if first else None,
+            longest_unfed=loop.seen.widest(loop.seen.draft_unfed, levels) if loop.seen else 0,
         )  # fmt: skip
         tree = within_budget(tree, m, by_score=not sample)
         clock.switch("verify")
         if first:
-            logits, node_visible = _first_forward(target, caches[0], prompts, tree)
+            logits, node_visible = first_forward(target, loop.caches[0], prompts, tree)
         else:
-            logits, node_visible = _verify_forward(target, caches[0], t_beams, tree)
+            logits, node_visible = verify_forward(target, loop.caches[0], loop.t_beams, tree)
         if g:
-            verdict = _decide(logits, tree, table, t_beams, levels, trie, verify_level, generator)
+            verdict = decide(logits, tree, table, loop.t_beams, levels, trie, verify_level, generator)
         else:  # nothing drafted: the target's own beam step (what every rule's bonus step is)
-            verdict = _beam_step(logits[:, :num_beams], t_beams, trie, select)
+            verdict = beam_step(logits[:, :num_beams], loop.t_beams, trie, select)
         clock.switch("other")
-        if planner is not None and g:  # a beam step always gains one token: nothing to learn
-            planner.observe(m, verdict.accepted, _needed(tree, verdict, not sample), levels - t_beams.depth)
-        count.record(rows.cpu(), g - int(first and g > 0), tree, verdict if g else None)  # first: the prefill gave 1
-        first = False
-        t_beams, d_beams = _advance(t_beams, d_beams, verdict, table, node_visible, g, trie)
+        t_beams, loop.d_beams = _advance(loop.t_beams, loop.d_beams, verdict, table, node_visible, g, trie)
+        need = needed(tree, verdict, not sample) if planner is not None and g else None
+        loop.t_beams, loop.seen = t_beams, _read_back(t_beams, loop.d_beams, verdict, tree, need)
+        count.record(loop.host_rows, drafts, loop.seen, drafted=g > 0)
+        if need is not None:  # a beam step always gains one token: nothing to learn
+            accepted = torch.tensor(loop.seen.accepted)
+            remaining = torch.tensor([levels - depth_before[r] for r in loop.host_rows])
+            planner.observe(m, accepted, loop.seen.needed, remaining)
+        for i, row in enumerate(loop.host_rows):
+            depth_before[row] = loop.seen.depth[i]
     scores, order = out.scores.sort(dim=1, descending=True, stable=True)
     sequences = out.sequences.gather(1, order[..., None].expand_as(out.sequences))
-    return DecodeOutput(sequences, scores, clock.stats(*count.totals()))
+    return DecodeOutput(sequences, scores, clock.stats(*count.tensors()))

@@ -9,6 +9,8 @@ the mask is fully blocked (sdpa would return NaN there).
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from transformers import DynamicCache
 
@@ -20,6 +22,39 @@ def model_dtype(model: torch.nn.Module) -> torch.dtype:
         return first.dtype
     dtype = getattr(model, "dtype", None)
     return dtype if isinstance(dtype, torch.dtype) else torch.float32
+
+
+_FP32_HEADS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _fp32_head(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A float32 copy of the output embedding (weight, bias), made once per model, device and weight version (a
+    draft validated while it trains gets a fresh copy after each optimizer step)."""
+    head = model.get_output_embeddings()
+    weight = head.weight
+    cached = _FP32_HEADS.get(model)
+    if cached is None or cached[2] is not weight or cached[3] != weight._version:
+        bias = getattr(head, "bias", None)
+        cached = (weight.detach().float(), None if bias is None else bias.detach().float(), weight, weight._version)
+        _FP32_HEADS[model] = cached
+    return cached[0], cached[1]
+
+
+def run_model(model: torch.nn.Module, keep: int, **inputs) -> torch.Tensor:
+    """float32 logits [B, Q or keep, V] of ``model`` on ``inputs`` (a forward that fills the cache).
+
+    A float32 model returns them as they are. A lower-precision one (bf16/fp16) runs its body in its own dtype and
+    its final hidden state goes through the output embedding in float32 (``_fp32_head``): bf16 logits come in steps
+    of 0.06-0.125 at the values decoding meets, which turns close candidates into exact ties. Models without a
+    ``base_model`` body (test stubs) return their logits as float32.
+    """
+    body = getattr(model, "base_model", model)
+    if model_dtype(model) == torch.float32 or body is model:
+        return model(**inputs, use_cache=True, logits_to_keep=keep).logits.float()
+    hidden = body(**inputs, use_cache=True).last_hidden_state
+    hidden = hidden[:, -keep:] if keep else hidden
+    weight, bias = _fp32_head(model)
+    return torch.nn.functional.linear(hidden.float(), weight, bias)
 
 
 def float_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -44,15 +79,10 @@ def forward_tree(
     """
     diagonal = torch.eye(tokens.shape[1], dtype=torch.bool, device=tokens.device)[None]
     allowed = torch.cat([past, tree | diagonal], dim=2)  # [B, Q, S + Q]
-    out = model(
-        input_ids=tokens,
-        attention_mask=float_mask(allowed, model_dtype(model)),
-        position_ids=positions,
+    return run_model(
+        model, keep, input_ids=tokens, attention_mask=float_mask(allowed, model_dtype(model)), position_ids=positions,
         past_key_values=cache,
-        use_cache=True,
-        logits_to_keep=keep,
-    )
-    return out.logits.float()
+    )  # fmt: skip
 
 
 def prompt_positions(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -78,12 +108,7 @@ def prefill(
     allowed = causal[None] & real[:, None, :]  # [B, P, P]; pad rows keep their diagonal (see forward_tree)
     allowed |= torch.eye(p, dtype=torch.bool, device=input_ids.device)[None]
     allowed = torch.cat([real.new_ones(b, p, past), allowed], dim=2)
-    out = model(
-        input_ids=input_ids,
-        attention_mask=float_mask(allowed, model_dtype(model)),
-        position_ids=past + prompt_positions(attention_mask),
-        past_key_values=cache,
-        use_cache=True,
-        logits_to_keep=1,
-    )
-    return out.logits[:, -1].float()
+    return run_model(
+        model, 1, input_ids=input_ids, attention_mask=float_mask(allowed, model_dtype(model)),
+        position_ids=past + prompt_positions(attention_mask), past_key_values=cache,
+    )[:, -1]  # fmt: skip

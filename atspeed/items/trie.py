@@ -24,7 +24,7 @@ import torch
 
 Rule = Literal["exact", "per_position"]
 RULES: tuple[Rule, ...] = ("exact", "per_position")
-DENSE_MASK_LIMIT = 1 << 26  # states x vocabulary booleans (64 MiB) up to which masks come from a precomputed table
+DENSE_MASK_LIMIT = 1 << 26  # states x identifier-span booleans (64 MiB) up to which masks come from a precomputed table
 
 
 @dataclass(frozen=True)
@@ -162,13 +162,27 @@ class PrefixTrie:
         """Root states [n] for ``n`` beams."""
         return torch.zeros(n, dtype=torch.long, device=self.device)
 
+    def on(self, device: str | torch.device) -> PrefixTrie:
+        """This trie on ``device``: itself, or a copy made on first use and kept (one per device)."""
+        device = torch.device(device)
+        if device == self.device or (device.index is None and device.type == self.device.type):
+            return self
+        key = str(device)
+        if key not in self._copies:
+            self._copies[key] = self.to(device)
+        return self._copies[key]
+
+    @functools.cached_property
+    def _copies(self) -> dict[str, PrefixTrie]:
+        return {}
+
     def advance(self, states: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """Next states [M] after appending ``tokens`` [M] to ``states`` [M]; -1 if not allowed (dead stays dead).
 
         EOS after a complete identifier (when ``eos_token_id`` is set) keeps the state, so finished beams can
-        be advanced with EOS padding.
+        be advanced with EOS padding. Runs on the states' device (the trie follows them: ``on``).
         """
-        g = self.graph
+        g = self.on(states.device).graph
         nxt = _step(g.keys, g.child_state, states, tokens, self.vocab_size)
         if self.eos_token_id is not None:
             at_leaf = (states >= 0) & (g.depth[states.clamp(min=0)] == self.levels) & (tokens == self.eos_token_id)
@@ -176,32 +190,37 @@ class PrefixTrie:
         return nxt
 
     @functools.cached_property
+    def span(self) -> tuple[int, int]:
+        """``[lo, hi)``: the token ids the graph's edges use (identifier tokens sit together in a vocabulary)."""
+        tokens = self.graph.child_token
+        return (int(tokens.min()), int(tokens.max()) + 1) if tokens.numel() else (0, 0)
+
+    @functools.cached_property
     def _table(self) -> torch.Tensor | None:
-        """Every state's mask [S, V], when that fits in ``DENSE_MASK_LIMIT`` booleans (decoding then indexes it)."""
-        if self.num_states * self.vocab_size > DENSE_MASK_LIMIT:
+        """Every state's mask over the identifier span [S, hi - lo] (EOS apart), when that fits in
+        ``DENSE_MASK_LIMIT`` booleans: a LLaMA-sized vocabulary costs only its identifier columns."""
+        lo, hi = self.span
+        if self.num_states * (hi - lo) > DENSE_MASK_LIMIT:
             return None
-        return self._sparse_mask(torch.arange(self.num_states, device=self.device))
+        g = self.graph
+        table = torch.zeros(self.num_states, hi - lo, dtype=torch.bool, device=self.device)
+        parents = torch.repeat_interleave(torch.arange(self.num_states, device=self.device), g.child_ptr.diff())
+        table[parents, g.child_token - lo] = True
+        return table
 
     def mask(self, states: torch.Tensor) -> torch.Tensor:
-        """Allowed next tokens [M, V] (bool) for ``states`` [M]; a dead state allows nothing."""
-        table = self._table
-        if table is None or table.device != states.device:
-            return self._sparse_mask(states)
-        return table[states.clamp(min=0)] & (states >= 0)[:, None]
-
-    def _sparse_mask(self, states: torch.Tensor) -> torch.Tensor:
-        g = self.graph
+        """Allowed next tokens [M, V] (bool) for ``states`` [M]; a dead state allows nothing. On the states' device;
+        with the dense table (``_table``) no value is read back to the host."""
+        trie = self.on(states.device)
+        table = trie._table
+        if table is None:
+            return trie._sparse_mask(states)
+        lo, hi = trie.span
         alive = states >= 0
-        safe = states.clamp(min=0)
-        first = g.child_ptr[safe]  # [M]
-        counts = torch.where(alive, g.child_ptr[safe + 1] - first, torch.zeros_like(first))  # [M]
-        rows = torch.repeat_interleave(torch.arange(states.numel(), device=states.device), counts)  # [N]
-        row_start = torch.repeat_interleave(counts.cumsum(0) - counts, counts)  # [N] first slot of each row
-        edges = torch.repeat_interleave(first, counts) + torch.arange(rows.numel(), device=states.device) - row_start
         allowed = torch.zeros(states.numel(), self.vocab_size, dtype=torch.bool, device=states.device)
-        allowed[rows, g.child_token[edges]] = True
+        allowed[:, lo:hi] = table[states.clamp(min=0)] & alive[:, None]
         if self.eos_token_id is not None:
-            allowed[:, self.eos_token_id] = alive & (g.depth[safe] == self.levels)
+            allowed[:, self.eos_token_id] = alive & (trie.graph.depth[states.clamp(min=0)] == self.levels)
         return allowed
 
     def states_for(self, prefixes: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,7 @@ from atspeed.decoding.beam import root_state, select_top
 from atspeed.decoding.decoders import BoundDecoder, DecodeSettings
 from atspeed.decoding.draft_tree import draft_tree
 from atspeed.decoding.header import PromptHeader
-from atspeed.decoding.speculative import _first_forward
+from atspeed.decoding.tree_forward import first_forward as _first_forward
 from atspeed.decoding.tree_attention import prefill
 
 VOCAB, LEVELS = 50, 3

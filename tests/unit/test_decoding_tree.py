@@ -12,7 +12,7 @@ from transformers import LlamaForCausalLM
 from atspeed.decoding import kv_cache
 from atspeed.decoding.beam import candidates, extend, feed, root_state, select_top
 from atspeed.decoding.draft_tree import TokenTree, draft_tree
-from atspeed.decoding.speculative import _verify_forward
+from atspeed.decoding.tree_forward import verify_forward as _verify_forward
 from atspeed.decoding.tree_attention import forward_tree, prefill, prompt_positions
 
 VOCAB = 50
