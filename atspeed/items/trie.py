@@ -176,6 +176,11 @@ class PrefixTrie:
         return nxt
 
     @functools.cached_property
+    def num_items(self) -> int:
+        """The number of items: leaves of the exact trie (one host sync, once per trie object)."""
+        return int((self.exact.depth == self.levels).sum())
+
+    @functools.cached_property
     def _table(self) -> torch.Tensor | None:
         """Every state's mask [S, V], when that fits in ``DENSE_MASK_LIMIT`` booleans (decoding then indexes it)."""
         if self.num_states * self.vocab_size > DENSE_MASK_LIMIT:
