@@ -4,8 +4,11 @@ A teacher run writes, per process (rank), shards ``shard-r<rank>-<n>.safetensors
 the sample (``sample_id`` [S] among them), and in the file's metadata the run's ``fingerprint`` (the target export's
 identity and the settings). A shard appears whole or not at all (temporary file + ``os.replace``), so after an
 interruption the complete shards are exactly the ones present, and a resumed run skips their samples. When every
-rank is done, ``manifest.json`` lists the shards. Data made by another target, index or settings is refused with one
-message naming the file, before any work.
+rank is done, ``manifest.json`` lists the shards with each one's sha256. Data made by another target, index or
+settings is refused with one message naming the file, before any work; so is a shard whose bytes no longer match the
+manifest's sha256 (checked once per shard per process, when ``TeacherStore`` first opens it), and a manifest without
+hashes (written before they were recorded: regenerate the teacher data; an unverifiable shard is refused rather than
+trained on with a warning, since an edited tensor changes the trained draft and nothing else would show it).
 
 Tensors other than ``sample_id`` may differ in their later dimensions from shard to shard (e.g. the number of tree
 nodes); ``TeacherStore`` hands out one sample at a time and leaves padding to the collate function. Which tensors a
@@ -49,7 +52,11 @@ def stack_padded(parts: list[torch.Tensor]) -> torch.Tensor:
 
 
 def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 24), b""):  # 16 MiB at a time: shards can be gigabytes
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def fingerprint(target_dir: str | Path, settings: Mapping[str, Any]) -> dict[str, Any]:
@@ -132,8 +139,8 @@ def write_shard(root: str | Path, rank: int, number: int, tensors: Mapping[str, 
 
 
 def write_manifest(root: str | Path, fp: Mapping[str, Any], shards: list[ShardInfo]) -> None:
-    """``manifest.json``: the fingerprint and every shard (file, rank, samples)."""
-    entries = [{"file": s.path.name, "rank": s.rank, "samples": s.samples} for s in shards]
+    """``manifest.json``: the fingerprint and every shard (file, rank, samples, sha256 of its bytes)."""
+    entries = [{"file": s.path.name, "rank": s.rank, "samples": s.samples, "sha256": _sha256(s.path)} for s in shards]
     body = {"fingerprint": dict(fp), "samples": sum(s.samples for s in shards), "shards": entries}
     write_text_atomic(Path(root) / MANIFEST, json.dumps(body, indent=2) + "\n")
 
@@ -151,6 +158,34 @@ def teacher_fingerprint(target_dir: str | Path, teacher_dir: str | Path) -> dict
     return fingerprint(target_dir, settings)
 
 
+_VERIFIED: set[tuple[str, int, int, str]] = set()  # (file, size, mtime, sha256) checked in this process
+
+
+def _listed_hashes(manifest: Path) -> dict[str, str]:
+    """{shard file name: sha256} from the manifest; DataError when it predates the hashes."""
+    entries = read_json(manifest, "teacher manifest").get("shards", [])
+    if any("sha256" not in entry for entry in entries):
+        raise DataError(
+            f"{manifest}: no sha256 for its shards (teacher data written before atspeed recorded them, so an edited "
+            "shard would go unnoticed): regenerate the teacher data with the teacher stage"
+        )
+    return {entry["file"]: entry["sha256"] for entry in entries}
+
+
+def _verify(path: Path, sha256: str, manifest: Path) -> None:
+    """The shard's bytes hash to the manifest's sha256: checked once per shard (and version of it) per process."""
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, sha256)
+    if key in _VERIFIED:
+        return
+    if _sha256(path) != sha256:
+        raise DataError(
+            f"{path}: its sha256 differs from the one {manifest.name} recorded (edited or corrupted since the teacher "
+            "stage wrote it): regenerate the teacher data"
+        )
+    _VERIFIED.add(key)
+
+
 class TeacherStore:
     """Read-only access to complete teacher data: ``store[sample_id]`` -> {name: tensor} of that sample."""
 
@@ -159,9 +194,9 @@ class TeacherStore:
         manifest = self.root / MANIFEST
         if not manifest.is_file():
             raise DataError(f"{manifest}: no teacher manifest (the teacher run is incomplete or elsewhere)")
-        listed = {entry["file"] for entry in read_json(manifest, "teacher manifest").get("shards", [])}
+        listed = _listed_hashes(manifest)
         shards = existing_shards(self.root, expected)
-        missing = listed - {s.path.name for s in shards}
+        missing = set(listed) - {s.path.name for s in shards}
         if missing:
             raise DataError(f"{manifest}: lists shards that are missing: {sorted(missing)[:3]}")
         self._where: dict[int, tuple[Path, int]] = {}
@@ -169,6 +204,7 @@ class TeacherStore:
         for shard in shards:
             if shard.path.name not in listed:
                 continue
+            _verify(shard.path, listed[shard.path.name], manifest)
             with safe_open(str(shard.path), framework="pt") as handle:
                 names.append(set(handle.keys()))
                 for row, sample in enumerate(handle.get_tensor(SAMPLE_ID).tolist()):

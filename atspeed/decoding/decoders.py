@@ -119,22 +119,32 @@ def check_levels(settings: DecodeSettings, trie: PrefixTrie) -> None:
 
 
 def check_prompts(input_ids: torch.Tensor, mask: torch.Tensor, bad: int | None = None) -> None:
-    """A non-empty left-padded prompt [B, P] for every request. ``bad``: ``prompt_faults`` already read back (the
-    bound decoder reads it with the header's length in one host sync); read here otherwise."""
+    """A non-empty left-padded prompt [B, P] for every request: each mask row is 0s then 1s (a 0 after a 1, right or
+    inner padding, would shift the positions and the last-token logits). ``bad``: ``prompt_faults`` already read
+    back (the bound decoder reads it with the header's length in one host sync); read here otherwise. The message is
+    built only on failure."""
     if input_ids.ndim != 2 or mask.shape != input_ids.shape:
         raise ValueError(f"prompts must be [B, P] with a mask of the same shape, got {tuple(input_ids.shape)} and "
                          f"{tuple(mask.shape)}")  # fmt: skip
-    if input_ids.shape[1] == 0:
+    if not input_ids.shape[1]:
         raise ValueError(f"request 0 of the batch has an empty prompt ({len(input_ids)} empty in all)")
     if (int(prompt_faults(mask)) if bad is None else bad) == 0:
         return
-    empty = (~mask.bool().any(1)).nonzero().flatten().tolist()  # the failure path may read back freely
-    raise ValueError(f"request {empty[0]} of the batch has an empty prompt ({len(empty)} empty in all)")
+    m = mask.bool()  # the failure path may read back freely
+    present, left = m.any(1), (m[:, 1:] >= m[:, :-1]).all(1)
+    empty, right = (~present).nonzero().flatten().tolist(), (~left).nonzero().flatten().tolist()
+    if empty:
+        raise ValueError(f"request {empty[0]} of the batch has an empty prompt ({len(empty)} empty in all)")
+    raise ValueError(
+        f"request {right[0]} of the batch is not left-padded (its attention mask has a 0 after a 1; "
+        f"{len(right)} such rows in all): pad prompts on the left"
+    )
 
 
 def prompt_faults(mask: torch.Tensor) -> torch.Tensor:
-    """[] on the device: how many prompts of the batch are faulty (empty)."""
-    return (~mask.bool().any(1)).sum()
+    """[] on the device: how many prompts of the batch are empty or not left-padded (a 0 after a 1)."""
+    m = mask.bool()
+    return (~(m.any(1) & (m[:, 1:] >= m[:, :-1]).all(1))).sum()
 
 
 def check_list_length(k: int, num_items: int, key: str) -> None:
@@ -157,7 +167,8 @@ def check_context(model, prompt_tokens: int, levels: int, what: str = "target") 
 class BoundDecoder:
     """Decoder ``name`` bound to its models, trie and settings, for many batches.
 
-    What does not depend on the batch (settings, the models against each other and the trie) is checked once here;
+    What does not depend on the batch (settings, K against the trie's items, the models against each other and the
+    trie) is checked once here;
     a call checks only its prompts (one host sync) and their length against both contexts. A sampling decoder draws
     from one generator across calls (seeded from ``settings.seed`` unless given). With ``budget="auto"`` the first
     speculative call measures the cost model (``costs.forward_costs``, after its first prompt) and the planner then
@@ -177,6 +188,7 @@ class BoundDecoder:
     ) -> None:
         check_settings(name, settings)
         check_levels(settings, trie)
+        check_list_length(settings.num_beams, trie.num_items, "num_beams")  # else -inf filler rows that are no items
         check_models(name, target, draft, trie)
         self.name, self.target, self.trie, self.settings = name, target, trie, settings
         self.draft = draft if name in SPECULATIVE else None

@@ -12,9 +12,9 @@ What is stored, and why:
   level (``codes[depth]``, C = the most codes of any level, e.g. 256), and -inf at the codes the trie forbids after
   that prefix (and at the level's padding columns). The values are not renormalised over the allowed codes: they
   are exactly the terms of the beam step (so a beam's score is the sum of its tokens' entries), and the losses
-  renormalise on their support anyway (softmax is shift-invariant). The support of a node is where the entry is
-  finite: pass ``allowed = node_logprobs.isfinite()`` (or ``TeacherTargets.along(...).isfinite()``) as the loss
-  mask; that is the trie mask, or the kept top-k codes under ``top_k`` truncation.
+  renormalise on their support anyway (softmax is shift-invariant). Under ``top_k`` truncation only the kept codes
+  are finite, so the loss mask is never read from the values: it is the trie's codes at each node (``node_allowed``,
+  ``Teaching.allowed``), and a truncated entry inside it means p = 0 (``atspeed.losses.divergences``).
 - Compact: a level holds at most a few hundred identifier codes of a vocabulary of tens of thousands, and shared
   beam prefixes are stored once. ``expand_to_vocab`` maps code columns back to the vocabulary, ``gather_codes``
   reads student logits [..., V] at the same columns.
@@ -204,6 +204,16 @@ def _check_inputs(truth: torch.Tensor, trie: PrefixTrie, codes: torch.Tensor, ba
         raise ValueError("a ground-truth identifier is not allowed by the trie")
 
 
+def node_allowed(trie: PrefixTrie, sequences: torch.Tensor, forest: PrefixForest, codes: torch.Tensor) -> torch.Tensor:
+    """The codes [B, M, C] bool the trie allows after each node's prefix (``codes`` [L, C] the level code lists;
+    False at padding columns and padding nodes): the alignment losses' mask, whatever the teacher data kept."""
+    states = node_states(trie, sequences, forest)  # [B, M]
+    b, m = states.shape
+    allowed = trie.mask(states.reshape(-1).to(trie.device)).view(b, m, -1).to(sequences.device)  # [B, M, V]
+    node_codes = codes[forest.depth]  # [B, M, C]
+    return allowed.gather(2, node_codes.clamp(min=0)) & (node_codes >= 0)
+
+
 @torch.no_grad()
 def node_logprobs(
     model: torch.nn.Module,
@@ -222,13 +232,9 @@ def node_logprobs(
     (``Align(teacher="recompute" | "on_policy")``).
     """
     forest = prefix_forest(sequences)
-    states = node_states(trie, sequences, forest)  # [B, M]
+    allowed = node_allowed(trie, sequences, forest, codes)  # [B, M, C]
     logprobs = torch.log_softmax(node_logits(model, input_ids, attention_mask, forest).float(), -1)  # [B, M, V]
-    b, m = states.shape
-    allowed = trie.mask(states.reshape(-1).to(trie.device)).view(b, m, -1).to(input_ids.device)  # [B, M, V]
-    node_codes = codes[forest.depth]  # [B, M, C]
-    allowed_codes = allowed.gather(2, node_codes.clamp(min=0)) & (node_codes >= 0)  # [B, M, C]
-    values = gather_codes(logprobs, node_codes).masked_fill(~allowed_codes, float("-inf"))
+    values = gather_codes(logprobs, codes[forest.depth]).masked_fill(~allowed, float("-inf"))
     return forest, values if top_k is None else truncate_top_k(values, top_k)
 
 
@@ -245,21 +251,34 @@ def sequence_scores(
 @dataclass(frozen=True)
 class Teaching:
     """What a batch of B prompts is aligned on: K beams [B, K, L] with scores [B, K], the ground truth [B, L], the
-    prefix tree of beams + truth (beam k's nodes ``forest.slot_node[:, k]``, the truth's ``[:, -1]``) and the target's
-    distributions at its nodes, float32 [B, M, C] (as ``node_logprobs``). ``on_policy``: the beams are the draft's."""
+    prefix tree of beams + truth (beam k's nodes ``forest.slot_node[:, k]``, the truth's ``[:, -1]``), the target's
+    distributions at its nodes, float32 [B, M, C] (as ``node_logprobs``; possibly truncated to its top-k), and the
+    trie's codes at its nodes [B, M, C] bool (``node_allowed``). ``on_policy``: the beams are the draft's."""
 
     beams: torch.Tensor
     scores: torch.Tensor
     truth: torch.Tensor
     forest: PrefixForest
     logprobs: torch.Tensor
+    allowed: torch.Tensor
     on_policy: bool = False
 
     @classmethod
-    def stored(cls, beams: torch.Tensor, scores: torch.Tensor, truth: torch.Tensor, logprobs: torch.Tensor) -> Teaching:
-        """From teacher data: its ``node_logprobs`` [B, >= M, C] (padded) belong to the nodes of ``prefix_forest``."""
-        forest = prefix_forest(torch.cat([beams, truth[:, None]], 1))  # the teacher stage's nodes, in its order
-        return cls(beams, scores, truth, forest, logprobs[:, : forest.num_nodes].float())
+    def stored(
+        cls,
+        beams: torch.Tensor,
+        scores: torch.Tensor,
+        truth: torch.Tensor,
+        logprobs: torch.Tensor,
+        trie: PrefixTrie,
+        codes: torch.Tensor,
+    ) -> Teaching:
+        """From teacher data: its ``node_logprobs`` [B, >= M, C] (padded) belong to the nodes of ``prefix_forest``;
+        the mask comes from the trie, not from the stored values (which a teacher ``top_k`` truncated)."""
+        sequences = torch.cat([beams, truth[:, None]], 1)
+        forest = prefix_forest(sequences)  # the teacher stage's nodes, in its order
+        allowed = node_allowed(trie, sequences, forest, codes)
+        return cls(beams, scores, truth, forest, logprobs[:, : forest.num_nodes].float(), allowed)
 
 
 @torch.no_grad()
@@ -280,7 +299,7 @@ def target_teaching(
     )
     if scores is None:
         scores = sequence_scores(logprobs, forest.slot_node[:, :-1], beams, codes)
-    return Teaching(beams, scores, truth, forest, logprobs)
+    return Teaching(beams, scores, truth, forest, logprobs, logprobs.isfinite())  # untruncated: finite = the trie's
 
 
 @torch.no_grad()

@@ -196,6 +196,11 @@ class PrefixTrie:
         return (int(tokens.min()), int(tokens.max()) + 1) if tokens.numel() else (0, 0)
 
     @functools.cached_property
+    def num_items(self) -> int:
+        """The number of items: leaves of the exact trie (one host sync, once per trie object)."""
+        return int((self.exact.depth == self.levels).sum())
+
+    @functools.cached_property
     def _table(self) -> torch.Tensor | None:
         """Every state's mask over the identifier span [S, hi - lo] (EOS apart), when that fits in
         ``DENSE_MASK_LIMIT`` booleans: a LLaMA-sized vocabulary costs only its identifier columns."""

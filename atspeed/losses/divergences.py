@@ -9,7 +9,13 @@ Conventions shared by all of them:
 
 - q = softmax(student_logits / T) and p = softmax(teacher_logits / T) over the entries where ``allowed`` is True (the
   codes the trie allows after that position's prefix); T = ``options.temperature``, applied to both. Disallowed
-  entries get probability 0 whatever they hold (finite values, -inf, NaN). Allowed entries must be finite.
+  entries get probability 0 whatever they hold (finite values, -inf, NaN). Allowed student entries must be finite.
+- Truncated teachers: an allowed teacher entry may be -inf (teacher data kept to the target's top-k codes), p = 0
+  there, the rest renormalised. ``allowed`` stays the trie's mask, so q spreads over every code the trie allows and
+  no loss mistakes the cut codes for forbidden ones. Each loss says what it makes of a truncated p: finite for
+  ``word_kd``, ``tvd``, ``seq_kd``, ``sft`` and ``jsd`` with beta < 1; +inf for ``rkl``, ``jsd`` with beta = 1 and
+  (where the cut meets the draft's support) ``atspeed_s``, whose reverse KL needs the full support
+  (``LossSpec.full_support``: the alignment module refuses truncated data for them).
 - ``teacher_logits`` may equally be log-probabilities (a softmax is shift-invariant), e.g. stored teacher data.
 - Computed in float32 whatever the input dtype (float64 stays float64); the result has that dtype.
 - The teacher is detached: gradients reach ``student_logits`` only.
@@ -46,8 +52,12 @@ def masked_log_softmax(logits: Tensor, allowed: Tensor, temperature: float = 1.0
 
 
 def kl(log_a: Tensor, a: Tensor, log_b: Tensor) -> Tensor:
-    """KL(a || b) = sum_v a(v) (log a(v) - log b(v)), [..., V] -> [...], on masked_log_softmax outputs."""
-    return (a * (log_a - log_b)).sum(-1)
+    """KL(a || b) = sum_v a(v) (log a(v) - log b(v)), [..., V] -> [...], on masked_log_softmax outputs.
+
+    Entries where a = 0 contribute 0 (a truncated teacher's cut codes, log a = -inf there); where a > 0 and b = 0 the
+    result is +inf, as it should be.
+    """
+    return torch.where(a > 0, a * (log_a - log_b), 0.0).sum(-1)
 
 
 def _checked(student_logits: Tensor, teacher_logits: Tensor, allowed: Tensor, labels: Tensor) -> Tensor:
@@ -82,7 +92,11 @@ def _distributions(
 def word_kd(
     student_logits: Tensor, teacher_logits: Tensor, allowed: Tensor, labels: Tensor, options: LossOptions
 ) -> Tensor:
-    """Forward KL(p || q) = sum_v p(v) log(p(v) / q(v)) over the allowed codes -> [...]."""
+    """Forward KL(p || q) = sum_v p(v) log(p(v) / q(v)) over the allowed codes -> [...].
+
+    Truncated teacher: finite; the sum runs over the kept codes (p renormalised on them) while q keeps every allowed
+    code, so the draft is pulled towards the target's top-k (top_k 1: -log q(the target's best code)).
+    """
     log_q, _, log_p, p = _distributions(student_logits, teacher_logits, allowed, labels, options)
     return kl(log_p, p, log_q)
 
@@ -90,7 +104,10 @@ def word_kd(
 def rkl(
     student_logits: Tensor, teacher_logits: Tensor, allowed: Tensor, labels: Tensor, options: LossOptions
 ) -> Tensor:
-    """Reverse KL(q || p) = sum_v q(v) log(q(v) / p(v)) over the allowed codes -> [...]."""
+    """Reverse KL(q || p) = sum_v q(v) log(q(v) / p(v)) over the allowed codes -> [...].
+
+    Needs the target's full distribution: +inf wherever a truncated teacher cut an allowed code (q > 0, p = 0).
+    """
     log_q, q, log_p, _ = _distributions(student_logits, teacher_logits, allowed, labels, options)
     return kl(log_q, q, log_p)
 
@@ -101,6 +118,8 @@ def tvd(
     """Total variation distance 0.5 * sum_v |q(v) - p(v)| over the allowed codes -> [...], in [0, 1].
 
     1 - TVD is the acceptance probability of speculative sampling (DistillSpec); ``atspeed_r`` and ``tvd_kd``.
+    Truncated teacher: finite, against p renormalised on the kept codes (q keeps every allowed code; top_k 1 gives
+    1 - q(the target's best code)).
     """
     _, q, _, p = _distributions(student_logits, teacher_logits, allowed, labels, options)
     return 0.5 * (q - p).abs().sum(-1)
@@ -115,6 +134,7 @@ def jsd(
     (bounded by the binary entropy of beta: ln 2 at beta = 0.5, where it is symmetric in p and q). The endpoints are
     special-cased as TRL does: beta = 0 gives forward KL(p || q), beta = 1 reverse KL(q || p). (The mixture formula
     itself tends to 0 at both ends, like beta * KL(p || q) near 0 and (1 - beta) * KL(q || p) near 1.)
+    Truncated teacher: finite for beta < 1 (m > 0 wherever q > 0); beta = 1 is reverse KL, +inf at the cut codes.
     """
     log_q, q, log_p, p = _distributions(student_logits, teacher_logits, allowed, labels, options)
     beta = options.beta
@@ -133,7 +153,8 @@ def seq_kd(
 
     Along the target's beams this is sequence-level KD. 0 where ``labels`` < 0 (ignore index) or no code is allowed;
     +inf where a label >= 0 is not an allowed code (a sequence off the trie is a data bug, and should show).
-    The teacher's logits are not read (only checked for shape).
+    The teacher's logits are not read (only checked for shape), so truncated teacher data changes nothing as long as
+    ``allowed`` is the trie's mask (not the teacher's finite entries, which would cut the beams' own tokens).
     """
     allowed = _checked(student_logits, teacher_logits, allowed, labels)
     log_q, _ = masked_log_softmax(student_logits, allowed, options.temperature)
@@ -147,7 +168,9 @@ def seq_kd(
 def sft(
     student_logits: Tensor, teacher_logits: Tensor, allowed: Tensor, labels: Tensor, options: LossOptions
 ) -> Tensor:
-    """No alignment: zeros [...] (the module's (1 - alpha) * CE on the ground truth is the whole loss)."""
+    """No alignment: zeros [...]. The module trains on the full ground-truth CE alone (alpha is not read: with
+    positions ``none`` there is no alignment term to mix, and (1 - alpha) * CE would only rescale the learning rate).
+    """
     _checked(student_logits, teacher_logits, allowed, labels)
     return torch.zeros(student_logits.shape[:-1], dtype=compute_dtype(student_logits.dtype), device=labels.device)
 
@@ -170,6 +193,10 @@ def atspeed_s(
     regulariser), the more so where the target still gives the draft's last code mass. The ranking is not
     differentiated; gradients flow through q~ only. A support of one code gives 0. With equal q and p the KL term
     vanishes but the regulariser does not, so unlike the other divergences this loss is not 0 there.
+
+    Needs the target's full distribution: a truncated teacher that cut one of the draft's top-k codes makes
+    KL(q~ || p~) +inf (and NaN where it cut them all), so the alignment module refuses truncated data for it; and
+    k = 1 is refused too (a support of one code: zero loss and zero gradient everywhere).
     """
     allowed = _checked(student_logits, teacher_logits, allowed, labels)
     ranked = student_logits.detach().masked_fill(~allowed, float("-inf"))

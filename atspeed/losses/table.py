@@ -1,21 +1,24 @@
 """The table of alignment losses, chosen by name (``LOSSES``), and where each one trains.
 
-==============  ================  =================================================================================
-name            positions         per-position loss (p = target, q = draft, over the trie-allowed codes)
-==============  ================  =================================================================================
-``atspeed_s``   ``beams``         KL(q~ || p~) + p~(v_k) * H(q~) on the draft's top-k support (AtSpeed-S, strict)
-``atspeed_r``   ``beams``         TVD 0.5 * sum_v |q(v) - p(v)| (AtSpeed-R, relaxed)
-``sft``         ``none``          0: no alignment term (the module's (1 - alpha) * CE carries the training)
-``word_kd``     ``ground_truth``  forward KL(p || q)
-``seq_kd``      ``beams``         cross-entropy -log q(label) on the target's beams
-``tvd_kd``      ``ground_truth``  TVD 0.5 * sum_v |q(v) - p(v)| (DistillSpec style)
-``rkl``         ``beams``         reverse KL(q || p) on all allowed codes
-``jsd``         ``beams``         generalised JSD, beta = 0 forward KL, beta = 1 reverse KL (TRL's convention)
-==============  ================  =================================================================================
+==============  ================  ======  =========================================================================
+name            positions         trunc.  per-position loss (p = target, q = draft, over the trie-allowed codes)
+==============  ================  ======  =========================================================================
+``atspeed_s``   ``beams``         no      KL(q~ || p~) + p~(v_k) * H(q~) on the draft's top-k support (AtSpeed-S)
+``atspeed_r``   ``beams``         yes     TVD 0.5 * sum_v |q(v) - p(v)| (AtSpeed-R, relaxed)
+``sft``         ``none``          yes     0: no alignment term (the module trains on the full CE; alpha unused)
+``word_kd``     ``ground_truth``  yes     forward KL(p || q)
+``seq_kd``      ``beams``         yes     cross-entropy -log q(label) on the target's beams (p not read)
+``tvd_kd``      ``ground_truth``  yes     TVD 0.5 * sum_v |q(v) - p(v)| (DistillSpec style)
+``rkl``         ``beams``         no      reverse KL(q || p) on all allowed codes
+``jsd``         ``beams``         beta<1  generalised JSD, beta = 0 forward KL, beta = 1 reverse KL (TRL's convention)
+==============  ================  ======  =========================================================================
 
 ``positions`` says which sequences the module scores: ``beams`` along each of the target's stored beams
-(conditioned on (x, y_<t)), ``ground_truth`` along the ground-truth identifier, ``none`` nowhere. Every ``fn`` has
-the signature ``LossFn`` (see ``atspeed.losses.divergences`` for the shared conventions); options such as the
+(conditioned on (x, y_<t)), ``ground_truth`` along the ground-truth identifier, ``none`` nowhere. ``trunc.`` says
+whether the loss is finite on truncated teacher data (made with the teacher's ``top_k``: p = 0 outside the target's
+top-k codes, renormalised on them, while q keeps every code the trie allows): "no" losses take a reverse KL, +inf
+where p = 0 and q > 0, and ``LossSpec.full_support`` tells the module to refuse such data for them. Every ``fn``
+has the signature ``LossFn`` (see ``atspeed.losses.divergences`` for the shared conventions); options such as the
 temperature, the top-k support and beta are ``LossOptions``, and beam weighting belongs to ``reduce``.
 """
 
@@ -28,7 +31,7 @@ from typing import Literal, get_args
 import torch
 
 from atspeed.losses import divergences
-from atspeed.losses.options import LossOptions
+from atspeed.losses.options import OPTIONS_KEY, LossOptions
 
 LossName = Literal["atspeed_s", "atspeed_r", "sft", "word_kd", "seq_kd", "tvd_kd", "rkl", "jsd"]
 Positions = Literal["ground_truth", "beams", "none"]
@@ -39,24 +42,58 @@ LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, LossO
 
 @dataclass(frozen=True)
 class LossSpec:
-    """A per-position loss and the positions it trains on."""
+    """A per-position loss, the positions it trains on, and whether it needs the target's full distribution."""
 
     fn: LossFn
     positions: Positions
+    full_support: Callable[[LossOptions], bool] = lambda options: False
+    """True (for these options) when the loss takes a reverse KL, +inf on truncated teacher data: refuse such data."""
 
     def __post_init__(self) -> None:
         if self.positions not in get_args(Positions):
             raise ValueError(f"positions must be one of {get_args(Positions)}, got {self.positions!r}")
 
 
+def _always(options: LossOptions) -> bool:
+    return True
+
+
+def _at_beta_1(options: LossOptions) -> bool:  # jsd: reverse KL at beta = 1 only
+    return options.beta == 1.0
+
+
 LOSSES: dict[LossName, LossSpec] = {
-    "atspeed_s": LossSpec(divergences.atspeed_s, "beams"),
+    "atspeed_s": LossSpec(divergences.atspeed_s, "beams", _always),
     "atspeed_r": LossSpec(divergences.tvd, "beams"),
     "sft": LossSpec(divergences.sft, "none"),
     "word_kd": LossSpec(divergences.word_kd, "ground_truth"),
     "seq_kd": LossSpec(divergences.seq_kd, "beams"),
     "tvd_kd": LossSpec(divergences.tvd, "ground_truth"),
-    "rkl": LossSpec(divergences.rkl, "beams"),
-    "jsd": LossSpec(divergences.jsd, "beams"),
+    "rkl": LossSpec(divergences.rkl, "beams", _always),
+    "jsd": LossSpec(divergences.jsd, "beams", _at_beta_1),
 }
 assert set(LOSSES) == set(get_args(LossName))
+
+
+def check_loss(name: LossName, options: LossOptions) -> None:
+    """Fail at construction on options that make the loss ``name`` train nothing."""
+    if name == "atspeed_s" and options.top_k == 1:
+        raise ValueError(
+            f"{OPTIONS_KEY}.top_k = 1 with model.loss atspeed_s: a top-1 support gives a zero loss and a zero "
+            "gradient at every position; set top_k >= 2, or null for all allowed codes"
+        )
+
+
+def check_support(
+    name: LossName, options: LossOptions, teacher_top_k: int | None, source: str = "teacher data"
+) -> None:
+    """Fail before training when the loss ``name`` needs the target's full distribution (``LossSpec.full_support``)
+    but the teacher data (``source``, named in the message) keeps only its ``teacher_top_k`` most likely codes per
+    position (None: all of them)."""
+    if teacher_top_k is not None and LOSSES[name].full_support(options):
+        raise ValueError(
+            f"{source}: teacher data truncated to the target's top {teacher_top_k} codes (teacher model.top_k), but "
+            f"model.loss {name} takes a reverse KL, infinite where the target's distribution was cut: make the "
+            "teacher data without top_k, use model.teacher recompute, or a loss that accepts truncated data "
+            "(atspeed_r, word_kd, seq_kd, tvd_kd, jsd with beta < 1)"
+        )

@@ -1,4 +1,5 @@
-"""Draft alignment: loss = (1 - alpha) * CE(ground truth) + alpha * LOSSES[loss] against the target's teacher data.
+"""Draft alignment: loss = (1 - alpha) * CE(ground truth) + alpha * LOSSES[loss] against the target's teacher data
+(``sft``, which has no alignment term: the full CE, alpha unused).
 
 ``python -m atspeed fit --config configs/<dataset>/align.yaml`` trains a draft (built from sizes, sharing the target's
 tokenizer and identifiers) on the teacher data of ``atspeed.modules.teacher``: per training sample the target's K_t
@@ -48,7 +49,7 @@ from atspeed.decoding.teacher import (
     target_teaching,
 )
 from atspeed.errors import DataError
-from atspeed.losses import LOSSES, LossName, LossOptions, beam_weights, check_top_k, reduce
+from atspeed.losses import LOSSES, LossName, LossOptions, beam_weights, check_loss, check_support, check_top_k, reduce
 from atspeed.models.build import ModelSpec, build_causal_lm, load_model, outside_zero_init, unpartitioned
 from atspeed.modules.optim import adamw_cosine
 
@@ -103,7 +104,8 @@ class Align(pl.LightningModule):
             draft: the draft Llama's sizes (a draft built from scratch).
             draft_init: start instead from this exported draft (e.g. the SFT stage's non-aligned draft).
             loss: the alignment loss, a name of ``atspeed.losses.LOSSES``.
-            alpha: weight of the alignment loss; 1 - alpha weighs the ground-truth cross-entropy.
+            alpha: weight of the alignment loss; 1 - alpha weighs the ground-truth cross-entropy (``sft``: the full
+                cross-entropy, alpha unused).
             loss_options: temperature, top-k support (atspeed_s), beta (jsd).
             weight_beams: weigh the target's beams by their normalised probabilities instead of uniformly.
             lr: peak AdamW learning rate.
@@ -125,9 +127,10 @@ class Align(pl.LightningModule):
             raise ValueError(f"model.warmup_steps must be >= 0, got {warmup_steps}")
         if draft_beams < num_beams:
             raise ValueError(f"model.draft_beams (N = {draft_beams}) must be >= model.num_beams (K = {num_beams})")
+        self.options = loss_options or LossOptions()
+        check_loss(loss, self.options)
         self.save_hyperparameters()
         self.spec = draft or ModelSpec()
-        self.options = loss_options or LossOptions()
         self.draft: PreTrainedModel | None = None
         self.frozen: _Frozen | None = None
         self.store: TeacherStore | None = None
@@ -148,7 +151,8 @@ class Align(pl.LightningModule):
         if self.dm.hparams.train_batches != "requests":
             raise DataError("data.train_batches must be requests: alignment looks up each sample's teacher data")
         check_list_length(hp.num_beams, len(prepared.index), "model.num_beams")
-        self.store = TeacherStore(hp.teacher_dir, teacher_fingerprint(hp.target, hp.teacher_dir))
+        fp = teacher_fingerprint(hp.target, hp.teacher_dir)
+        self.store = TeacherStore(hp.teacher_dir, fp)
         if hp.teacher == "cached" and "node_logprobs" not in self.store.keys:
             raise DataError(
                 f"{hp.teacher_dir}: teacher data without distributions (made with distributions: false): "
@@ -167,6 +171,8 @@ class Align(pl.LightningModule):
         level_masks.scatter_(1, self.codes.clamp(min=0), self.codes >= 0)
         try:
             check_top_k(self.options.top_k, level_masks)
+            if hp.teacher != "recompute" and "node_logprobs" in self.store.keys and hp.alpha > 0:  # recompute: full
+                check_support(hp.loss, self.options, fp["settings"].get("top_k"), hp.teacher_dir)
         except ValueError as err:
             raise DataError(str(err)) from None
 
@@ -208,7 +214,7 @@ class Align(pl.LightningModule):
             )
         if hp.teacher == "recompute" or "node_logprobs" not in data:
             return target_teaching(self._target(), ids, mask, beams, truth, trie, codes, scores)
-        return Teaching.stored(beams, scores, truth, data["node_logprobs"])
+        return Teaching.stored(beams, scores, truth, data["node_logprobs"], trie, codes)
 
     def _draw(self) -> torch.Generator | None:
         """One on-policy draw (two numbers from ``mixing`` every batch): a seeded generator for the draft's sampling
@@ -244,8 +250,8 @@ class Align(pl.LightningModule):
         on_beams = spec.positions == "beams"
         nodes = forest.slot_node[:, :-1] if on_beams else truth_nodes  # [B, N, L]
         seqs = teaching.beams if on_beams else teaching.truth[:, None]  # [B, N, L]
-        t_values = along(teaching.logprobs, nodes)  # [B, N, L, C]
-        allowed = torch.isfinite(t_values)
+        t_values = along(teaching.logprobs, nodes)  # [B, N, L, C], -inf outside a truncated teacher's top-k
+        allowed = along(teaching.allowed, nodes)  # [B, N, L, C] the trie's codes, never read from the values
         labels = (codes[None, None] == seqs[..., None]).long().argmax(-1)  # [B, N, L] column of each token
         per = spec.fn(along(student, nodes), t_values.masked_fill(~allowed, 0.0), allowed, labels, self.options)
         weights = beam_weights(teaching.scores) if hp.weight_beams and on_beams else None

@@ -46,6 +46,8 @@ class Teacher(pl.LightningModule):
             target: directory of the target exported by the SFT stage (weights, tokenizer, index.json).
             beams: K_t, the target's beam width (the paper: 20).
             top_k: keep each distribution's k most likely codes only (the rest -inf); None keeps every allowed code.
+                The alignment still masks with the trie (p = 0 at the cut codes); the losses that take a reverse KL
+                (atspeed_s, rkl, jsd with beta 1) refuse truncated data (``atspeed.losses.table``).
             dtype: torch dtype of the target's weights (bfloat16 on a GPU); distributions are stored as float16.
             distributions: store the target's distributions at every node; false stores the beams, scores and ground
                 truth only (the alignment's ``recompute`` or ``on_policy`` modes compute the distributions).

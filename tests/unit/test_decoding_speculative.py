@@ -216,20 +216,6 @@ def test_spec_strict_under_the_per_position_rule(worlds, k: int) -> None:
     assert_same_lists(out, decode("hf_beam", world.target, world.input_ids, world.mask, trie, settings))
 
 
-def test_spec_strict_with_fewer_items_than_beams(worlds) -> None:
-    """6 items, K = 8: all 6 items come first, in beam search's order and scores; the 2 empty slots score -inf."""
-    world = worlds[0]
-    trie = PrefixTrie.build(random_identifiers(VOCAB, 3, seed=0)[:6], VOCAB, eos_token_id=EOS)
-    settings = DecodeSettings(num_beams=8, levels=3, draft_beams=8, gamma=2)
-    ref = decode("beam", world.target, world.input_ids, world.mask, trie, settings)
-    for draft in (world.other, world.target):
-        out = decode("spec_strict", world.target, world.input_ids, world.mask, trie, settings, draft=draft)
-        assert torch.isfinite(out.scores[:, :6]).all() and (out.scores[:, 6:] == float("-inf")).all()
-        assert torch.equal(out.sequences[:, :6], ref.sequences[:, :6])
-        torch.testing.assert_close(out.scores, ref.scores, atol=1e-4, rtol=0)
-        assert sorted(trie.lookup(out.sequences[0, :6]).tolist()) == list(range(6))
-
-
 def test_stats_merge_histogram_and_summary(worlds) -> None:
     """Merged stats concatenate per-list counters and add seconds; the histogram counts accepted depths 0..gamma;
     the summary's means follow from the counters."""

@@ -323,13 +323,25 @@ def test_recomputed_teaching_equals_the_stored_one_and_rescores_the_beams(model)
     full, trie, prompts, _ = _run(model, 3, 5)
     half, *_ = _run(model, 3, 5, dtype=torch.float16)
     input_ids, mask = left_pad(prompts)
-    stored = Teaching.stored(half.beams, half.scores, half.truth, half.node_logprobs)
+    stored = Teaching.stored(half.beams, half.scores, half.truth, half.node_logprobs, trie, half.codes)
     kept = target_teaching(model, input_ids, mask, full.beams, full.truth, trie, full.codes, full.scores)
     rescored = target_teaching(model, input_ids, mask, full.beams, full.truth, trie, full.codes)
     assert torch.equal(kept.forest.slot_node, stored.forest.slot_node) and kept.scores is full.scores
     assert stored.logprobs.dtype == torch.float32 and not kept.on_policy
     torch.testing.assert_close(stored.logprobs, kept.logprobs, atol=1e-2, rtol=1e-3)
     torch.testing.assert_close(rescored.scores, full.scores, atol=1e-5, rtol=0)
+    assert torch.equal(stored.allowed, kept.allowed) and torch.equal(kept.allowed, kept.logprobs.isfinite())
+
+
+@torch.no_grad()
+def test_truncated_teacher_data_keeps_the_tries_mask(model) -> None:
+    """Teacher data kept to the target's top 1 code: the stored values are finite at one code per node, but the
+    teaching's mask is still every code the trie allows there (what the untruncated data's finite entries are)."""
+    full, trie, _, _ = _run(model, 3, 5)
+    cut, *_ = _run(model, 3, 5, top_k=1)
+    stored = Teaching.stored(cut.beams, cut.scores, cut.truth, cut.node_logprobs, trie, cut.codes)
+    assert torch.equal(stored.allowed, full.node_logprobs.isfinite())
+    assert bool((stored.allowed.sum(-1) > stored.logprobs.isfinite().sum(-1)).any()), "the cut is real"
 
 
 @torch.no_grad()

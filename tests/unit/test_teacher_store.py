@@ -134,3 +134,57 @@ def test_batches_of_different_node_counts_stack_with_nothing_in_the_padding() ->
     assert torch.isneginf(stacked[:2, 3:]).all(), "padded nodes have no probability mass"
     ids = teacher_store.stack_padded([torch.ones(1, 2, dtype=torch.long), torch.ones(1, 3, dtype=torch.long)])
     assert ids.tolist() == [[1, 1, 0], [1, 1, 1]]
+
+
+def _complete(root: Path, fp: dict) -> Path:
+    """Two shards and their manifest; the path of the first shard."""
+    first = write_shard(root, 0, 0, _batch(0, 2, 3), fp["hash"])
+    write_shard(root, 0, 1, _batch(2, 2, 4), fp["hash"])
+    write_manifest(root, fp, existing_shards(root, fp))
+    return first
+
+
+def test_the_manifest_records_each_shards_sha256_and_an_edited_shard_is_refused(tmp_path, target) -> None:
+    """One tensor edited, the file's metadata (format, fingerprint, samples) kept: the shard still reads as a teacher
+    shard of this target, but its sha256 is not the manifest's, and the store names it."""
+    fp = fingerprint(target, SETTINGS)
+    root = tmp_path / "teacher"
+    first = _complete(root, fp)
+    entries = json.loads((root / MANIFEST).read_text())["shards"]
+    assert all(len(e["sha256"]) == 64 for e in entries) and entries[0]["sha256"] != entries[1]["sha256"]
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(first), framework="pt") as handle:
+        meta, tensors = handle.metadata(), {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
+    tensors["node_logprobs"][0, 0, 0] += 1.0
+    save_file(tensors, str(first), metadata=meta)
+    assert read_shard_info(first).samples == 2, "still a valid teacher shard of this target"
+    with pytest.raises(DataError, match=r"shard-r0-00000\.safetensors: its sha256 differs from the one manifest\.json"):
+        TeacherStore(root, fp)
+
+
+def test_each_shard_is_hashed_once_per_process_not_per_sample(tmp_path, target, monkeypatch) -> None:
+    fp = fingerprint(target, SETTINGS)
+    root = tmp_path / "teacher"
+    _complete(root, fp)
+    hashed: list[str] = []
+    real = teacher_store._sha256
+    monkeypatch.setattr(teacher_store, "_sha256", lambda path: hashed.append(path.name) or real(path))
+    store = TeacherStore(root, fp)
+    assert sorted(hashed) == ["shard-r0-00000.safetensors", "shard-r0-00001.safetensors"]
+    [store[i] for i in range(4)]
+    TeacherStore(root, fp)  # a second store in the same process (e.g. fit, then validate)
+    assert len(hashed) == 2
+
+
+def test_a_manifest_without_hashes_is_refused(tmp_path, target) -> None:
+    fp = fingerprint(target, SETTINGS)
+    root = tmp_path / "teacher"
+    _complete(root, fp)
+    body = json.loads((root / MANIFEST).read_text())
+    for entry in body["shards"]:
+        del entry["sha256"]
+    (root / MANIFEST).write_text(json.dumps(body))
+    with pytest.raises(DataError, match=r"manifest\.json: no sha256 for its shards .*regenerate the teacher data"):
+        TeacherStore(root, fp)
