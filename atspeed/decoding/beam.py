@@ -90,7 +90,7 @@ def ordered_keys(cand: torch.Tensor) -> torch.Tensor:
     (beam, token id), wherever it runs. Float32 bits map to integers of the same order; the index fills the low bits.
     """
     bits = cand.float().view(torch.int32).long()
-    ordered = torch.where(bits < 0, -(bits & 0x7FFFFFFF) - 1, bits)  # monotone in the float's value
+    ordered = torch.where(bits < 0, -(bits & 0x7FFFFFFF), bits)  # monotone in the float's value; -0.0 = +0.0
     shift = max(cand.shape[1] - 1, 1).bit_length()
     position = torch.arange(cand.shape[1], device=cand.device)
     return (ordered << shift) | ((1 << shift) - 1 - position)

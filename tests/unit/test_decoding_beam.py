@@ -97,14 +97,25 @@ def test_select_top_orders_by_score_and_splits_index_into_parent_and_token() -> 
     torch.testing.assert_close(cand.gather(1, parents * vocab + tokens), scores)
 
 
-def test_select_top_with_ties_takes_distinct_candidates_of_the_top_values() -> None:
-    """Exact ties straddling the cut: the chosen candidates are distinct, their scores are the k largest values."""
+def test_select_top_breaks_ties_by_the_lower_index() -> None:
+    """Exact ties straddling the cut: the chosen candidates are the k largest values, equal ones by (beam, token)."""
     cand = torch.tensor([[-1.0, -2.0, -1.0, -2.0, -2.0, -5.0]])
     parents, tokens, scores = select_top(cand, 3, 3)
-    index = (parents * 3 + tokens)[0].tolist()
-    assert len(set(index)) == 3
+    assert (parents * 3 + tokens).tolist() == [[0, 2, 1]]
     assert scores.tolist() == [[-1.0, -1.0, -2.0]]
-    assert set(index[:2]) == {0, 2} and index[2] in {1, 3, 4}
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_select_top_is_a_stable_descending_sort_on_bf16_rounded_scores(seed: int) -> None:
+    """bf16-like scores (many exact ties, -inf, -0.0 and +0.0): the first k of a stable descending sort."""
+    gen = torch.Generator().manual_seed(seed)
+    cand = (torch.randn(4, 300, generator=gen) * 8).bfloat16().float()
+    cand[:, ::7] = float("-inf")
+    cand[:, 3], cand[:, 5] = -0.0, 0.0
+    parents, tokens, scores = select_top(cand, 25, 30)
+    order = torch.sort(cand, dim=1, descending=True, stable=True).indices[:, :25]
+    assert torch.equal(parents * 30 + tokens, order)
+    assert torch.equal(scores, cand.gather(1, order))
 
 
 def test_candidates_are_log_softmax_plus_score_where_the_trie_allows() -> None:

@@ -1,0 +1,126 @@
+"""How often strict speculative decoding in bf16 differs from beam search in bf16, and what a self-draft costs.
+
+    python scripts/bf16_exactness.py --target runs/quickstart/target/hf --draft runs/quickstart/align/hf \
+        --source recbole --requests 200 --out runs/bench/bf16_exactness.json
+    python scripts/bf16_exactness.py --random --requests 64          # random 4-layer Llamas, no files needed
+
+Both models in bf16 (on the CPU unless --device says otherwise). For K in --ks: the share of lists where
+``spec_strict`` (the given draft, N = --draft-beams, gamma = --gamma) differs from ``beam``; the same with the target
+as its own draft (N = K, gamma = L) and its target calls per list (1.00 = every tree accepted); and, for each
+differing list, the deciding gap (the smallest score gap between consecutive items of beam's list), which says
+whether the difference sits where bf16 rounding can decide. Prints a table and writes JSON. Runs against whatever
+``atspeed`` is importable, so the same command measures an older checkout (PYTHONPATH=<old checkout>).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from atspeed.bench.workload import Workload, load_workload  # noqa: E402
+from atspeed.decoding.decoders import BoundDecoder  # noqa: E402
+from atspeed.decoding.settings import DecodeSettings  # noqa: E402
+from atspeed.items.trie import PrefixTrie  # noqa: E402
+
+
+def random_workload(requests: int, seed: int = 0) -> Workload:
+    """A 4-layer target (hidden 128) and 1-layer draft over a 1,280-token vocabulary whose last 1,024 tokens are
+    identifier codes (4 levels x 256), 3,000 items, prompts of ~100 tokens; initializer 0.02 as real models."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    vocab, levels = 1280, 4
+    gen = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 256, (3000, levels), generator=gen) + 256 + 256 * torch.arange(levels)
+    identifiers = torch.unique(codes, dim=0)
+
+    def llama(hidden: int, layers: int, s: int) -> LlamaForCausalLM:
+        cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                          num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256, pad_token_id=0,
+                          bos_token_id=1, eos_token_id=2)  # fmt: skip
+        with torch.random.fork_rng():
+            torch.manual_seed(s)
+            return LlamaForCausalLM(cfg).eval()
+
+    prompts = [[1, *torch.randint(3, 256, (99,), generator=gen).tolist()] for _ in range(requests)]
+    return Workload(llama(128, 4, seed), llama(64, 1, seed + 1), PrefixTrie.build(identifiers, vocab, eos_token_id=2),
+                    levels, 0, prompts, [[0]] * requests, {"target": "random Llama (128 x 4)", "draft": "random (64 x 1)"})  # fmt: skip
+
+
+def decode_all(work: Workload, name: str, settings: DecodeSettings, draft, batch: int, device) -> tuple:
+    decoder = BoundDecoder(name, work.target, work.trie, settings, draft=draft)
+    sequences, scores, calls = [], [], []
+    for ids, mask in work.batches(batch, len(work.prompts), device):
+        out = decoder(ids, mask)
+        sequences.append(out.sequences.cpu())
+        scores.append(out.scores.float().cpu())
+        calls.append(out.stats.target_calls.float())
+    return torch.cat(sequences), torch.cat(scores), torch.cat(calls)
+
+
+def compare(work: Workload, k: int, args, device) -> dict:
+    levels = work.levels
+    base = DecodeSettings(num_beams=k, levels=levels, draft_beams=max(args.draft_beams, k), gamma=args.gamma,
+                          pad_token_id=work.pad_token_id)  # fmt: skip
+    beam_seq, beam_scores, _ = decode_all(work, "beam", base, None, args.batch, device)
+    row = {"K": k, "lists": len(work.prompts)}
+    runs = {"draft": (base, work.draft), "self": (DecodeSettings(k, levels, k, levels, work.pad_token_id), work.target)}
+    for label, (settings, draft) in runs.items():
+        seq, _, calls = decode_all(work, "spec_strict", settings, draft, args.batch, device)
+        differs = (seq != beam_seq).flatten(1).any(1)
+        gaps = (beam_scores[:, :-1] - beam_scores[:, 1:]).abs().min(1).values if k > 1 else torch.zeros(len(seq))
+        row[f"{label}_differs"] = float(differs.float().mean())
+        row[f"{label}_calls_per_list"] = float(calls.mean())
+        row[f"{label}_max_deciding_gap"] = float(gaps[differs].max()) if differs.any() else None
+    return row
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--target")
+    parser.add_argument("--draft")
+    parser.add_argument("--source", default="processed")
+    parser.add_argument("--path")
+    parser.add_argument("--random", action="store_true", help="random 4-layer Llamas instead of exported models")
+    parser.add_argument("--requests", type=int, default=200)
+    parser.add_argument("--ks", type=int, nargs="+", default=[1, 3, 10, 20])
+    parser.add_argument("--draft-beams", type=int, default=40)
+    parser.add_argument("--gamma", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out")
+    args = parser.parse_args(argv)
+    if args.random:
+        work = random_workload(args.requests)
+        work = Workload(work.target.to(getattr(torch, args.dtype)), work.draft.to(getattr(torch, args.dtype)),
+                        *[getattr(work, f) for f in ("trie", "levels", "pad_token_id", "prompts", "targets", "info")])  # fmt: skip
+    elif args.target and args.draft:
+        work = load_workload(args.target, args.draft, args.requests, args.source, args.path, dtype=args.dtype)
+    else:
+        parser.error("give --target and --draft (exported model directories), or --random")
+    device = torch.device(args.device)
+    work = work.to(device)
+    started = time.perf_counter()
+    rows = [compare(work, k, args, device) for k in args.ks]
+    result = {"dtype": args.dtype, "device": str(device), "info": work.info, "rows": rows,
+              "seconds": round(time.perf_counter() - started, 1)}  # fmt: skip
+    print(f"{'K':>3} {'lists':>6} {'draft: differs':>15} {'max gap':>8} {'self: differs':>14} {'calls/list':>10}")
+    for r in rows:
+        gap = "-" if r["draft_max_deciding_gap"] is None else f"{r['draft_max_deciding_gap']:.3f}"
+        print(f"{r['K']:>3} {r['lists']:>6} {100 * r['draft_differs']:>14.1f}% {gap:>8} "
+              f"{100 * r['self_differs']:>13.1f}% {r['self_calls_per_list']:>10.2f}")  # fmt: skip
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()
