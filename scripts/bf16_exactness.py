@@ -15,6 +15,7 @@ whether the difference sits where bf16 rounding can decide. Prints a table and w
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -24,10 +25,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from atspeed.bench.workload import Workload, load_workload  # noqa: E402
-from atspeed.decoding.decoders import BoundDecoder  # noqa: E402
-from atspeed.decoding.settings import DecodeSettings  # noqa: E402
-from atspeed.items.trie import PrefixTrie  # noqa: E402
+from atspeed.bench.workload import Workload, load_workload
+from atspeed.decoding.decoders import BoundDecoder
+from atspeed.decoding.settings import DecodeSettings
+from atspeed.items.trie import PrefixTrie
 
 
 def random_workload(requests: int, seed: int = 0) -> Workload:
@@ -49,8 +50,9 @@ def random_workload(requests: int, seed: int = 0) -> Workload:
             return LlamaForCausalLM(cfg).eval()
 
     prompts = [[1, *torch.randint(3, 256, (99,), generator=gen).tolist()] for _ in range(requests)]
-    return Workload(llama(128, 4, seed), llama(64, 1, seed + 1), PrefixTrie.build(identifiers, vocab, eos_token_id=2),
-                    levels, 0, prompts, [[0]] * requests, {"target": "random Llama (128 x 4)", "draft": "random (64 x 1)"})  # fmt: skip
+    trie = PrefixTrie.build(identifiers, vocab, eos_token_id=2)
+    info = {"target": "random Llama (128 x 4)", "draft": "random Llama (64 x 1)"}
+    return Workload(llama(128, 4, seed), llama(64, 1, seed + 1), trie, levels, 0, prompts, [[0]] * requests, info)
 
 
 def decode_all(work: Workload, name: str, settings: DecodeSettings, draft, batch: int, device) -> tuple:
@@ -99,8 +101,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if args.random:
         work = random_workload(args.requests)
-        work = Workload(work.target.to(getattr(torch, args.dtype)), work.draft.to(getattr(torch, args.dtype)),
-                        *[getattr(work, f) for f in ("trie", "levels", "pad_token_id", "prompts", "targets", "info")])  # fmt: skip
+        dtype = getattr(torch, args.dtype)
+        work = dataclasses.replace(work, target=work.target.to(dtype), draft=work.draft.to(dtype))
     elif args.target and args.draft:
         work = load_workload(args.target, args.draft, args.requests, args.source, args.path, dtype=args.dtype)
     else:

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from decoding_helpers import EOS, left_pad, random_prompts, speculative_world, tiny_llama
 
 from atspeed.bench.host_syncs import HostSyncCounter
 from atspeed.decoding.decoders import BoundDecoder
 from atspeed.decoding.settings import DecodeSettings
 from atspeed.items.trie import PrefixTrie
-from decoding_helpers import EOS, left_pad, random_prompts, speculative_world, tiny_llama
 
 SPECULATIVE = ("spec_strict", "spec_relaxed", "spec_relaxed_exact")
 LIMIT = {"beam": 1.0, "beam_sample": 1.0, **dict.fromkeys(SPECULATIVE, 2.0)}
