@@ -43,7 +43,7 @@ from atspeed.errors import SIGTERM_EXIT, DataError
 from atspeed.losses import LossOptions
 from atspeed.models.build import LoraSpec, ModelSpec
 from atspeed.preflight import check_accelerator, check_checkpoint, check_launch, check_output_dir
-from atspeed.run_lock import leads_run, locked
+from atspeed.run_lock import leads_run, lock_file, locked, sibling_lock_file
 
 # Config dataclasses travel in checkpoint hyper-parameters; allow them through torch.load(weights_only=True).
 torch.serialization.add_safe_globals(
@@ -131,8 +131,8 @@ class AtspeedCLI(LightningCLI):
     def _lock_outputs(self, config) -> None:
         """One run per output directory: the run directory and the teacher data directory (``run_lock``)."""
         if leads_run():
-            for directory, key in output_directories(config):
-                self.locks.enter_context(locked(directory, key))
+            for directory, key, path in output_directories(config):
+                self.locks.enter_context(locked(directory, key, path))
 
     def instantiate_classes(self) -> None:
         try:
@@ -168,13 +168,15 @@ def _callbacks(config) -> list:
     return [] if callbacks is None else callbacks if isinstance(callbacks, list) else [callbacks]
 
 
-def output_directories(config) -> list[tuple[Path, str]]:
-    """The directories one run writes into, each with its key: ``trainer.default_root_dir`` and the teacher data
-    directory (``TeacherShardWriter.dirpath``)."""
-    found = [(Path(config.trainer.default_root_dir or "."), "trainer.default_root_dir")]
+def output_directories(config) -> list[tuple[Path, str, Path]]:
+    """The directories one run writes into, each with its key and lock file: ``trainer.default_root_dir`` and the
+    teacher data directory (``TeacherShardWriter.dirpath``, locked beside it: it holds the shards alone)."""
+    root = Path(config.trainer.default_root_dir or ".")
+    found = [(root, "trainer.default_root_dir", lock_file(root))]
     for callback in _callbacks(config):
         if str(getattr(callback, "class_path", "")).endswith(".TeacherShardWriter"):
-            found.append((Path(callback.init_args.dirpath), "TeacherShardWriter.dirpath"))
+            data = Path(callback.init_args.dirpath)
+            found.append((data, "TeacherShardWriter.dirpath", sibling_lock_file(data)))
     return found
 
 

@@ -2,8 +2,9 @@
 at once with one line naming the directory and the process that holds it, before it builds or writes anything.
 
 The lock is ``filelock``'s (an OS lock, ``flock`` on Unix) on a file beside the outputs: ``<dir>/.atspeed.lock`` for a
-directory the run writes into (a stage's ``trainer.default_root_dir``, teacher data, a sweep, a pipeline's run
-directory), ``<parent>/.<name>.atspeed.lock`` for a directory that is replaced whole (``export --out``). The OS drops
+directory the run writes into (a stage's ``trainer.default_root_dir``, a sweep, a pipeline's run directory),
+``<parent>/.<name>.atspeed.lock`` for a directory that is replaced whole (``export --out``) or holds data files alone
+(teacher data). The OS drops
 it when the process ends, however it ends (SIGKILL too), so a lock is never stale; the file itself stays, empty. The
 holder writes its pid and host into the file for the message. Locks are reentrant within one process: a pipeline's
 stages run in its process and may lock the pipeline's own directory again. Under a launcher that starts several
@@ -41,7 +42,7 @@ def lock_file(directory: str | Path) -> Path:
 
 
 def sibling_lock_file(path: str | Path) -> Path:
-    """The lock file of a directory that is replaced whole (a lock inside it would go with it)."""
+    """The lock file of a directory that is replaced whole (a lock inside would go with it) or holds data alone."""
     path = Path(path)
     return path.parent / f".{path.name}{LOCK_NAME}"
 

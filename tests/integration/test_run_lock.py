@@ -121,7 +121,7 @@ def test_the_lock_goes_with_the_run_after_success_error_and_sigterm(tmp_path, ca
 
 def test_teacher_data_in_use_is_refused(exported, tmp_path, capsys, monkeypatch) -> None:
     _refuse_models(monkeypatch)
-    with held_by_another_process(tmp_path / "data" / LOCK_NAME) as pid:
+    with held_by_another_process(sibling_lock_file(tmp_path / "data")) as pid:
         err = fails(teacher_args(exported, tmp_path), capsys, "predict")
     assert "TeacherShardWriter.dirpath" in err
     _in_use(err, tmp_path / "data", pid)
