@@ -6,7 +6,11 @@ callback (``checkpoint.*``; ``last.ckpt`` every ``checkpoint.every_n_train_steps
 and when fit is interrupted), so ``fit ... --ckpt_path last`` resumes from the latest completed step.
 Checkpoints load with ``weights_only=True``.
 
-Exit codes: 0 done; 2 bad input (one message naming the key or file, before any model is built); 143 stopped
+One run per output directory: ``trainer.default_root_dir`` and teacher data are locked right after parsing
+(``atspeed.run_lock``), and a second run into one of them stops with one line naming it.
+
+Exit codes: 0 done; 2 bad input (one message naming the key or file, before any model is built; an output directory
+in use by another run); 143 stopped
 by SIGTERM (what was complete is kept: ``last.ckpt`` in fit, the finished prediction batches in predict);
 1 interrupted by Ctrl-C or failed.
 """

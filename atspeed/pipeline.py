@@ -19,6 +19,10 @@ interruption continues where it stopped. At the end the stages' decode reports (
 put side by side: Recall/NDCG@10, target calls per list, accepted depth, ms per list and the ratios over Hugging Face
 ``generate`` and over our beam search at the same K; a speculative strict row whose Recall/NDCG differ from beam
 search's is flagged. The summary is printed and written as JSON.
+
+One pipeline per run directory (the deepest directory holding every output and the summary): it is locked
+(``atspeed.run_lock``) before the first stage, whose own locks re-enter it. Exit codes: 0 done; 2 a bad pipeline file,
+a summary path that cannot be written, or the run directory in use; 143 stopped by SIGTERM; else the failing stage's.
 """
 
 from __future__ import annotations
