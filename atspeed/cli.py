@@ -6,7 +6,11 @@ callback (``checkpoint.*``; ``last.ckpt`` every ``checkpoint.every_n_train_steps
 and when fit is interrupted), so ``fit ... --ckpt_path last`` resumes from the latest completed step.
 Checkpoints load with ``weights_only=True``.
 
-Exit codes: 0 done; 2 bad input (one message naming the key or file, before any model is built); 143 stopped
+One run per output directory: ``trainer.default_root_dir`` and teacher data are locked right after parsing
+(``atspeed.run_lock``), and a second run into one of them stops with one line naming it.
+
+Exit codes: 0 done; 2 bad input (one message naming the key or file, before any model is built; an output directory
+in use by another run); 143 stopped
 by SIGTERM (what was complete is kept: ``last.ckpt`` in fit, the finished prediction batches in predict);
 1 interrupted by Ctrl-C or failed.
 """
@@ -38,11 +42,12 @@ from atspeed.callbacks.signals import StopPredictOnSigterm
 from atspeed.callbacks.summary import MetricsSummary
 from atspeed.data.datamodule import EvalSpec, RecDataModule
 from atspeed.data.item_index import SemanticIdSpec
-from atspeed.deepspeed_config import check_deepspeed_config, strategy_config
+from atspeed.deepspeed_config import check_deepspeed_config, needs_cuda, strategy_config
 from atspeed.errors import SIGTERM_EXIT, DataError
 from atspeed.losses import LossOptions
 from atspeed.models.build import LoraSpec, ModelSpec
-from atspeed.preflight import check_checkpoint, check_launch, check_output_dir
+from atspeed.preflight import check_accelerator, check_checkpoint, check_launch, check_output_dir
+from atspeed.run_lock import leads_run, lock_file, locked, sibling_lock_file
 
 # Config dataclasses travel in checkpoint hyper-parameters; allow them through torch.load(weights_only=True).
 torch.serialization.add_safe_globals(
@@ -106,19 +111,32 @@ class AtspeedCLI(LightningCLI):
         defaults = {"save_last": True, "every_n_train_steps": 100, "enable_version_counter": False}
         parser.set_defaults({f"checkpoint.{key}": value for key, value in defaults.items()})
 
+    def __init__(self, *args, **kwargs) -> None:
+        self.locks = contextlib.ExitStack()  # the run's output directories (run_lock), held until the command ends
+        with self.locks:
+            super().__init__(*args, **kwargs)
+
     def _parse_ckpt_path(self) -> None:
-        """Right after parsing (LightningCLI reads the checkpoint's hyper-parameters next): check the run's paths
-        and the checkpoint, and load checkpoints with ``weights_only=True`` set explicitly (Lightning passes None on:
-        torch's default for local files, False for http URLs)."""
+        """Right after parsing (LightningCLI reads the checkpoint's hyper-parameters next): check the run's paths,
+        lock its output directories and check the checkpoint, and load checkpoints with ``weights_only=True`` set
+        explicitly (Lightning passes None on: torch's default for local files, False for http URLs)."""
         subcommand = self.config.get("subcommand")
         config = self.config[subcommand] if subcommand else self.config
         try:
-            _check_run_config(subcommand, config)
+            _check_run_config(config)
+            self._lock_outputs(config)
+            _resolve_ckpt_path(subcommand, config)
         except DataError as err:
             self.parser.error(str(err))
         if subcommand and "weights_only" in config and config.weights_only is None:
             config.weights_only = True
         super()._parse_ckpt_path()
+
+    def _lock_outputs(self, config) -> None:
+        """One run per output directory: the run directory and the teacher data directory (``run_lock``)."""
+        if leads_run():
+            for directory, key, path in output_directories(config):
+                self.locks.enter_context(locked(directory, key, path))
 
     def instantiate_classes(self) -> None:
         try:
@@ -133,7 +151,7 @@ def target_export(model) -> str | None:
     return getattr(init_args, "target", None)
 
 
-def _check_run_config(subcommand: str | None, config) -> None:
+def _check_run_config(config) -> None:
     """Trainer values and paths that must be right before anything is built or written."""
     trainer = config.trainer
     if trainer.max_steps is not None and trainer.max_steps < -1:
@@ -144,8 +162,30 @@ def _check_run_config(subcommand: str | None, config) -> None:
     deepspeed = strategy_config(trainer.strategy)
     if deepspeed is not None:
         check_deepspeed_config(deepspeed)
+    check_accelerator(trainer.accelerator, needs_cuda(trainer.strategy))
     if config.checkpoint.dirpath is None:
         config.checkpoint.dirpath = str(root / "checkpoints")
+
+
+def _callbacks(config) -> list:
+    callbacks = config.trainer.callbacks
+    return [] if callbacks is None else callbacks if isinstance(callbacks, list) else [callbacks]
+
+
+def output_directories(config) -> list[tuple[Path, str, Path]]:
+    """The directories one run writes into, each with its key and lock file: ``trainer.default_root_dir`` and the
+    teacher data directory (``TeacherShardWriter.dirpath``, locked beside it: it holds the shards alone)."""
+    root = Path(config.trainer.default_root_dir or ".")
+    found = [(root, "trainer.default_root_dir", lock_file(root))]
+    for callback in _callbacks(config):
+        if str(getattr(callback, "class_path", "")).endswith(".TeacherShardWriter"):
+            data = Path(callback.init_args.dirpath)
+            found.append((data, "TeacherShardWriter.dirpath", sibling_lock_file(data)))
+    return found
+
+
+def _resolve_ckpt_path(subcommand: str | None, config) -> None:
+    """``--ckpt_path last`` as the checkpoint file (or None: a fresh fit); a fresh fit must not overwrite a fit's."""
     if subcommand is None or "ckpt_path" not in config:
         return
     last = Path(config.checkpoint.dirpath) / f"{ModelCheckpoint.CHECKPOINT_NAME_LAST}{ModelCheckpoint.FILE_EXTENSION}"
@@ -225,6 +265,9 @@ class _ParseOnlyCLI(AtspeedCLI):
         pass
 
     def _set_seed(self) -> None:
+        pass
+
+    def _lock_outputs(self, config) -> None:
         pass
 
 

@@ -58,6 +58,12 @@ def strategy_config(strategy: Any, key: str = "trainer.strategy") -> dict | None
     return _plain(config)
 
 
+def needs_cuda(strategy: Any) -> bool:
+    """Whether a parsed ``trainer.strategy`` is Lightning's own ``DeepSpeedStrategy``, which runs on CUDA GPUs only."""
+    class_path = str(_get(strategy, "class_path") or "") if not isinstance(strategy, str) else ""
+    return class_path.startswith("lightning.") and class_path.endswith(".DeepSpeedStrategy")
+
+
 def _plain(node: Any) -> Any:
     """A parsed (namespace / mapping) config as plain dicts and lists."""
     if hasattr(node, "as_dict"):

@@ -14,9 +14,11 @@ are those the optimizer held: fp32 from ZeRO (a bf16 fit's own export holds thei
     python -m atspeed export runs/beauty/target/checkpoints/last.ckpt --out runs/beauty/target/hf_last \\
         --single-file runs/beauty/target/last_fp32.ckpt
 
-DIR and FILE appear whole or not at all. DIR may replace only an earlier atspeed export; FILE must not exist.
+DIR and FILE appear whole or not at all. DIR may replace only an earlier atspeed export; FILE must not exist. One
+export into DIR at a time: a lock file ``.<DIR name>.atspeed.lock`` beside DIR (``atspeed.run_lock``).
 Exit codes: 0 written; 2 bad input (one line ``error: ...`` naming the path, before any model is built): CKPT
-missing or not a checkpoint of an atspeed fit, DIR present but not written by atspeed, FILE present; 1 failed.
+missing or not a checkpoint of an atspeed fit, DIR present but not written by atspeed or not writable, DIR being
+written by another export, FILE present; 1 failed.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from atspeed.callbacks.export import write_export
 from atspeed.data.datamodule import RecDataModule
 from atspeed.errors import DataError
 from atspeed.preflight import check_checkpoint, weights_only_refusal
+from atspeed.run_lock import locked, sibling_lock_file
 
 log = logging.getLogger("atspeed")
 ZERO_LATEST = "latest"  # DeepSpeed's file naming the tag directory of the newest save
@@ -182,7 +185,8 @@ def main(args: list[str]) -> None:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     try:
-        export_checkpoint(parsed.ckpt, parsed.out, parsed.single_file)
+        with locked(parsed.out, "--out", sibling_lock_file(parsed.out)):  # one export into DIR at a time
+            export_checkpoint(parsed.ckpt, parsed.out, parsed.single_file)
     except DataError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None

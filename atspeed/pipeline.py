@@ -19,21 +19,30 @@ interruption continues where it stopped. At the end the stages' decode reports (
 put side by side: Recall/NDCG@10, target calls per list, accepted depth, ms per list and the ratios over Hugging Face
 ``generate`` and over our beam search at the same K; a speculative strict row whose Recall/NDCG differ from beam
 search's is flagged. The summary is printed and written as JSON.
+
+One pipeline per run directory (the deepest directory holding every output and the summary): it is locked
+(``atspeed.run_lock``) before the first stage, whose own locks re-enter it. Exit codes: 0 done; 2 a bad pipeline file,
+a summary path that cannot be written, or the run directory in use; 143 stopped by SIGTERM; else the failing stage's.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import logging
+import os
 import shlex
+import signal
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from atspeed.atomic import write_text_atomic
-from atspeed.errors import DataError
+from atspeed.errors import SIGTERM_EXIT, DataError
+from atspeed.preflight import check_new_file
+from atspeed.run_lock import lock_file, locked, sibling_lock_file
 from atspeed.yaml_file import read_yaml
 
 log = logging.getLogger("atspeed.pipeline")
@@ -75,7 +84,10 @@ def read_pipeline(path: str | Path) -> Pipeline:
         name, run, output = entry["name"], entry["run"], entry["output"]
         if not isinstance(name, str) or not name or name in names:
             raise DataError(f"{key}.name: expected a unique non-empty name, got {name!r}")
-        argv = shlex.split(run) if isinstance(run, str) else run
+        try:
+            argv = shlex.split(run) if isinstance(run, str) else run
+        except ValueError as err:  # shlex: "No closing quotation", "No escaped character"
+            raise DataError(f"{key}.run: not a command line ({err}): {run}") from None
         if not isinstance(argv, list) or not all(isinstance(a, str) for a in argv) or not argv:
             raise DataError(f"{key}.run: expected a command line (string or list of strings)")
         if argv[0] not in SUBCOMMANDS:
@@ -226,17 +238,56 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def check_outputs(pipeline: Pipeline, path: str | Path) -> None:
+    """Before the first stage: the summary can be written (not found out after every stage ran)."""
+    if pipeline.summary is not None:
+        check_new_file(pipeline.summary, f"{path}: summary", overwrite=True)
+
+
+def run_directory(pipeline: Pipeline, path: str | Path) -> tuple[Path, Path]:
+    """(the pipeline's run directory, its lock file): the deepest directory that holds every stage's output and the
+    summary; where they share none but the filesystem root, the lock file beside the pipeline file stands for it."""
+    parents = [s.output.absolute().parent for s in pipeline.stages]
+    if pipeline.summary is not None:
+        parents.append(pipeline.summary.absolute().parent)
+    common = Path(os.path.commonpath(parents))
+    if common == Path(common.anchor):
+        return Path(path), sibling_lock_file(path)
+    return common, lock_file(common)
+
+
+class Stopped(BaseException):
+    """SIGTERM reached the pipeline outside a stage's Lightning loop (which stops itself at a step boundary)."""
+
+
+def _stop(signum, frame) -> None:
+    if signal.getsignal(signal.SIGTERM) is _stop:  # inside a loop, Lightning calls this from its own handler
+        raise Stopped
+
+
 def main(args: list[str]) -> None:
-    """``python -m atspeed pipeline FILE``: exit 2 on a bad pipeline file, else the first failing stage's code."""
+    """``python -m atspeed pipeline FILE``: exit 2 on a bad pipeline file or one whose run directory is in use, 143
+    when stopped by SIGTERM, else the first failing stage's code."""
     if len(args) != 1 or args[0] in ("-h", "--help"):
         print(__doc__.split("\n\n")[0], "\nusage: python -m atspeed pipeline FILE", file=sys.stderr)
         raise SystemExit(0 if args and args[0] in ("-h", "--help") else 2)
     from atspeed.cli import show_atspeed_logs
 
     show_atspeed_logs()
+    previous = signal.signal(signal.SIGTERM, _stop)
     try:
-        pipeline = read_pipeline(args[0])
-    except DataError as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
-    run_pipeline(pipeline)
+        with contextlib.ExitStack() as locks:
+            try:
+                pipeline = read_pipeline(args[0])
+                check_outputs(pipeline, args[0])
+                directory, lock = run_directory(pipeline, args[0])
+                locks.enter_context(locked(directory, f"pipeline {args[0]}", lock))
+            except DataError as err:
+                print(f"error: {err}", file=sys.stderr)
+                raise SystemExit(2) from None
+            run_pipeline(pipeline)
+    except Stopped:
+        print("pipeline: stopped by SIGTERM; rerun the pipeline to continue", file=sys.stderr)
+        raise SystemExit(SIGTERM_EXIT) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)

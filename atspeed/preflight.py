@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import tempfile
 import zipfile
 from pathlib import Path
 
@@ -13,15 +14,22 @@ from atspeed.errors import DataError
 
 
 def check_output_dir(path: str | Path, key: str) -> None:
-    """``path`` is a directory, or can be created as one, and is writable."""
+    """``path`` is a directory, or can be created as one, and is writable: a file is made there and dropped, since
+    ``os.access`` answers yes to root where none can be made (``/proc``, ``/sys``)."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise DataError(f"{key}: {path} exists and is not a directory")
     existing = next(p for p in (path, *path.absolute().parents) if p.exists())
     if not existing.is_dir():
         raise DataError(f"{key}: cannot create {path}: {existing} is not a directory")
+    where = f"{existing}" if existing == path else f"cannot create {path}: {existing}"
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise DataError(f"{key}: {existing} is not writable")
+        raise DataError(f"{key}: {where} is not writable")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        raise DataError(f"{key}: {where} is not writable ({err.strerror})") from None
 
 
 def weights_only_refusal(err: pickle.UnpicklingError) -> str:
@@ -85,3 +93,17 @@ def check_launch(num_nodes: int, devices, env) -> None:
     if num_nodes != nodes:
         raise DataError(f"trainer.num_nodes = {num_nodes}, but {launcher} runs {nodes} nodes: set trainer.num_nodes "
                         f"{nodes} (scripts/torchrun.sh and scripts/slurm.sbatch do)")  # fmt: skip
+
+
+def check_accelerator(accelerator, deepspeed: bool) -> None:
+    """A run that needs a GPU stops here on a machine without one, not later in Lightning's "No supported gpu backend
+    found!" (``deepspeed``: the strategy is Lightning's ``DeepSpeedStrategy``, which runs on CUDA GPUs only)."""
+    cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
+    if deepspeed and not cuda:
+        raise DataError("trainer.strategy: DeepSpeed needs a CUDA GPU and this machine has none; run without DeepSpeed "
+                        "by leaving out the --config configs/deepspeed/*.yaml (and with --trainer.accelerator cpu if "
+                        "another config asks for a GPU)")  # fmt: skip
+    found = {"gpu": cuda or mps, "cuda": cuda, "mps": mps}
+    if isinstance(accelerator, str) and not found.get(accelerator.lower(), True):
+        raise DataError(f"trainer.accelerator: {accelerator!r}, but this machine has no such GPU; set "
+                        "--trainer.accelerator cpu (or auto: a GPU where there is one)")  # fmt: skip

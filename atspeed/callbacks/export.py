@@ -21,6 +21,7 @@ from atspeed.atomic import atomic_directory, check_replaceable
 from atspeed.data.export_dir import INDEX_FILE, META_FILE
 from atspeed.errors import DataError
 from atspeed.models.build import gathered_parameters
+from atspeed.preflight import check_output_dir
 
 if TYPE_CHECKING:
     from atspeed.data.datamodule import RecDataModule
@@ -66,10 +67,11 @@ class ExportHuggingFace(pl.Callback):
         self.dirpath = dirpath
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Before training: the export must not replace the run's own checkpoints or logs."""
+        """Before training: the export must not replace the run's own checkpoints or logs, and can be written."""
         if stage != "fit":
             return
         check_replaceable(self.dirpath, KEY)
+        check_output_dir(Path(self.dirpath).absolute().parent, KEY)  # the export is made beside it, then renamed
         export = Path(self.dirpath).resolve()
         ours = [Path(trainer.default_root_dir)]
         ours += [Path(cb.dirpath) for cb in trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)]

@@ -9,8 +9,9 @@ stage logs. Outputs in ``--dir`` (default ``runs/sweeps/<file name>``): each run
 (rerunning the same command resumes: unfinished runs first, then new ones up to ``--count`` finished runs),
 ``results.csv`` / ``results.json`` (the table, best run) and ``<metric>.png`` (the metric against each parameter).
 
-Exit codes: 0 done; 2 bad input (one message naming the file and key); 1 a run failed (its log is named; rerun to
-resume); 143 stopped by SIGTERM (the unfinished run is rerun on resume).
+One sweep per directory: ``--dir`` is locked while the sweep runs (``atspeed.run_lock``). Exit codes: 0 done; 2 bad
+input (one message naming the file and key; ``--dir`` in use by another sweep); 1 a run failed (its log is named;
+rerun to resume); 143 stopped by SIGTERM (the unfinished run is rerun on resume).
 """
 
 from __future__ import annotations
@@ -34,9 +35,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Check, run and tabulate a sweep; returns the exit code (see the module docstring)."""
     from atspeed.cli import show_atspeed_logs
-    from atspeed.sweep.check import check_sweep
-    from atspeed.sweep.report import check_plotting, write_report
-    from atspeed.sweep.runner import RunFailed, run_sweep
+    from atspeed.run_lock import locked
     from atspeed.sweep.spec import read_sweep
 
     show_atspeed_logs()
@@ -47,13 +46,24 @@ def main(argv: list[str] | None = None) -> int:
             raise DataError(f"--count must be >= 1, got {args.count}")
         sweep = read_sweep(args.file, args.count)
         out_dir = args.dir or Path("runs/sweeps") / sweep.name
-        check_plotting()
-        probes = check_sweep(sweep, out_dir / ".check")
-        log.info("%s: %d probe runs parse in the CLI; metric %s (%s)", sweep.path, probes, sweep.metric, sweep.goal)
-        state = run_sweep(sweep, out_dir, args.count)
+        with locked(out_dir, "--dir"):  # one sweep per directory; its runs lock their own directories inside it
+            return _run(sweep, out_dir, args.count, log)
     except DataError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+
+
+def _run(sweep, out_dir: Path, count: int | None, log: logging.Logger) -> int:
+    """Check and run the sweep in ``out_dir`` (locked), then write its report; DataError for bad input."""
+    from atspeed.sweep.check import check_sweep
+    from atspeed.sweep.report import check_plotting, write_report
+    from atspeed.sweep.runner import RunFailed, run_sweep
+
+    try:
+        check_plotting()
+        probes = check_sweep(sweep, out_dir / ".check")
+        log.info("%s: %d probe runs parse in the CLI; metric %s (%s)", sweep.path, probes, sweep.metric, sweep.goal)
+        state = run_sweep(sweep, out_dir, count)
     except RunFailed as err:
         print(f"error: {err}; rerun the same command to resume", file=sys.stderr)
         return SIGTERM_EXIT if err.code == SIGTERM_EXIT else 1

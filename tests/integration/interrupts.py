@@ -6,6 +6,8 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
+import time
+from pathlib import Path
 
 import lightning.pytorch as pl
 
@@ -48,3 +50,22 @@ class RecordBatches(pl.Callback):
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module, batch, batch_idx) -> None:
         digest = hashlib.sha1(batch["input_ids"].numpy().tobytes()).hexdigest()[:12]
         self.rows.append((trainer.global_step, trainer.current_epoch, digest))
+
+
+class WaitForFile(pl.Callback):
+    """Hold the run where training or predicting starts until ``path`` exists (a test's cue to go on); while it
+    waits, ``<path>.waiting`` exists."""
+
+    def __init__(self, path: str, timeout: float = 300.0) -> None:
+        self.path = Path(path)
+        self.timeout = timeout
+
+    def _wait(self, *args) -> None:
+        self.path.with_name(self.path.name + ".waiting").touch()
+        deadline = time.monotonic() + self.timeout
+        while not self.path.exists():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.path} never appeared")
+            time.sleep(0.05)
+
+    on_train_start = on_predict_start = _wait

@@ -342,3 +342,99 @@ def test_teacher_data_of_another_target_or_none_is_refused(exported, teacher_dat
     assert "no teacher manifest" in err
     err = fails(align_args(exported, teacher_data, tmp_path / "run", "--data.train_samples", "last"), capsys)
     assert "teacher data covers 96 samples, training has 24" in err
+
+
+# -- places that cannot be written or are in use, found before anything is built -------------------------------------
+
+# root writes through permission bits, but no file can be made under /proc: a location that really refuses writes
+READ_ONLY = Path("/proc/atspeed-test")
+needs_proc = pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux /proc")
+
+
+def exits(entry, args: list[str], capsys) -> str:
+    """``entry(args)`` (an entry point's main) expecting exit 2 with one ``error:`` line and no traceback."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        entry(args)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    messages = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(messages) == 1 and "Traceback" not in err, err
+    return messages[0]
+
+
+@needs_proc
+def test_an_export_location_that_cannot_be_written_is_refused_before_training(data, tmp_path, capsys) -> None:
+    err = fails(
+        tiny_args(data, tmp_path / "run", "--trainer.callbacks.init_args.dirpath", str(READ_ONLY / "hf")), capsys
+    )
+    assert "ExportHuggingFace.dirpath" in err and "not writable" in err
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@needs_proc
+def test_export_out_that_cannot_be_written(tmp_path, capsys) -> None:
+    from atspeed.export_checkpoint import main as export_main
+
+    ckpt = tmp_path / "last.ckpt"
+    torch.save({"state_dict": {}}, ckpt)
+    err = exits(export_main, [str(ckpt), "--out", str(READ_ONLY / "hf")], capsys)
+    assert "--out" in err and "not writable" in err
+
+
+def _pipeline(tmp_path: Path, run: str, summary: Path | None = None) -> list[str]:
+    content = {"stages": [{"name": "a", "run": run, "output": str(tmp_path / "a" / "hf")}]}
+    if summary is not None:
+        content["summary"] = str(summary)
+    (tmp_path / "p.yaml").write_text(json.dumps(content))
+    return [str(tmp_path / "p.yaml")]
+
+
+@pytest.fixture
+def no_stage_runs(monkeypatch) -> None:
+    def refuse(stage):
+        raise AssertionError(f"stage {stage.name} ran before the bad input was reported")
+
+    monkeypatch.setattr("atspeed.pipeline.run_stage", refuse)
+
+
+@pytest.mark.parametrize("where", ["directory", "read_only"])
+def test_a_pipeline_summary_that_cannot_be_written_is_refused_before_the_first_stage(
+    tmp_path, capsys, no_stage_runs, where
+) -> None:
+    from atspeed.pipeline import main as pipeline_main
+
+    if where == "read_only" and not Path("/proc/self").is_dir():
+        pytest.skip("needs Linux /proc")
+    summary = tmp_path / "summary" if where == "directory" else READ_ONLY / "summary.json"
+    if where == "directory":
+        summary.mkdir()
+    err = exits(pipeline_main, _pipeline(tmp_path, "fit", summary), capsys)
+    assert "p.yaml: summary" in err and str(summary if where == "directory" else READ_ONLY) in err
+
+
+def test_a_pipeline_command_with_an_unclosed_quote(tmp_path, capsys, no_stage_runs) -> None:
+    from atspeed.pipeline import main as pipeline_main
+
+    err = exits(pipeline_main, _pipeline(tmp_path, "fit --config 'configs/tiny/target_sft.yaml"), capsys)
+    assert "p.yaml: stages[0].run" in err and "No closing quotation" in err
+
+
+def test_deepspeed_on_a_machine_without_a_gpu(data, tmp_path, capsys, monkeypatch) -> None:
+    pytest.importorskip("deepspeed")
+    from tests.integration.tiny_data import ROOT
+
+    monkeypatch.chdir(ROOT)  # configs/deepspeed/zero2.yaml names its JSON relative to the repository root
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    err = fails([*tiny_args(data, tmp_path / "run"), "--config", "configs/deepspeed/zero2.yaml"], capsys)
+    assert "DeepSpeed needs a CUDA GPU" in err and "leaving out the --config configs/deepspeed" in err
+
+
+def test_a_run_directory_in_use_by_another_run(data, tmp_path, capsys) -> None:
+    from tests.integration.lock_holder import held_by_another_process
+
+    run = tmp_path / "run"
+    with held_by_another_process(run / ".atspeed.lock") as pid:
+        err = fails(tiny_args(data, run), capsys)
+    assert f"trainer.default_root_dir: {run} is in use by another atspeed run (pid {pid}, host" in err
+    assert sorted(p.name for p in run.iterdir()) == [".atspeed.lock"]  # nothing written

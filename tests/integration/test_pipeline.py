@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from atspeed.pipeline import read_pipeline, run_pipeline
@@ -100,3 +101,62 @@ def test_bad_pipeline_file_names_the_key(tmp_path, content, message) -> None:
     with pytest.raises(ValueError, match=r"p\.yaml") as err:
         read_pipeline(path)
     assert message in str(err.value)
+
+
+def test_sigterm_between_stages_stops_the_pipeline_with_a_line_and_exit_143(tmp_path, capsys, monkeypatch) -> None:
+    """Outside a stage's Lightning loop (which stops itself at a step boundary), SIGTERM ends the pipeline with one
+    line and exit 143, the finished stage's output kept and the next stage not started."""
+    import os
+    import signal
+
+    from atspeed.errors import SIGTERM_EXIT
+    from atspeed.pipeline import main as pipeline_main
+
+    stages = [{"name": name, "run": "fit", "output": str(tmp_path / name)} for name in ("a", "b")]
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump({"stages": stages}))
+    ran = []
+
+    def stage_then_sigterm(stage) -> None:
+        ran.append(stage.name)
+        stage.output.mkdir()
+        os.kill(os.getpid(), signal.SIGTERM)  # arrives as the stage returns, before the next one starts
+
+    monkeypatch.setattr("atspeed.pipeline.run_stage", stage_then_sigterm)
+
+    def ignore(*args) -> None:  # stands in for the handler a caller had: on the old code, not pytest's end
+        pass
+
+    previous = signal.signal(signal.SIGTERM, ignore)
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            pipeline_main([str(tmp_path / "p.yaml")])
+    finally:
+        restored = signal.signal(signal.SIGTERM, previous)
+    assert stopped.value.code == SIGTERM_EXIT and ran == ["a"] and (tmp_path / "a").is_dir()
+    assert restored is ignore  # the pipeline put back the handler it found
+    lines = [line for line in capsys.readouterr().err.splitlines() if "SIGTERM" in line]
+    assert lines == ["pipeline: stopped by SIGTERM; rerun the pipeline to continue"]
+
+
+def test_sigterm_inside_a_stage_is_left_to_lightning(tmp_path, capsys) -> None:
+    """Inside a stage's training loop the pipeline's handler leaves SIGTERM to Lightning: the step ends, last.ckpt is
+    saved and the stage exits 143, which stops the pipeline."""
+    from atspeed.errors import SIGTERM_EXIT
+    from atspeed.pipeline import main as pipeline_main
+
+    data, run = write_processed(tmp_path / "data"), tmp_path / "run"
+    export = {"class_path": "atspeed.callbacks.export.ExportHuggingFace", "init_args": {"dirpath": str(run / "hf")}}
+    sigterm = {
+        "class_path": "tests.integration.interrupts.SignalAt",
+        "init_args": {"signal_name": "SIGTERM", "step": 1},
+    }
+    callbacks = [export, sigterm]
+    argv = ["fit", *tiny_args(data, run), "--trainer.callbacks", json.dumps(callbacks)]
+    (tmp_path / "p.yaml").write_text(
+        yaml.safe_dump({"stages": [{"name": "a", "run": argv, "output": str(run / "hf")}]})
+    )
+    with pytest.raises(SystemExit) as stopped:
+        pipeline_main([str(tmp_path / "p.yaml")])
+    assert stopped.value.code == SIGTERM_EXIT
+    assert "pipeline: stage a stopped (exit 143)" in capsys.readouterr().err
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 1

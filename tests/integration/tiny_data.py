@@ -86,11 +86,22 @@ def load_script(name: str):
 
 def run_cli(subcommand: str, args: list[str], cwd: Path = ROOT) -> subprocess.CompletedProcess:
     """``python -m atspeed <subcommand> <args>`` in a fresh process (W&B offline; tests' helpers importable)."""
-    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(ROOT)}
     return subprocess.run(
-        [sys.executable, "-m", "atspeed", subcommand, *args], cwd=cwd, env=env, capture_output=True, text=True,
+        [sys.executable, "-m", "atspeed", subcommand, *args], cwd=cwd, env=_cli_env(), capture_output=True, text=True,
         timeout=300, preexec_fn=_default_sigint,
     )  # fmt: skip
+
+
+def start_cli(subcommand: str, args: list[str], cwd: Path = ROOT) -> subprocess.Popen:
+    """``run_cli`` started in the background: the caller waits for it (``communicate``)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "atspeed", subcommand, *args], cwd=cwd, env=_cli_env(), stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint,
+    )  # fmt: skip
+
+
+def _cli_env() -> dict[str, str]:
+    return {**os.environ, "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(ROOT)}
 
 
 def _default_sigint() -> None:
