@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -40,8 +40,16 @@ class Prepared:
     index: ItemIndex
     tokenizer: PreTrainedTokenizerBase
     item_token_ids: torch.Tensor  # [I, L]
-    trie: PrefixTrie
+    trie: PrefixTrie  # on the CPU; the stages decode with ``trie_on(their device)``
     encoder: PromptEncoder
+    tries: dict[torch.device, PrefixTrie] = field(default_factory=dict, repr=False, compare=False)
+
+    def trie_on(self, device: torch.device | str) -> PrefixTrie:
+        """The trie on ``device``: moved there on first use, then kept (with its mask table) for every batch."""
+        device = torch.device(device)
+        if device not in self.tries:
+            self.tries[device] = self.trie if self.trie.device == device else self.trie.to(device)
+        return self.tries[device]
 
 
 @dataclass

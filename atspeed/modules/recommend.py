@@ -177,11 +177,10 @@ class Recommender(pl.LightningModule):
     def on_predict_start(self) -> None:
         hp = self.hparams
         generator = torch.Generator(device=self.device).manual_seed(hp.seed)
-        self.decoder = BoundDecoder(
-            hp.decoder, self.target_model, self.dm.prepared.trie, self.settings, self.draft_model, generator
-        )
+        trie = self.dm.prepared.trie_on(self.device)
+        self.decoder = BoundDecoder(hp.decoder, self.target_model, trie, self.settings, self.draft_model, generator)
         if hp.compare_beam:
-            self.beam = BoundDecoder("beam", self.target_model, self.dm.prepared.trie, self.settings)
+            self.beam = BoundDecoder("beam", self.target_model, trie, self.settings)
         self.metrics.reset()
         self.stats = []
         self.speed = SpeedTally()
@@ -201,7 +200,7 @@ class Recommender(pl.LightningModule):
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
         prepared = self.dm.prepared
         out = self._decode(batch["input_ids"], batch["attention_mask"])
-        items = prepared.trie.lookup(out.sequences).cpu()  # [B, K]
+        items = prepared.trie_on(out.sequences.device).lookup(out.sequences).cpu()  # [B, K]
         self.metrics.update_lists(items, batch["targets"], batch["request_ids"])
         self.stats.append(out.stats)
         return prediction_rows(batch["request_ids"], items, out.scores.cpu(), batch["targets"], prepared.index)
