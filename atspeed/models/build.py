@@ -25,6 +25,9 @@ from transformers import (
 # decodes (SFT and alignment validate by decoding), so flash_attention_2, which would read that mask as padding, is
 # refused when the config is parsed.
 Attention = Literal["sdpa", "eager", "flex_attention"]
+# The weights' torch dtype, named ``dtype`` in every stage (the model built or trained: ``model.dtype``; the models
+# loaded for inference: the teacher's, the alignment's frozen target, the decoding stage's target and draft).
+DType = Literal["float32", "bfloat16", "float16"]
 
 
 @dataclass
@@ -43,7 +46,7 @@ class ModelSpec:
     """MLP width; default 4 x hidden_size."""
     max_positions: int = 256
     """Context length of the Llama built from scratch (prompt + identifier)."""
-    dtype: str = "float32"
+    dtype: DType = "float32"
     """torch dtype name of the weights, e.g. float32 or bfloat16."""
     attn_implementation: Attention = "sdpa"
     """Hugging Face attention implementation (one that reads the tree mask; flash_attention_2 does not)."""
@@ -164,7 +167,7 @@ def build_causal_lm(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase, seed: i
     return model.to(dtype)
 
 
-def load_model(path: str | Path, dtype: str = "float32", attn_implementation: Attention = "sdpa") -> PreTrainedModel:
+def load_model(path: str | Path, dtype: DType = "float32", attn_implementation: Attention = "sdpa") -> PreTrainedModel:
     """A causal LM saved with ``save_pretrained`` in local directory ``path`` (no remote code), in eval mode, with
     ``attn_implementation`` whatever its saved config asks for."""
     if not isinstance(getattr(torch, dtype, None), torch.dtype):

@@ -49,7 +49,7 @@ from atspeed.decoding.teacher import (
 )
 from atspeed.errors import DataError
 from atspeed.losses import LOSSES, LossName, LossOptions, beam_weights, check_top_k, reduce
-from atspeed.models.build import ModelSpec, build_causal_lm, load_model, outside_zero_init, unpartitioned
+from atspeed.models.build import DType, ModelSpec, build_causal_lm, load_model, outside_zero_init, unpartitioned
 from atspeed.modules.optim import adamw_cosine
 
 TeacherMode = Literal["cached", "recompute", "on_policy"]
@@ -91,7 +91,7 @@ class Align(pl.LightningModule):
         draft_beams: PositiveInt = 40,
         gamma: PositiveInt = 3,
         seed: int = 0,
-        target_dtype: str = "float32",
+        dtype: DType = "float32",
     ) -> None:
         """
         Args:
@@ -113,7 +113,7 @@ class Align(pl.LightningModule):
             draft_beams: N of the validation decoding and of the draft's top-N in the coverage.
             gamma: draft steps per target call in the validation decoding.
             seed: initialisation seed of the draft, seed of the validation's relaxed sampling and of on-policy mixing.
-            target_dtype: torch dtype the frozen target is loaded in (bfloat16 for a 7B target on a GPU: inference
+            dtype: torch dtype the frozen target is loaded in (bfloat16 for a 7B target on a GPU: inference
                 only, outside the optimizer and DeepSpeed's partition).
         """
         super().__init__()
@@ -184,7 +184,7 @@ class Align(pl.LightningModule):
 
     def _target(self) -> torch.nn.Module:
         if self.frozen is None:
-            model = load_model(self.hparams.target, self.hparams.target_dtype).to(self.device)
+            model = load_model(self.hparams.target, self.hparams.dtype).to(self.device)
             model.requires_grad_(False)
             self.frozen = _Frozen(model)
         return self.frozen.model

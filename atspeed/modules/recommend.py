@@ -35,7 +35,7 @@ from atspeed.decoding.decoders import (
 from atspeed.decoding.output import SUMMARY_KEYS, DecodeOutput, DecodeStats, synced_now
 from atspeed.errors import DataError
 from atspeed.metrics.ranking import RankingMetrics
-from atspeed.models.build import load_model, model_config
+from atspeed.models.build import DType, load_model, model_config
 from atspeed.wandb_log import log_predict_tables
 
 log = logging.getLogger(__name__)
@@ -98,7 +98,7 @@ class Recommender(pl.LightningModule):
         gamma: PositiveInt = 3,
         budget: NonNegativeInt | Literal["auto"] | None = None,
         eval_ks: Sequence[PositiveInt] = (1, 3, 5, 10, 20),
-        dtype: str = "float32",
+        dtype: DType = "float32",
         seed: int = 0,
         compare_beam: bool = False,
     ) -> None:

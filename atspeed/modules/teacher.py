@@ -22,7 +22,7 @@ from atspeed.data.export_dir import read_export
 from atspeed.decoding.decoders import check_context, check_list_length
 from atspeed.decoding.teacher import teacher_targets
 from atspeed.errors import DataError
-from atspeed.models.build import load_model, model_config
+from atspeed.models.build import DType, load_model, model_config
 
 # The node tables (parent, token, depth, which node each position reads) follow from beams + truth through
 # ``prefix_forest``, so only the sequences and the distributions are stored (the sequences only without distributions).
@@ -38,7 +38,7 @@ class Teacher(pl.LightningModule):
         target: str,
         beams: PositiveInt = 20,
         top_k: PositiveInt | None = None,
-        dtype: str = "float32",
+        dtype: DType = "float32",
         distributions: bool = True,
     ):
         """
