@@ -134,3 +134,11 @@ def test_batches_of_different_node_counts_stack_with_nothing_in_the_padding() ->
     assert torch.isneginf(stacked[:2, 3:]).all(), "padded nodes have no probability mass"
     ids = teacher_store.stack_padded([torch.ones(1, 2, dtype=torch.long), torch.ones(1, 3, dtype=torch.long)])
     assert ids.tolist() == [[1, 1, 0], [1, 1, 1]]
+
+
+def test_stored_float16_rows_stack_inside_a_bf16_mixed_step_on_the_cpu() -> None:
+    """Alignment reads the float16 distributions inside the training step, which bf16-mixed runs under autocast."""
+    rows = [torch.zeros(1, 2, 3, dtype=torch.float16), torch.zeros(1, 1, 3, dtype=torch.float16)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        stacked = teacher_store.stack_padded(rows)
+    assert stacked.dtype == torch.float16 and stacked.shape == (2, 2, 3) and torch.isinf(stacked[1, 1]).all()
