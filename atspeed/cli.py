@@ -25,6 +25,7 @@ import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Literal
 
 import torch
 from jsonargparse.typing import NonNegativeInt, PositiveFloat, PositiveInt
@@ -53,6 +54,8 @@ from atspeed.run_lock import leads_run, lock_file, locked, sibling_lock_file
 torch.serialization.add_safe_globals(
     [ModelSpec, LoraSpec, SemanticIdSpec, EvalSpec, LossOptions, PositiveInt, NonNegativeInt, PositiveFloat]
 )
+
+MatmulPrecision = Literal["highest", "high", "medium"]
 
 TRAINER_DEFAULTS = {
     "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "runs"}},
@@ -105,6 +108,10 @@ class AtspeedCLI(LightningCLI):
         parser.add_lightning_class_args(StopPredictOnSigterm, "sigterm")
         parser.add_lightning_class_args(ProgressLog, "progress")  # log lines when the output is not a terminal
         parser.add_lightning_class_args(MetricsSummary, "summary")  # --summary.path: final metrics as JSON
+        parser.add_argument(
+            "--matmul_precision", type=MatmulPrecision, default="high",
+            help="float32 matrix products on CUDA (torch.set_float32_matmul_precision): high allows TF32",
+        )  # fmt: skip
         # stages that load a trained target read its prompt, tokenizer and index from its export: one path, given once
         parser.link_arguments("model", "data.model_dir", compute_fn=target_export, apply_on="parse")
         # one name, one meaning: never last-v1.ckpt
@@ -139,10 +146,22 @@ class AtspeedCLI(LightningCLI):
                 self.locks.enter_context(locked(directory, key, path))
 
     def instantiate_classes(self) -> None:
+        subcommand = self.config.get("subcommand")
+        config = self.config[subcommand] if subcommand else self.config
+        set_matmul_precision(config.matmul_precision, config.trainer.accelerator)
         try:
             super().instantiate_classes()
         except (DataError, ValueError, TypeError) as err:
             self.parser.error(str(err))
+
+
+def set_matmul_precision(precision: MatmulPrecision, accelerator) -> bool:
+    """Set torch's float32 matmul precision before any model is built, when the run will use CUDA (accelerator
+    auto, gpu or cuda on a machine that has it); whether it was set. CPU runs keep torch's default."""
+    if not torch.cuda.is_available() or (isinstance(accelerator, str) and accelerator not in ("auto", "gpu", "cuda")):
+        return False
+    torch.set_float32_matmul_precision(precision)
+    return True
 
 
 def target_export(model) -> str | None:

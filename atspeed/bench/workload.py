@@ -32,9 +32,10 @@ class Workload:
     info: dict = field(default_factory=dict)  # where the models and requests came from, for the report
 
     def to(self, device: torch.device) -> Workload:
+        """The models on ``device``; the trie stays on the CPU (each decoder copies it to its prompts' device)."""
         return Workload(
-            self.target.to(device), self.draft.to(device), self.trie.to(device), self.levels, self.pad_token_id,
-            self.prompts, self.targets, self.info,
+            self.target.to(device), self.draft.to(device), self.trie, self.levels, self.pad_token_id, self.prompts,
+            self.targets, self.info,
         )  # fmt: skip
 
     def batches(self, batch_size: int, count: int, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:

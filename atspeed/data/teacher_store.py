@@ -48,7 +48,8 @@ def stack_padded(parts: list[torch.Tensor]) -> torch.Tensor:
         pad = [amount for d in reversed(range(1, part.dim())) for amount in (0, shape[d - 1] - part.shape[d])]
         fill = float("-inf") if part.is_floating_point() else 0
         padded.append(torch.nn.functional.pad(part, pad, value=fill) if any(pad) else part)
-    return torch.cat(padded)
+    with torch.autocast("cpu", enabled=False):  # a bf16-mixed step on the CPU refuses to cat the stored float16
+        return torch.cat(padded)
 
 
 def _sha256(path: Path) -> str:

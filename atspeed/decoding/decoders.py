@@ -28,6 +28,7 @@ from atspeed.decoding.hf_generate import hf_generate
 from atspeed.decoding.output import DecodeOutput
 from atspeed.decoding.settings import DecodeSettings
 from atspeed.decoding.speculative import speculative_decode
+from atspeed.decoding.tree_attention import check_attention
 from atspeed.errors import DataError
 from atspeed.items.trie import PrefixTrie
 
@@ -51,27 +52,27 @@ Decoder = Callable[["BoundDecoder", torch.Tensor, torch.Tensor, torch.Generator 
 
 
 def _beam(d: BoundDecoder, input_ids, attention_mask, generator) -> DecodeOutput:
-    s = d.settings
-    return beam_search(d.target, input_ids, attention_mask, d.trie, s.num_beams, s.levels, header=d.header,
+    s, trie = d.settings, d._trie_on(input_ids.device)
+    return beam_search(d.target, input_ids, attention_mask, trie, s.num_beams, s.levels, header=d.header,
                        synced_clock=d.synced_clock)  # fmt: skip
 
 
 def _beam_sample(d: BoundDecoder, input_ids, attention_mask, generator) -> DecodeOutput:
-    s = d.settings
-    return beam_search(d.target, input_ids, attention_mask, d.trie, s.num_beams, s.levels, sample=True,
+    s, trie = d.settings, d._trie_on(input_ids.device)
+    return beam_search(d.target, input_ids, attention_mask, trie, s.num_beams, s.levels, sample=True,
                        generator=generator, header=d.header, synced_clock=d.synced_clock)  # fmt: skip
 
 
 def _spec(verify, sample: bool) -> Decoder:
     def run(d: BoundDecoder, input_ids, attention_mask, generator) -> DecodeOutput:
-        s = d.settings
+        s, trie = d.settings, d._trie_on(input_ids.device)
         if d.planner is not None and d.planner.beam_list(s.levels):  # the plan is beam steps for the whole list
-            out = beam_search(d.target, input_ids, attention_mask, d.trie, s.num_beams, s.levels, sample=sample,
+            out = beam_search(d.target, input_ids, attention_mask, trie, s.num_beams, s.levels, sample=sample,
                               generator=generator, header=d.header, synced_clock=d.synced_clock)  # fmt: skip
             none = torch.zeros_like(out.stats.target_calls)
             return dataclasses.replace(out, stats=dataclasses.replace(out.stats, verified_nodes=none))
         return speculative_decode(
-            d.target, d.draft, input_ids, attention_mask, d.trie, d.settings, verify, sample=sample,
+            d.target, d.draft, input_ids, attention_mask, trie, d.settings, verify, sample=sample,
             generator=generator, planner=d.planner, header=d.header, synced_clock=d.synced_clock,
         )  # fmt: skip
 
@@ -80,7 +81,8 @@ def _spec(verify, sample: bool) -> Decoder:
 
 def _hf(d: BoundDecoder, input_ids, attention_mask, generator) -> DecodeOutput:
     s = d.settings
-    return hf_generate(d.target, input_ids, attention_mask, d.trie, s.num_beams, s.levels, s.pad_token_id)
+    trie = d._trie_on(torch.device("cpu"))  # generate asks it for each beam's allowed tokens as Python lists
+    return hf_generate(d.target, input_ids, attention_mask, trie, s.num_beams, s.levels, s.pad_token_id)
 
 
 DECODERS: dict[DecoderName, Decoder] = {
@@ -172,7 +174,9 @@ class BoundDecoder:
     a call checks only its prompts (one host sync) and their length against both contexts. A sampling decoder draws
     from one generator across calls (seeded from ``settings.seed`` unless given). With ``budget="auto"`` the first
     speculative call measures the cost model (``costs.forward_costs``, after its first prompt) and the planner then
-    keeps what every later call accepted (``adaptive``).
+    keeps what every later call accepted (``adaptive``). The trie may live on any device: each call decodes with a
+    copy on its prompts' device, made once per device (``_trie_on``). A model whose attention implementation
+    cannot read the 4D tree mask is switched to ``sdpa`` here (``check_attention``).
     """
 
     def __init__(
@@ -192,6 +196,9 @@ class BoundDecoder:
         check_models(name, target, draft, trie)
         self.name, self.target, self.trie, self.settings = name, target, trie, settings
         self.draft = draft if name in SPECULATIVE else None
+        for model in (target, self.draft):
+            if model is not None:
+                check_attention(model)
         self.generator = generator
         self.planner: BudgetPlanner | None = None
         self.header = PromptHeader() if share_header and name != "hf_beam" else None
@@ -207,6 +214,10 @@ class BoundDecoder:
         check_prompts(input_ids, attention_mask, bad=values[0])
         if self.header is not None:
             self.header.shrink(values[1], input_ids.shape[0])
+
+    def _trie_on(self, device: torch.device) -> PrefixTrie:
+        """The trie on ``device``: moved there on first use, then kept (its mask table included; ``PrefixTrie.on``)."""
+        return self.trie.on(device)
 
     def _plan(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
         """With budget auto, build the planner on the first batch (cost model measured after its first prompt)."""

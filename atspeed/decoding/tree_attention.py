@@ -5,14 +5,43 @@ positions ``past[b, i]`` and the new nodes ``tree[b, i]`` (its ancestors and its
 is [B, 1, Q, S + Q] with 0 where attention is allowed and the dtype's minimum elsewhere (a bool mask is read
 differently by the eager path, so atspeed always passes floats). Every node sees at least itself, so no row of
 the mask is fully blocked (sdpa would return NaN there).
+
+Only some attention implementations read such a mask: ``sdpa``, ``eager`` and ``flex_attention``. Others (e.g.
+``flash_attention_2``) take a 4D mask for a padding mask and attend wrongly without an error, so ``check_attention``
+switches a model to ``sdpa`` before it decodes.
 """
 
 from __future__ import annotations
 
+import logging
 import weakref
 
 import torch
 from transformers import DynamicCache
+
+log = logging.getLogger(__name__)
+
+TREE_ATTENTION = ("sdpa", "eager", "flex_attention")  # the implementations that read a 4D float mask as given
+
+
+def check_attention(model: torch.nn.Module) -> None:
+    """Make ``model`` attend through an implementation of ``TREE_ATTENTION``: any other is switched to ``sdpa``
+    (one logged line); a model that cannot switch is refused. Models without a Hugging Face config pass as they are.
+    """
+    config = getattr(model, "config", None)
+    current = getattr(config, "_attn_implementation", None)
+    if current is None or current in TREE_ATTENTION:
+        return
+    try:
+        model.set_attn_implementation("sdpa")
+    except (AttributeError, ImportError, ValueError) as err:
+        raise ValueError(
+            f"attention implementation {current!r} cannot read atspeed's 4D tree mask and the model cannot switch to "
+            f"sdpa ({err}); load it with attn_implementation='sdpa'"
+        ) from None
+    if model.config._attn_implementation != "sdpa":
+        raise ValueError(f"attention implementation {current!r} cannot read atspeed's 4D tree mask; use sdpa")
+    log.warning("attention implementation %s cannot read the 4D tree mask: switched to sdpa", current)
 
 
 def model_dtype(model: torch.nn.Module) -> torch.dtype:

@@ -7,6 +7,7 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -19,6 +20,14 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+
+# Attention implementations that read atspeed's 4D float tree mask (``atspeed.decoding.tree_attention``): every stage
+# decodes (SFT and alignment validate by decoding), so flash_attention_2, which would read that mask as padding, is
+# refused when the config is parsed.
+Attention = Literal["sdpa", "eager", "flex_attention"]
+# The weights' torch dtype, named ``dtype`` in every stage (the model built or trained: ``model.dtype``; the models
+# loaded for inference: the teacher's, the alignment's frozen target, the decoding stage's target and draft).
+DType = Literal["float32", "bfloat16", "float16"]
 
 
 @dataclass
@@ -37,8 +46,10 @@ class ModelSpec:
     """MLP width; default 4 x hidden_size."""
     max_positions: int = 256
     """Context length of the Llama built from scratch (prompt + identifier)."""
-    dtype: str = "float32"
+    dtype: DType = "float32"
     """torch dtype name of the weights, e.g. float32 or bfloat16."""
+    attn_implementation: Attention = "sdpa"
+    """Hugging Face attention implementation (one that reads the tree mask; flash_attention_2 does not)."""
 
     def __post_init__(self) -> None:
         for key in ("hidden_size", "num_layers", "num_heads", "max_positions"):
@@ -131,8 +142,9 @@ def build_causal_lm(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase, seed: i
     dtype = getattr(torch, spec.dtype)
     if spec.path is not None:
         model = AutoModelForCausalLM.from_pretrained(
-            spec.path, local_files_only=True, trust_remote_code=False, dtype=dtype
-        )
+            spec.path, local_files_only=True, trust_remote_code=False, dtype=dtype,
+            attn_implementation=spec.attn_implementation,
+        )  # fmt: skip
         if model.get_input_embeddings().num_embeddings < len(tokenizer):
             model.resize_token_embeddings(len(tokenizer))
         return model.train()  # from_pretrained returns eval mode: dropout (LoRA's included) would stay off in training
@@ -147,6 +159,7 @@ def build_causal_lm(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase, seed: i
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         tie_word_embeddings=False,
+        attn_implementation=spec.attn_implementation,
     )
     with torch.random.fork_rng():
         torch.manual_seed(seed)
@@ -154,13 +167,15 @@ def build_causal_lm(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase, seed: i
     return model.to(dtype)
 
 
-def load_model(path: str | Path, dtype: str = "float32") -> PreTrainedModel:
-    """A causal LM saved with ``save_pretrained`` in local directory ``path`` (no remote code), in eval mode."""
+def load_model(path: str | Path, dtype: DType = "float32", attn_implementation: Attention = "sdpa") -> PreTrainedModel:
+    """A causal LM saved with ``save_pretrained`` in local directory ``path`` (no remote code), in eval mode, with
+    ``attn_implementation`` whatever its saved config asks for."""
     if not isinstance(getattr(torch, dtype, None), torch.dtype):
         raise ValueError(f"unknown torch dtype {dtype!r}")
     model = AutoModelForCausalLM.from_pretrained(
-        str(path), local_files_only=True, trust_remote_code=False, dtype=getattr(torch, dtype)
-    )
+        str(path), local_files_only=True, trust_remote_code=False, dtype=getattr(torch, dtype),
+        attn_implementation=attn_implementation,
+    )  # fmt: skip
     return model.eval()
 
 

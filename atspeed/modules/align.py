@@ -50,7 +50,7 @@ from atspeed.decoding.teacher import (
 )
 from atspeed.errors import DataError
 from atspeed.losses import LOSSES, LossName, LossOptions, beam_weights, check_loss, check_support, check_top_k, reduce
-from atspeed.models.build import ModelSpec, build_causal_lm, load_model, outside_zero_init, unpartitioned
+from atspeed.models.build import DType, ModelSpec, build_causal_lm, load_model, outside_zero_init, unpartitioned
 from atspeed.modules.optim import adamw_cosine
 
 TeacherMode = Literal["cached", "recompute", "on_policy"]
@@ -92,7 +92,7 @@ class Align(pl.LightningModule):
         draft_beams: PositiveInt = 40,
         gamma: PositiveInt = 3,
         seed: int = 0,
-        target_dtype: str = "float32",
+        dtype: DType = "float32",
     ) -> None:
         """
         Args:
@@ -115,7 +115,7 @@ class Align(pl.LightningModule):
             draft_beams: N of the validation decoding and of the draft's top-N in the coverage.
             gamma: draft steps per target call in the validation decoding.
             seed: initialisation seed of the draft, seed of the validation's relaxed sampling and of on-policy mixing.
-            target_dtype: torch dtype the frozen target is loaded in (bfloat16 for a 7B target on a GPU: inference
+            dtype: torch dtype the frozen target is loaded in (bfloat16 for a 7B target on a GPU: inference
                 only, outside the optimizer and DeepSpeed's partition).
         """
         super().__init__()
@@ -166,8 +166,8 @@ class Align(pl.LightningModule):
             )
         if hp.draft_init is not None:
             check_same_identifiers(hp.target, hp.draft_init, "model.draft_init")
-        self.codes = level_codes(prepared.trie)  # [L, C]
-        level_masks = torch.zeros(prepared.trie.levels, len(prepared.tokenizer), dtype=torch.bool)
+        self.codes = level_codes(prepared.trie_on("cpu"))  # [L, C]
+        level_masks = torch.zeros(prepared.index.levels, len(prepared.tokenizer), dtype=torch.bool)
         level_masks.scatter_(1, self.codes.clamp(min=0), self.codes >= 0)
         try:
             check_top_k(self.options.top_k, level_masks)
@@ -190,10 +190,16 @@ class Align(pl.LightningModule):
 
     def _target(self) -> torch.nn.Module:
         if self.frozen is None:
-            model = load_model(self.hparams.target, self.hparams.target_dtype).to(self.device)
+            model = load_model(self.hparams.target, self.hparams.dtype).to(self.device)
             model.requires_grad_(False)
             self.frozen = _Frozen(model)
         return self.frozen.model
+
+    def _codes(self) -> torch.Tensor:
+        """The level codes [L, C] on the module's device (moved once)."""
+        if self.codes.device != self.device:
+            self.codes = self.codes.to(self.device)
+        return self.codes
 
     # -- training -------------------------------------------------------------------------------------
 
@@ -203,7 +209,7 @@ class Align(pl.LightningModule):
 
     def _teaching(self, batch: dict) -> Teaching:
         """The batch's beams and the target's distributions along them, per ``teacher`` (the module docstring)."""
-        hp, trie, codes = self.hparams, self.dm.prepared.trie, self.codes.to(self.device)
+        hp, trie, codes = self.hparams, self.dm.prepared.trie_on(self.device), self._codes()
         data = self._cached(batch["request_ids"])
         beams, scores, truth = data["beams"], data["scores"], data["truth"]
         ids, mask = batch["input_ids"], batch["attention_mask"]
@@ -237,7 +243,7 @@ class Align(pl.LightningModule):
         teaching = self._teaching(batch)
         forest = teaching.forest
         logits = node_logits(self.draft, batch["input_ids"], batch["attention_mask"], forest)  # [B, M, V]
-        codes = self.codes.to(self.device)
+        codes = self._codes()
         student = gather_codes(logits, codes[forest.depth])  # [B, M, C]
         truth_nodes = forest.slot_node[:, -1:]  # [B, 1, L]
         truth_logits = along(logits, truth_nodes)[:, 0]  # [B, L, V]
@@ -285,8 +291,8 @@ class Align(pl.LightningModule):
         hp, prepared = self.hparams, self.dm.prepared
         settings = DecodeSettings(hp.num_beams, prepared.index.levels, hp.draft_beams, hp.gamma, seed=hp.seed)
         measured = speed_metrics(
-            self._target(), self.validation_draft.model, batch["input_ids"], batch["attention_mask"], prepared.trie,
-            settings, self.generator,
+            self._target(), self.validation_draft.model, batch["input_ids"], batch["attention_mask"],
+            prepared.trie_on(self.device), settings, self.generator,
         )  # fmt: skip
         size = batch["input_ids"].shape[0]
         for name, value in measured.items():

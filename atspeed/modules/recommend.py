@@ -35,7 +35,7 @@ from atspeed.decoding.decoders import (
 from atspeed.decoding.output import SUMMARY_KEYS, DecodeOutput, DecodeStats, synced_now
 from atspeed.errors import DataError
 from atspeed.metrics.ranking import RankingMetrics
-from atspeed.models.build import load_model, model_config
+from atspeed.models.build import DType, load_model, model_config
 from atspeed.wandb_log import log_predict_tables
 
 log = logging.getLogger(__name__)
@@ -98,7 +98,7 @@ class Recommender(pl.LightningModule):
         gamma: PositiveInt = 3,
         budget: NonNegativeInt | Literal["auto"] | None = None,
         eval_ks: Sequence[PositiveInt] = (1, 3, 5, 10, 20),
-        dtype: str = "float32",
+        dtype: DType = "float32",
         seed: int = 0,
         compare_beam: bool = False,
     ) -> None:
@@ -177,11 +177,10 @@ class Recommender(pl.LightningModule):
     def on_predict_start(self) -> None:
         hp = self.hparams
         generator = torch.Generator(device=self.device).manual_seed(hp.seed)
-        self.decoder = BoundDecoder(
-            hp.decoder, self.target_model, self.dm.prepared.trie, self.settings, self.draft_model, generator
-        )
+        trie = self.dm.prepared.trie_on(self.device)
+        self.decoder = BoundDecoder(hp.decoder, self.target_model, trie, self.settings, self.draft_model, generator)
         if hp.compare_beam:
-            self.beam = BoundDecoder("beam", self.target_model, self.dm.prepared.trie, self.settings)
+            self.beam = BoundDecoder("beam", self.target_model, trie, self.settings)
         self.metrics.reset()
         self.stats = []
         self.speed = SpeedTally()
@@ -201,7 +200,7 @@ class Recommender(pl.LightningModule):
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
         prepared = self.dm.prepared
         out = self._decode(batch["input_ids"], batch["attention_mask"])
-        items = prepared.trie.lookup(out.sequences).cpu()  # [B, K]
+        items = prepared.trie_on(out.sequences.device).lookup(out.sequences).cpu()  # [B, K]
         self.metrics.update_lists(items, batch["targets"], batch["request_ids"])
         self.stats.append(out.stats)
         return prediction_rows(batch["request_ids"], items, out.scores.cpu(), batch["targets"], prepared.index)

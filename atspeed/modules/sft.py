@@ -132,8 +132,9 @@ class SFT(pl.LightningModule):
         prepared = self.dm.prepared
         levels = prepared.index.levels
         settings = DecodeSettings(num_beams=max(self.hparams.eval_ks), levels=levels)
-        out = decode("beam", self.model, batch["input_ids"], batch["attention_mask"], prepared.trie, settings)
-        return prepared.trie.lookup(out.sequences).cpu(), out.scores.cpu()
+        trie = prepared.trie_on(batch["input_ids"].device)
+        out = decode("beam", self.model, batch["input_ids"], batch["attention_mask"], trie, settings)
+        return trie.lookup(out.sequences).cpu(), out.scores.cpu()
 
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._eval_step(batch, dataloader_idx, "val", self.val_metrics)

@@ -22,7 +22,7 @@ from atspeed.data.export_dir import read_export
 from atspeed.decoding.decoders import check_context, check_list_length
 from atspeed.decoding.teacher import teacher_targets
 from atspeed.errors import DataError
-from atspeed.models.build import load_model, model_config
+from atspeed.models.build import DType, load_model, model_config
 
 # The node tables (parent, token, depth, which node each position reads) follow from beams + truth through
 # ``prefix_forest``, so only the sequences and the distributions are stored (the sequences only without distributions).
@@ -38,7 +38,7 @@ class Teacher(pl.LightningModule):
         target: str,
         beams: PositiveInt = 20,
         top_k: PositiveInt | None = None,
-        dtype: str = "float32",
+        dtype: DType = "float32",
         distributions: bool = True,
     ):
         """
@@ -91,7 +91,7 @@ class Teacher(pl.LightningModule):
         prepared = self.dm.prepared
         truth = prepared.item_token_ids[torch.tensor([t[0] for t in batch["targets"]])].to(self.device)  # [B, L]
         out = teacher_targets(
-            self.target_model, batch["input_ids"], batch["attention_mask"], truth, prepared.trie,
+            self.target_model, batch["input_ids"], batch["attention_mask"], truth, prepared.trie_on(self.device),
             self.hparams.beams, top_k=self.hparams.top_k, dtype=torch.float16, distributions=self.hparams.distributions,
         )  # fmt: skip
         names = STORED if self.hparams.distributions else SEQUENCES

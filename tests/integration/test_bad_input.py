@@ -58,6 +58,10 @@ def no_model_built(monkeypatch) -> None:
         (["--data.max_history", "0"], "data.max_history"),
         (["--model.init_args.model.hidden_size", "-8"], "hidden_size"),
         (["--model.init_args.loss_on", "prompt"], "loss_on"),
+        (
+            ["--model.init_args.model.attn_implementation", "flash_attention_2"],
+            "attn_implementation: Expected a typing.Literal",
+        ),
         (["--data.index_file", "/no/such/index.json"], "data.index_file"),
         (["--data.prompt", "no history field"], "data.prompt"),
     ],

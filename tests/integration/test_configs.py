@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
-from atspeed.cli import main
+from atspeed.cli import main, set_matmul_precision
 from atspeed.pipeline import read_pipeline
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -82,3 +83,29 @@ def test_print_config_merges_configs_and_dotted_overrides(capsys) -> None:
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert "max_history: 7" in out and "WandbLogger" in out and "every_n_train_steps: 200" in out
+
+
+@pytest.mark.parametrize(
+    ("accelerator", "cuda", "expected"),
+    [("auto", True, "high"), ("gpu", True, "high"), ("cuda", True, "high"), ("cpu", True, "highest"),
+     ("auto", False, "highest")],
+)  # fmt: skip
+def test_matmul_precision_is_set_for_cuda_runs_only(monkeypatch, accelerator: str, cuda: bool, expected: str) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        assert set_matmul_precision("high", accelerator) == (expected == "high")
+        assert torch.get_float32_matmul_precision() == expected
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+def test_the_cli_sets_matmul_precision_before_building(tmp_path, monkeypatch) -> None:
+    from tests.integration.tiny_data import tiny_args, write_processed
+
+    calls = []
+    monkeypatch.setattr("atspeed.cli.set_matmul_precision", lambda *args: calls.append(args))
+    args = tiny_args(write_processed(tmp_path / "data"), tmp_path / "run", "--matmul_precision", "medium")
+    cli = main(args, run=False)
+    assert calls == [("medium", "cpu")] and cli.model.model is None  # before the model is built

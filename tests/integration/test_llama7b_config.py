@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from atspeed.cli import main
+from atspeed.cli import main, parse_command
 from tests.integration.tiny_data import ROOT, tiny_hf_checkpoint, write_processed
 
 CONFIGS = ROOT / "configs/llama7b"
@@ -106,3 +106,34 @@ def test_the_68m_draft_teacher_and_alignment_configs_chain_on_the_7b_target(worl
     (log,) = align.glob("logs/version_*/metrics.csv")
     rows = list(csv.DictReader(log.read_text().splitlines()))
     assert any(row.get("val/mean_accepted_depth") for row in rows)
+
+
+def test_the_decode_config_stops_in_one_line_until_the_exports_exist(tmp_path, monkeypatch, capsys) -> None:
+    """configs/llama7b/decode.yaml names the earlier stages' exports: before they exist, one line and exit 2."""
+    monkeypatch.chdir(tmp_path)
+    config = parse_command(["predict", "--config", str(CONFIGS / "decode.yaml")])
+    settings = {k: config.model.init_args[k] for k in ("num_beams", "draft_beams", "gamma", "budget", "dtype")}
+    assert settings == {"num_beams": 20, "draft_beams": 40, "gamma": 3, "budget": "auto", "dtype": "bfloat16"}
+    assert config.matmul_precision == "high"
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        main(["predict", "--config", str(CONFIGS / "decode.yaml")])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "Traceback" not in err
+    assert [line for line in err.splitlines() if line.startswith("error:")] == [
+        "error: runs/llama7b/target/hf: model directory not found"
+    ]
+
+
+def test_the_decode_config_decodes_in_bf16_on_tiny_exports(exported, tmp_path) -> None:
+    """The 7B decode config on the tiny exports (K, N made small): both models in bf16, budget auto, the speed
+    ratio over beam search measured in the run."""
+    data, target, draft = exported
+    out = tmp_path / "decode"
+    cli = main(["predict", "--config", str(CONFIGS / "decode.yaml"), *_data(data), "--trainer.accelerator", "cpu",
+                "--model.init_args.target", str(target), "--model.init_args.draft", str(draft),
+                "--model.init_args.num_beams", "3", "--model.init_args.draft_beams", "6",
+                "--model.init_args.eval_ks", "[1, 3]", "--trainer.default_root_dir", str(out)])  # fmt: skip
+    assert cli.model.target_model.dtype == cli.model.draft_model.dtype == torch.bfloat16
+    report = json.loads((out / "report.json").read_text())
+    assert report["settings"]["budget"] == "auto" and report["speed"]["ratio_over_beam"] > 0

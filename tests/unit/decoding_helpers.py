@@ -243,3 +243,23 @@ def chi_square_p(counts: torch.Tensor, expected: torch.Tensor) -> float:
     stat = float(((counts[keep] - expected[keep]) ** 2 / expected[keep]).sum())
     dof = int(keep.sum()) - 1
     return float(torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.float64), torch.tensor(stat / 2)))
+
+
+@dataclass(frozen=True)
+class ElsewhereTrie(PrefixTrie):
+    """``home`` with its tensors on the meta device, which holds no data: decoding CPU prompts with it fails as CUDA
+    prompts fail with a CPU trie, unless the decoder moves it. ``to(device)`` gives ``home`` there (meta tensors
+    cannot be copied out) and records the move in ``moves``."""
+
+    home: PrefixTrie | None = None
+    moves: list = None
+
+    @classmethod
+    def of(cls, home: PrefixTrie) -> ElsewhereTrie:
+        meta = home.to("meta")
+        fields = {name: getattr(meta, name) for name in ("vocab_size", "levels", "rule", "eos_token_id", "graph")}
+        return cls(**fields, exact=meta.exact, home=home, moves=[])
+
+    def to(self, device: str | torch.device) -> PrefixTrie:
+        self.moves.append(torch.device(device))
+        return self.home.to(device)

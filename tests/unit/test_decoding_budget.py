@@ -20,9 +20,9 @@ from atspeed.decoding.decoders import BoundDecoder, DecodeSettings, decode
 from atspeed.decoding.draft_tree import budget_rank, draft_tree, within_budget
 from atspeed.decoding.header import Prompts
 from atspeed.decoding.speculative import speculative_decode
+from atspeed.decoding.tree_attention import prefill
 from atspeed.decoding.tree_forward import first_forward as _first_forward
 from atspeed.decoding.tree_forward import verify_forward as _verify_forward
-from atspeed.decoding.tree_attention import prefill
 
 VOCAB, LEVELS = 50, 3
 ATOL = 1e-4

@@ -12,8 +12,8 @@ from transformers import LlamaForCausalLM
 from atspeed.decoding import kv_cache
 from atspeed.decoding.beam import candidates, extend, feed, root_state, select_top
 from atspeed.decoding.draft_tree import TokenTree, draft_tree
-from atspeed.decoding.tree_forward import verify_forward as _verify_forward
 from atspeed.decoding.tree_attention import forward_tree, prefill, prompt_positions
+from atspeed.decoding.tree_forward import verify_forward as _verify_forward
 
 VOCAB = 50
 ATOL = 1e-4

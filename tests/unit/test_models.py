@@ -11,7 +11,7 @@ from atspeed.decoding.beam_search import beam_search
 from atspeed.decoding.hf_generate import hf_generate
 from atspeed.errors import DataError
 from atspeed.items.trie import PrefixTrie
-from atspeed.models.build import ModelSpec, build_causal_lm
+from atspeed.models.build import ModelSpec, build_causal_lm, load_model
 from atspeed.models.tokenizer import build_word_tokenizer, load_tokenizer, token_ids
 
 ITEM_TOKENS = [f"<a_{i}>" for i in range(3)] + [f"<b_{i}>" for i in range(3)]
@@ -43,6 +43,17 @@ def test_load_from_a_local_checkpoint_resizes_for_new_tokens(tokenizer, tmp_path
     assert model.get_input_embeddings().num_embeddings == len(extended)
     with pytest.raises(DataError, match="lacks 6 of 6"):
         load_tokenizer(tmp_path / "m", ITEM_TOKENS, extend=False)
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+def test_models_are_built_and_loaded_with_the_attention_asked_for(tokenizer, tmp_path, implementation: str) -> None:
+    spec = ModelSpec(hidden_size=16, num_heads=2, attn_implementation=implementation)
+    built = build_causal_lm(spec, tokenizer)
+    assert built.config._attn_implementation == implementation
+    built.save_pretrained(tmp_path / "m")
+    loaded = build_causal_lm(ModelSpec(path=str(tmp_path / "m"), attn_implementation=implementation), tokenizer)
+    assert loaded.config._attn_implementation == implementation
+    assert load_model(tmp_path / "m", attn_implementation=implementation).config._attn_implementation == implementation
 
 
 def test_identifier_tokens_are_single_tokens(tokenizer) -> None:

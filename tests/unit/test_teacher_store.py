@@ -188,3 +188,11 @@ def test_a_manifest_without_hashes_is_refused(tmp_path, target) -> None:
     (root / MANIFEST).write_text(json.dumps(body))
     with pytest.raises(DataError, match=r"manifest\.json: no sha256 for its shards .*regenerate the teacher data"):
         TeacherStore(root, fp)
+
+
+def test_stored_float16_rows_stack_inside_a_bf16_mixed_step_on_the_cpu() -> None:
+    """Alignment reads the float16 distributions inside the training step, which bf16-mixed runs under autocast."""
+    rows = [torch.zeros(1, 2, 3, dtype=torch.float16), torch.zeros(1, 1, 3, dtype=torch.float16)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        stacked = teacher_store.stack_padded(rows)
+    assert stacked.dtype == torch.float16 and stacked.shape == (2, 2, 3) and torch.isinf(stacked[1, 1]).all()
