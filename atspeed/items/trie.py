@@ -198,7 +198,7 @@ class PrefixTrie:
     @functools.cached_property
     def num_items(self) -> int:
         """The number of items: leaves of the exact trie (one host sync, once per trie object)."""
-        return int((self.exact.depth == self.levels).sum())
+        return int((self.on("cpu").exact.depth == self.levels).sum())
 
     @functools.cached_property
     def _table(self) -> torch.Tensor | None:
