@@ -22,8 +22,9 @@ class DecodeReport(pl.Callback):
     def __init__(self, path: str | None = None, overwrite: bool = False) -> None:
         """
         Args:
-            path: the JSON file (default: ``<trainer.default_root_dir>/report.json``), written atomically (rank 0
-                only; metrics are already gathered over ranks) when every request is decoded.
+            path: the JSON file (default: ``<trainer.default_root_dir>/report.json``), written atomically by rank 0
+                when every request is decoded; with several processes its metrics and decode statistics are those
+                of all of them (each request once), the numbers of a single-process run.
             overwrite: replace an existing report; by default a second predict into the same place stops first.
         """
         super().__init__()

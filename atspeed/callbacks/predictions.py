@@ -1,5 +1,9 @@
 """Write ``predict`` results as JSON lines (one request per line): streamed batch by batch to ``<path>.partial``,
-renamed to ``path`` when every request is done, so an interrupted decode keeps its completed batches."""
+renamed to ``path`` when every request is done, so an interrupted decode keeps its completed batches.
+
+With several processes each streams its own part (``<stem>.rank<r><suffix>``); when all are done, rank 0 merges them
+into ``path`` atomically (each request once, in request order: the file of a single-process run) and removes them.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
+from atspeed.atomic import atomic_file
 from atspeed.items.index import ItemIndex
 from atspeed.preflight import check_new_file
 
@@ -39,6 +44,33 @@ def prediction_rows(
     ]
 
 
+def merge_parts(parts: list[Path], path: Path) -> int:
+    """Write the rows of ``parts`` to ``path`` atomically in request order (the rows' ``request``), each request once
+    (its row in the first part that holds it); then remove the parts. Returns the number of rows written."""
+    missing = [str(part) for part in parts if not part.is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"{KEY}: the parts {missing} of other processes are not visible to rank 0; with several nodes the path "
+            "must be on a filesystem every node shares"
+        )
+    keyed = []
+    for part in parts:
+        with open(part, encoding="utf-8") as handle:
+            keyed.extend((json.loads(line)["request"], line) for line in handle)
+    keyed.sort(key=lambda pair: pair[0])  # stable: a repeated request keeps the row of its first part
+    rows, last = 0, None
+    with atomic_file(path) as tmp, open(tmp, "w", encoding="utf-8") as out:
+        for request, line in keyed:
+            if request != last:
+                out.write(line)
+                rows, last = rows + 1, request
+        out.flush()
+        os.fsync(out.fileno())
+    for part in parts:
+        part.unlink()
+    return rows
+
+
 def output_path(trainer: pl.Trainer, path: str | None, default_name: str) -> Path:
     """``path``, or ``<trainer.default_root_dir>/<default_name>``."""
     return Path(path) if path else Path(trainer.default_root_dir) / default_name
@@ -51,7 +83,8 @@ class JsonlPredictionWriter(BasePredictionWriter):
         """
         Args:
             path: output file (default: ``<trainer.default_root_dir>/predictions.jsonl``); with several processes,
-                rank r writes ``<stem>.rank<r><suffix>``.
+                rank r writes ``<stem>.rank<r><suffix>``, and rank 0 merges these parts into ``path`` at the end
+                (``path`` must be on a filesystem that every node shares).
             overwrite: replace an existing file at ``path``; by default a second predict into the same place stops
                 before decoding.
         """
@@ -61,11 +94,16 @@ class JsonlPredictionWriter(BasePredictionWriter):
         self._handle: IO[str] | None = None
         self._rows = 0
 
+    def _final(self, trainer: pl.Trainer) -> Path:
+        return output_path(trainer, self.path, "predictions.jsonl")
+
+    def _part(self, trainer: pl.Trainer, rank: int) -> Path:
+        path = self._final(trainer)
+        return path.with_name(f"{path.stem}.rank{rank}{path.suffix}")
+
     def _path(self, trainer: pl.Trainer) -> Path:
-        path = output_path(trainer, self.path, "predictions.jsonl")
-        if trainer.world_size > 1:
-            path = path.with_name(f"{path.stem}.rank{trainer.global_rank}{path.suffix}")
-        return path
+        """What this process writes: ``path``, or its part with several processes."""
+        return self._part(trainer, trainer.global_rank) if trainer.world_size > 1 else self._final(trainer)
 
     def _partial(self, trainer: pl.Trainer) -> Path:
         path = self._path(trainer)
@@ -73,7 +111,7 @@ class JsonlPredictionWriter(BasePredictionWriter):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "predict":
-            check_new_file(self._path(trainer), KEY, self.overwrite)
+            check_new_file(self._final(trainer), KEY, self.overwrite)
 
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         partial = self._partial(trainer)
@@ -96,7 +134,14 @@ class JsonlPredictionWriter(BasePredictionWriter):
         self._close()
         path = self._path(trainer)
         os.replace(self._partial(trainer), path)
-        log.info("wrote %d predictions to %s", self._rows, path)
+        if trainer.world_size == 1:
+            log.info("wrote %d predictions to %s", self._rows, path)
+            return
+        trainer.strategy.barrier("JsonlPredictionWriter")  # every part is complete
+        if trainer.is_global_zero:
+            parts = [self._part(trainer, rank) for rank in range(trainer.world_size)]
+            rows = merge_parts(parts, self._final(trainer))
+            log.info("wrote %d predictions of %d processes to %s", rows, len(parts), self._final(trainer))
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         if self._handle is not None:

@@ -32,54 +32,16 @@ from atspeed.decoding.decoders import (
     check_list_length,
     check_settings,
 )
-from atspeed.decoding.output import SUMMARY_KEYS, DecodeOutput, DecodeStats, synced_now
+from atspeed.decoding.output import SUMMARY_KEYS, DecodeOutput, synced_now
 from atspeed.errors import DataError
 from atspeed.metrics.ranking import RankingMetrics
 from atspeed.models.build import DType, load_model, model_config
+from atspeed.modules.decode_tally import DecodeTally, gather_batches, merged_stats, speed_summary
 from atspeed.wandb_log import log_predict_tables
 
 log = logging.getLogger(__name__)
 
 SPEED_KEYS = ("ms_per_list", "beam_ms_per_list", "ratio_over_beam")  # of results["speed"], in summary_metrics()
-
-
-class SpeedTally:
-    """Wall seconds of each decoder ("decoder", and "beam" with compare_beam) summed over the predict batches.
-
-    The first batch is kept apart as a warm-up: it alone pays each decoder's one-time work (the shared prompt
-    header's keys and values, the cost model of budget="auto", lazy kernel and allocator set-up), which would
-    otherwise weigh on short runs. Its time counts only when it was the only batch.
-    """
-
-    def __init__(self) -> None:
-        self.first: tuple[dict[str, float], int] | None = None
-        self.seconds: dict[str, float] = {}
-        self.lists = 0
-        self.batches = 0  # added so far, the warm-up included
-
-    def order(self, names: list[str]) -> list[str]:
-        """The run order of the next batch: as given on even batches, reversed on odd ones."""
-        return names[::-1] if self.batches % 2 else names
-
-    def add(self, seconds: dict[str, float], lists: int) -> None:
-        self.batches += 1
-        if self.first is None:
-            self.first = (seconds, lists)
-            return
-        for name, value in seconds.items():
-            self.seconds[name] = self.seconds.get(name, 0.0) + value
-        self.lists += lists
-
-    def summary(self) -> dict[str, float | int | bool]:
-        """ms_per_list (and beam_ms_per_list, ratio_over_beam = beam time / decoder time: > 1 when faster)."""
-        if self.first is None:
-            return {}
-        seconds, lists = (self.seconds, self.lists) if self.lists else self.first
-        out: dict[str, float | int | bool] = {"ms_per_list": 1e3 * seconds["decoder"] / lists}
-        if "beam" in seconds:
-            out["beam_ms_per_list"] = 1e3 * seconds["beam"] / lists
-            out["ratio_over_beam"] = seconds["beam"] / seconds["decoder"] if seconds["decoder"] > 0 else float("nan")
-        return out | {"timed_lists": lists, "warmup_excluded": bool(self.lists)}
 
 
 class Recommender(pl.LightningModule):
@@ -123,7 +85,8 @@ class Recommender(pl.LightningModule):
                 two run one after the other on each batch, in alternating order from batch to batch (so drift in the
                 machine's speed falls on both); the first batch is an untimed warm-up unless it is the only one.
                 Only the decoder's lists are returned and scored. ``speed.ms_per_list`` (the decoder's wall time per
-                list, whole calls) is reported either way; times are this process's (rank 0's report under DDP).
+                list, whole calls) is reported either way; with several processes it is the slowest process's wall
+                time over all the lists (the job's throughput), and each process's first batch is its warm-up.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -138,11 +101,10 @@ class Recommender(pl.LightningModule):
         self.target_model: torch.nn.Module | None = None
         self.draft_model: torch.nn.Module | None = None
         self.metrics = RankingMetrics(eval_ks, prefix="test/")
-        self.stats: list[DecodeStats] = []
+        self.tally = DecodeTally()
         self.results: dict[str, Any] = {}
         self.decoder: BoundDecoder | None = None
         self.beam: BoundDecoder | None = None
-        self.speed = SpeedTally()
 
     @property
     def dm(self) -> RecDataModule:
@@ -182,40 +144,41 @@ class Recommender(pl.LightningModule):
         if hp.compare_beam:
             self.beam = BoundDecoder("beam", self.target_model, trie, self.settings)
         self.metrics.reset()
-        self.stats = []
-        self.speed = SpeedTally()
+        self.tally = DecodeTally()
 
-    def _decode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> DecodeOutput:
-        """The decoder's output on the batch, each decoder's wall time tallied; with compare_beam beam search runs
-        on the same batch, first on odd batches and second on even ones."""
+    def _decode(self, batch: dict) -> DecodeOutput:
+        """The decoder's output on the batch, tallied with each decoder's wall time; with compare_beam beam search
+        runs on the same batch, first on odd batches and second on even ones."""
+        input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
         runs = {"decoder": self.decoder} | ({"beam": self.beam} if self.beam is not None else {})
         outputs, seconds = {}, {}
-        for name in self.speed.order(list(runs)):
+        for name in self.tally.order(list(runs)):
             start = synced_now(input_ids.device)
             outputs[name] = runs[name](input_ids, attention_mask)
             seconds[name] = synced_now(input_ids.device) - start
-        self.speed.add(seconds, input_ids.shape[0])
+        self.tally.add(batch["request_ids"], outputs["decoder"].stats, seconds)
         return outputs["decoder"]
 
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
         prepared = self.dm.prepared
-        out = self._decode(batch["input_ids"], batch["attention_mask"])
+        out = self._decode(batch)
         items = prepared.trie_on(out.sequences.device).lookup(out.sequences).cpu()  # [B, K]
         self.metrics.update_lists(items, batch["targets"], batch["request_ids"])
-        self.stats.append(out.stats)
         return prediction_rows(batch["request_ids"], items, out.scores.cpu(), batch["targets"], prepared.index)
 
     def progress_metrics(self) -> dict[str, float]:
-        """Running decode statistics for the progress bar."""
-        if not self.stats:
+        """Running decode statistics of this process for the progress bar."""
+        local = self.tally.local_stats()
+        if local is None:
             return {}
-        merged = DecodeStats.merge(self.stats)
-        summary = merged.summary(int(self.meta["levels"]))
+        summary = local.summary(int(self.meta["levels"]))
         return {"calls/list": summary["target_calls_per_list"], "accepted": summary["mean_accepted_depth"]}
 
     def on_predict_epoch_end(self) -> None:
+        """The results of every process (each request once): the same on every rank, as of a single-process run."""
         hp = self.hparams
-        merged = DecodeStats.merge(self.stats) if self.stats else None
+        ranks = gather_batches(self.tally.batches)
+        merged = merged_stats(ranks)
         metrics = {k: float(v) for k, v in self.metrics.compute().items()} if merged else {}
         self.results = {
             "decoder": hp.decoder,
@@ -225,14 +188,20 @@ class Recommender(pl.LightningModule):
             "metrics": metrics,
             "decode": merged.summary(int(self.meta["levels"])) if merged else {},
             "accepted_histogram": merged.histogram(hp.gamma) if merged else [],
-            "speed": self.speed.summary(),
+            "speed": speed_summary(ranks),
         }
-        speed = {key: value for key, value in self.results["speed"].items() if key in SPEED_KEYS}
-        lines = [f"{name:<22}{value:>12.4f}" for name, value in (metrics | self.results["decode"] | speed).items()]
-        if hp.decoder in SPECULATIVE and merged:
-            lines.append(f"{'accepted depths':<22}{self.results['accepted_histogram']!s:>12}")
-        log.info("decoded with %s:\n%s", hp.decoder, "\n".join(lines))
+        if self.trainer.is_global_zero:  # the results of all processes: one table
+            self._print_table()
         self._log_summary()
+
+    def _print_table(self) -> None:
+        results = self.results
+        speed = {key: value for key, value in results["speed"].items() if key in SPEED_KEYS}
+        rows = results["metrics"] | results["decode"] | speed
+        lines = [f"{name:<22}{value:>12.4f}" for name, value in rows.items()]
+        if self.hparams.decoder in SPECULATIVE and results["decode"]:
+            lines.append(f"{'accepted depths':<22}{results['accepted_histogram']!s:>12}")
+        log.info("decoded with %s:\n%s", self.hparams.decoder, "\n".join(lines))
 
     def summary_metrics(self) -> dict[str, float]:
         """The results as flat numbers: the ranking metrics under their own names (``test/recall@10``, ...), every

@@ -14,7 +14,7 @@ import torch
 
 from atspeed.bench.report import matplotlib_available
 from atspeed.cli import main
-from atspeed.modules.recommend import Recommender, SpeedTally
+from atspeed.modules.recommend import Recommender
 from atspeed.wandb_log import table_data, wandb_mode
 from tests.integration.tiny_data import ROOT, decode_args, load_script
 
@@ -96,28 +96,13 @@ def test_compare_beam_leaves_strict_lists_alone_and_metrics_reach_every_logger(e
     _, compared, _ = _predict(exported, tmp_path / "compared", "--model.init_args.compare_beam", "true")
     assert [r["items"] for r in compared] == [r["items"] for r in plain]
     assert [r["scores"] for r in compared] == [r["scores"] for r in plain]
-    assert set(report["speed"]) == {"ms_per_list", "timed_lists", "warmup_excluded"}
+    assert set(report["speed"]) == {"ms_per_list", "timed_lists", "warmup_excluded", "processes"}
     summary = model.summary_metrics()
     assert "decode/ms_per_list" in summary and not SPEED - {"decode/ms_per_list"} & set(summary)
     (metrics_csv,) = (tmp_path / "csv").rglob("metrics.csv")
     with metrics_csv.open() as handle:
         (logged,) = list(csv.DictReader(handle))
     assert {key: float(value) for key, value in logged.items() if key != "step"} == pytest.approx(summary)
-
-
-def test_speed_tally_alternates_and_keeps_the_warm_up_batch_apart() -> None:
-    tally = SpeedTally()
-    assert tally.summary() == {}
-    orders = []
-    for seconds in ({"decoder": 9.0, "beam": 9.0}, {"decoder": 1.0, "beam": 3.0}, {"decoder": 2.0, "beam": 3.0}):
-        orders.append(tally.order(["decoder", "beam"]))
-        tally.add(seconds, 4)
-    assert orders == [["decoder", "beam"], ["beam", "decoder"], ["decoder", "beam"]]
-    assert tally.summary() == {"ms_per_list": 375.0, "beam_ms_per_list": 750.0, "ratio_over_beam": 2.0,
-                               "timed_lists": 8, "warmup_excluded": True}  # fmt: skip
-    alone = SpeedTally()
-    alone.add({"decoder": 0.5}, 5)  # a single batch is timed after all, without a beam comparison
-    assert alone.summary() == {"ms_per_list": 100.0, "timed_lists": 5, "warmup_excluded": False}
 
 
 def test_summary_metrics_is_empty_before_predict(exported) -> None:
