@@ -13,6 +13,10 @@ optimizer), and reports its peak resident memory (``ru_maxrss``) and whether the
 partitioned. --check then exports through ``callbacks.export.plain_model`` (gathered to rank 0's CPU, LoRA merged) and
 compares the weights with the checkpoint's. Prints a table and writes the JSON (--out). Run it with little else on the
 machine: the numbers are whole-process peaks, and the default model needs a few GB.
+
+On CPU the partitions themselves are host memory (on GPUs they are not), and glibc's malloc keeps much of the memory
+freed while layers are built and partitioned one after another: ``MALLOC_MMAP_THRESHOLD_=131072`` in the environment
+returns it, which shows the partitioned load's own footprint.
 """
 
 from __future__ import annotations
