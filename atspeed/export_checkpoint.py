@@ -36,7 +36,7 @@ import torch
 from jsonargparse import ArgumentParser
 
 from atspeed.atomic import atomic_file, check_replaceable
-from atspeed.callbacks.export import write_export
+from atspeed.callbacks.export import plain_model, write_export
 from atspeed.data.datamodule import RecDataModule
 from atspeed.errors import DataError
 from atspeed.preflight import check_checkpoint, weights_only_refusal
@@ -159,7 +159,7 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, single_file: str | Path
         checkpoint = load_checkpoint(path, ckpt)
         dm = build_datamodule(checkpoint, ckpt)
         module = build_module(checkpoint, dm, ckpt)
-        write_export(out, module.export_model(), dm, int(checkpoint.get("global_step", 0)), key="--out")
+        write_export(out, plain_model(module.export_model()), dm, int(checkpoint.get("global_step", 0)), key="--out")
 
 
 def _parser() -> ArgumentParser:

@@ -1,9 +1,10 @@
 """Export the trained model in Hugging Face format, with its tokenizer and item index, for later stages.
 
 ``write_export`` is the one writer of that directory: the ``ExportHuggingFace`` callback calls it when fit ends, and
-``python -m atspeed export`` (``atspeed.export_checkpoint``) when it turns a checkpoint into an export. Under DeepSpeed
-ZeRO-3 each rank holds only its partition of the parameters, so the callback gathers them whole on every rank (a
-collective: all ranks take part) before rank 0 alone writes.
+``python -m atspeed export`` (``atspeed.export_checkpoint``) when it turns a checkpoint into an export; both hand it
+``plain_model``'s result. A model with LoRA is copied to the CPU and merged there, so the accelerator never holds a
+second copy. Under DeepSpeed ZeRO-3 each rank holds only its partition of the parameters: the callback gathers them
+one module at a time into rank 0's CPU copy (a collective: all ranks take part), and rank 0 alone writes.
 """
 
 from __future__ import annotations
@@ -15,12 +16,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import lightning.pytorch as pl
+import torch
+from peft import PeftModel
 from transformers import PreTrainedModel
 
 from atspeed.atomic import atomic_directory, check_replaceable
 from atspeed.data.export_dir import INDEX_FILE, META_FILE
 from atspeed.errors import DataError
-from atspeed.models.build import gathered_parameters
+from atspeed.models.zero3 import cpu_copy, partitioned
 from atspeed.preflight import check_output_dir
 
 if TYPE_CHECKING:
@@ -28,6 +31,16 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 KEY = "ExportHuggingFace.dirpath"
+
+
+def plain_model(model: torch.nn.Module, keep: bool = True) -> PreTrainedModel | None:
+    """The Hugging Face model to save from a trained ``model``, or None where ``keep`` is false: ``model`` itself when
+    it is whole and has no LoRA; else a copy on the CPU (under ZeRO-3 gathered one module at a time, a collective every
+    rank joins, ``keep`` on one rank) with LoRA merged into it there."""
+    if not isinstance(model, PeftModel) and not partitioned(model):
+        return model if keep else None
+    copied = cpu_copy(model, keep)
+    return copied.merge_and_unload() if isinstance(copied, PeftModel) else copied
 
 
 def write_export(
@@ -84,8 +97,8 @@ class ExportHuggingFace(pl.Callback):
         """On every rank (ZeRO-3 gathers the parameters collectively); rank 0 writes."""
         if trainer.interrupted:
             return
-        with gathered_parameters(pl_module):
-            if trainer.is_global_zero:
-                write_export(self.dirpath, pl_module.export_model(), trainer.datamodule, trainer.global_step)
+        model = plain_model(pl_module.export_model(), keep=trainer.is_global_zero)
+        if trainer.is_global_zero:
+            write_export(self.dirpath, model, trainer.datamodule, trainer.global_step)
         # every rank returns from fit with the export written (the next stage of a pipeline may read it at once)
         trainer.strategy.barrier("ExportHuggingFace")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -20,6 +20,8 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+
+from atspeed.models.zero3 import hf_zero3
 
 # Attention implementations that read atspeed's 4D float tree mask (``atspeed.decoding.tree_attention``): every stage
 # decodes (SFT and alignment validate by decoding), so flash_attention_2, which would read that mask as padding, is
@@ -91,27 +93,33 @@ def context_length(spec: ModelSpec) -> int | None:
     return spec.max_positions if config is None else getattr(config, "max_position_embeddings", None)
 
 
+_outside_depth = 0  # open ``outside_zero_init`` contexts
+
+
 @contextlib.contextmanager
 def outside_zero_init() -> Iterator[None]:
-    """Build modules whole inside DeepSpeed ZeRO-3's ``zero.Init`` (Lightning enters it around ``configure_model``;
-    the training modules' ``configure_model`` runs in this): there transformers 5 would initialise weights on
-    already partitioned, empty tensors and fail. ``deepspeed.initialize`` partitions the whole model right after
-    (each process holds it whole for a moment)."""
+    """Build modules whole inside DeepSpeed ZeRO-3's ``zero.Init`` (Lightning enters it around ``configure_model``):
+    there transformers 5 would initialise weights on already partitioned, empty tensors and fail. Models built from
+    sizes, drafts and LoRA adapters are built so; ``deepspeed.initialize`` partitions them right after (each process
+    holds them whole for a moment). A checkpoint loads partitioned instead (``build_causal_lm``'s ``zero3``)."""
+    global _outside_depth
     zero = sys.modules.get("deepspeed.runtime.zero.partition_parameters")  # never imports DeepSpeed itself
-    if zero is None or not zero.zero_init_context:
+    if zero is None or not zero.zero_init_context or _outside_depth:  # nested: the outermost one restores
         yield
         return
     zero.shutdown_init_context()
+    _outside_depth += 1
     try:
         yield
     finally:
+        _outside_depth -= 1
         zero.restore_init_context()
 
 
-def gathered_parameters(module: torch.nn.Module) -> contextlib.AbstractContextManager:
-    """Context in which ZeRO-3's partitioned parameters of ``module`` are whole on every rank (every rank must enter
-    it); a no-op for parameters DeepSpeed does not partition (any other strategy, ZeRO-1/2)."""
-    partitioned = [p for p in module.parameters() if hasattr(p, "ds_id")]
+def gathered_parameters(params: Iterable[torch.nn.Parameter]) -> contextlib.AbstractContextManager:
+    """Context in which the ZeRO-3 partitioned ``params`` are whole on every rank (every rank must enter it); a no-op
+    for parameters DeepSpeed does not partition (any other strategy, ZeRO-1/2)."""
+    partitioned = [p for p in params if hasattr(p, "ds_id")]
     if not partitioned:
         return contextlib.nullcontext()
     import deepspeed
@@ -127,7 +135,7 @@ def unpartitioned(model: PreTrainedModel) -> PreTrainedModel:
     params = list(model.parameters())
     if not any(hasattr(param, "ds_id") for param in params):  # DeepSpeed marks the parameters it partitions
         return model
-    with gathered_parameters(model):
+    with gathered_parameters(model.parameters()):
         weights = {name: param.detach().clone() for name, param in model.named_parameters()}
     with outside_zero_init():
         whole = type(model)(model.config)
@@ -137,16 +145,29 @@ def unpartitioned(model: PreTrainedModel) -> PreTrainedModel:
     return whole.to(device=params[0].device, dtype=params[0].dtype).eval()
 
 
-def build_causal_lm(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase, seed: int = 0) -> PreTrainedModel:
-    """A causal LM whose vocabulary covers ``tokenizer`` (embeddings resized for new tokens)."""
+def build_causal_lm(
+    spec: ModelSpec, tokenizer: PreTrainedTokenizerBase, seed: int = 0, zero3: dict | None = None
+) -> PreTrainedModel:
+    """A causal LM whose vocabulary covers ``tokenizer`` (embeddings resized for new tokens).
+
+    ``zero3``: the run's DeepSpeed config when called inside ZeRO-3's ``zero.Init`` (``zero3.zero3_config``): a
+    checkpoint then loads partitioned, each process holding its share only and rank 0 alone reading the file
+    (``atspeed.models.zero3``). A model built from sizes is built whole on every process, outside ``zero.Init``, and
+    partitioned by ``deepspeed.initialize`` (its weights do not depend on the number of processes)."""
     dtype = getattr(torch, spec.dtype)
     if spec.path is not None:
-        model = AutoModelForCausalLM.from_pretrained(
-            spec.path, local_files_only=True, trust_remote_code=False, dtype=dtype,
-            attn_implementation=spec.attn_implementation,
-        )  # fmt: skip
+        with hf_zero3(zero3) if zero3 is not None else outside_zero_init():
+            model = AutoModelForCausalLM.from_pretrained(
+                spec.path,
+                local_files_only=True,
+                trust_remote_code=False,
+                dtype=dtype,
+                attn_implementation=spec.attn_implementation,
+            )
         if model.get_input_embeddings().num_embeddings < len(tokenizer):
-            model.resize_token_embeddings(len(tokenizer))
+            # transformers builds the grown embeddings whole (outside zero.Init) and gathers the old ones to fill them
+            with outside_zero_init(), hf_zero3(zero3):
+                model.resize_token_embeddings(len(tokenizer))
         return model.train()  # from_pretrained returns eval mode: dropout (LoRA's included) would stay off in training
     config = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -161,7 +182,7 @@ def build_causal_lm(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase, seed: i
         tie_word_embeddings=False,
         attn_implementation=spec.attn_implementation,
     )
-    with torch.random.fork_rng():
+    with torch.random.fork_rng(), outside_zero_init():
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)
     return model.to(dtype)
@@ -180,7 +201,11 @@ def load_model(path: str | Path, dtype: DType = "float32", attn_implementation: 
 
 
 def apply_lora(model: PreTrainedModel, spec: LoraSpec, new_token_ids: list[int]) -> PeftModel:
-    """Wrap ``model`` with LoRA adapters; ``new_token_ids`` rows of input and output embeddings stay trainable."""
+    """Wrap ``model`` with LoRA adapters; ``new_token_ids`` rows of input and output embeddings stay trainable.
+
+    On a ZeRO-3 partitioned model the adapters are built whole, outside ``zero.Init`` (peft initialises them in place,
+    which a partitioned tensor would ignore; ``deepspeed.initialize`` partitions them), and the embedding tables are
+    gathered while peft copies the identifier rows (peft's own ZeRO-3 path there is CUDA-only)."""
     trainable = None
     if spec.train_new_tokens:
         names = {"embed_tokens": new_token_ids}
@@ -195,4 +220,6 @@ def apply_lora(model: PreTrainedModel, spec: LoraSpec, new_token_ids: list[int])
         trainable_token_indices=trainable,
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, config)
+    tables = [m.weight for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None]
+    with outside_zero_init(), gathered_parameters(tables):
+        return get_peft_model(model, config)

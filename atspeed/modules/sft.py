@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 from typing import Literal
 
@@ -18,7 +17,8 @@ from atspeed.data.datamodule import RecDataModule
 from atspeed.decoding.decoders import DecodeSettings, check_list_length, decode
 from atspeed.errors import DataError
 from atspeed.metrics.ranking import RankingMetrics, popularity_ranking
-from atspeed.models.build import LoraSpec, ModelSpec, apply_lora, build_causal_lm, context_length, outside_zero_init
+from atspeed.models.build import LoraSpec, ModelSpec, apply_lora, build_causal_lm, context_length
+from atspeed.models.zero3 import zero3_config
 from atspeed.modules.optim import adamw_cosine
 
 
@@ -87,18 +87,16 @@ class SFT(pl.LightningModule):
         if self.model is not None:
             return
         prepared = self.dm.prepared
-        with outside_zero_init():
-            model = build_causal_lm(self.spec, prepared.tokenizer, seed=self.hparams.seed)
-            if self.lora is not None:
-                new_ids = sorted(set(prepared.item_token_ids.flatten().tolist()))
-                model = apply_lora(model, self.lora, new_ids)
+        zero3 = zero3_config(self.trainer.strategy)  # under ZeRO-3 a checkpoint loads partitioned
+        model = build_causal_lm(self.spec, prepared.tokenizer, seed=self.hparams.seed, zero3=zero3)
+        if self.lora is not None:
+            new_ids = sorted(set(prepared.item_token_ids.flatten().tolist()))
+            model = apply_lora(model, self.lora, new_ids)
         self.model = model
 
-    def export_model(self) -> PreTrainedModel:
-        """The plain Hugging Face model to save (LoRA merged into a copy of the weights)."""
-        if self.lora is None:
-            return self.model
-        return copy.deepcopy(self.model).merge_and_unload()
+    def export_model(self) -> torch.nn.Module:
+        """The trained model (with its LoRA adapters): ``callbacks.export.plain_model`` merges them on a CPU copy."""
+        return self.model
 
     # -- training -------------------------------------------------------------------------------
 
