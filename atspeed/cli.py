@@ -8,7 +8,8 @@ Checkpoints load with ``weights_only=True``.
 
 Exit codes: 0 done; 2 bad input (one message naming the key or file, before any model is built); 143 stopped
 by SIGTERM (what was complete is kept: ``last.ckpt`` in fit, the finished prediction batches in predict);
-1 interrupted by Ctrl-C or failed.
+1 interrupted by Ctrl-C or failed. In fit, SIGTERM and Ctrl-C stop the run at the end of the running step (a second
+Ctrl-C at once), where ``last.ckpt`` resumes exactly (``atspeed.callbacks.checkpoint``).
 """
 
 from __future__ import annotations
