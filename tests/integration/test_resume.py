@@ -84,21 +84,22 @@ def _assert_continues(straight, run: Path, resumed_cli, record: RecordBatches, v
 
 
 @pytest.mark.parametrize(
-    ("step", "hook"),
+    ("step", "hook", "saved_step"),
     [
-        (3, "on_train_batch_end"),  # mid-epoch
-        (6, "on_train_batch_end"),  # the last batch of epoch 0
-        (8, "on_train_batch_end"),  # mid epoch 1: the order must be epoch 1's
-        (5, "on_validation_batch_end"),  # during validation
-        (10, "on_validation_end"),  # after validation, before the next batch
+        (3, "on_train_batch_end", 3),  # mid-epoch
+        (6, "on_train_batch_end", 6),  # the last batch of epoch 0
+        (8, "on_train_batch_end", 8),  # mid epoch 1: the order must be epoch 1's
+        (5, "on_validation_batch_end", 5),  # during validation
+        (10, "on_validation_end", 10),  # after validation, before the next batch
+        (9, "on_before_optimizer_step", 8),  # inside step 10 (an out-of-memory error): the periodic save of 8 stays
     ],
 )
-def test_crash_then_resume_equals_the_uninterrupted_run(straight, tmp_path, step, hook) -> None:
+def test_crash_then_resume_equals_the_uninterrupted_run(straight, tmp_path, step, hook, saved_step) -> None:
     data = straight[0]
     with pytest.raises(RuntimeError, match="simulated crash"):
         _fit(data, tmp_path / "run", CrashAt(step, hook))
     saved = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
-    assert saved["global_step"] == step
+    assert saved["global_step"] == saved_step
     assert not (tmp_path / "run" / "hf").exists(), "an interrupted fit exports nothing"
     record = RecordBatches()
     resumed = _fit(data, tmp_path / "run", record, ckpt_path="last")
