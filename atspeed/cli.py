@@ -12,7 +12,8 @@ One run per output directory: ``trainer.default_root_dir`` and teacher data are 
 Exit codes: 0 done; 2 bad input (one message naming the key or file, before any model is built; an output directory
 in use by another run); 143 stopped
 by SIGTERM (what was complete is kept: ``last.ckpt`` in fit, the finished prediction batches in predict);
-1 interrupted by Ctrl-C or failed.
+1 interrupted by Ctrl-C or failed. In fit, SIGTERM and Ctrl-C stop the run at the end of the running step (a second
+Ctrl-C at once), where ``last.ckpt`` resumes exactly (``atspeed.callbacks.checkpoint``).
 """
 
 from __future__ import annotations

@@ -18,19 +18,41 @@ class ResumableLoader(StatefulDataLoader):
 
     - Lightning creates the resumed epoch's iterator before it calls ``set_epoch``, so the sampler's epoch travels in
       the state and is restored first (otherwise a run resumed in epoch e > 0 replays epoch 0's order).
-    - A checkpoint written after an epoch's last batch holds an exhausted iterator, and Lightning, which has already
-      counted that epoch as done, would replay it as an empty epoch: such a state is saved as the next epoch's start.
+    - A state saved after an epoch's last batch is that epoch's end, and what Lightning asks of it on resume depends
+      on where the checkpoint was written: from the end of the batch (periodic saves, a crash) it counts the epoch as
+      done and pulls epoch e + 1 from the restored iterator; after the batch's validation and logging (a signal,
+      Lightning's own stop) it first asks epoch e for more. Both set the sampler's epoch between creating the
+      iterator and pulling from it, so the restored end serves nothing more of epoch e and epoch e + 1 whole.
     """
 
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._restored_end: int | None = None  # the epoch whose end was restored, until the next epoch starts
+
     def state_dict(self) -> dict[str, Any]:
+        if self._restored_end is not None:
+            return {"epoch": self._restored_end, "loader": {}, "ended": True}
         state, epoch = super().state_dict(), self.sampler.epoch
         if _batches_served(state) >= len(self):
-            return {"epoch": epoch + 1, "loader": {}}  # an empty loader state = start the epoch afresh
+            return {"epoch": epoch, "loader": {}, "ended": True}
         return {"epoch": epoch, "loader": state}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.sampler.set_epoch(state_dict["epoch"])
-        super().load_state_dict(state_dict["loader"])
+        self._restored_end = state_dict["epoch"] if state_dict.get("ended") else None
+        super().load_state_dict(state_dict["loader"])  # an empty loader state = start the epoch afresh
+
+    def __iter__(self):
+        if self._restored_end is None:
+            return super().__iter__()
+        return self._after_restored_end(self._restored_end)
+
+    def _after_restored_end(self, ended: int):
+        """Nothing while the sampler is still at the ended epoch; the next epoch whole once it moved on."""
+        if self.sampler.epoch == ended:
+            return
+        self._restored_end = None
+        yield from super().__iter__()
 
 
 def _batches_served(state: dict[str, Any]) -> int:

@@ -25,15 +25,22 @@ class CrashAt(pl.Callback):
 
 
 class SignalAt(pl.Callback):
-    """Send ``signal_name`` to this process after training step ``step`` (or after predict batch ``predict_batch``)."""
+    """Send ``signal_name`` to this process once, when ``hook`` runs at optimizer step ``step`` (by default after
+    training step ``step``; ``on_before_optimizer_step`` at ``step`` is inside step ``step + 1``), or after predict
+    batch ``predict_batch``."""
 
-    def __init__(self, signal_name: str, step: int = -1, predict_batch: int = -1) -> None:
+    def __init__(
+        self, signal_name: str, step: int = -1, predict_batch: int = -1, hook: str = "on_train_batch_end"
+    ) -> None:
         self.signum = getattr(signal, signal_name)
         self.step = step
         self.predict_batch = predict_batch
+        self.sent = False
+        setattr(self, hook, self._maybe_signal)
 
-    def on_train_batch_end(self, trainer: pl.Trainer, *args) -> None:
-        if trainer.global_step == self.step:
+    def _maybe_signal(self, trainer: pl.Trainer, *args) -> None:
+        if trainer.global_step == self.step and not trainer.sanity_checking and not self.sent:
+            self.sent = True
             os.kill(os.getpid(), self.signum)
 
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:

@@ -25,13 +25,25 @@ def test_mid_epoch_state_continues_the_same_order_in_a_new_loader() -> None:
         assert list(fresh) == reference[served:], f"resumed after {served} batches"
 
 
-def test_state_after_the_last_batch_starts_the_next_epoch_whole() -> None:
+def test_state_after_the_last_batch_ends_that_epoch_and_serves_the_next_whole() -> None:
     loader = _loader()
     loader.sampler.set_epoch(4)
     assert len(list(loader)) == 5
+    state = loader.state_dict()
+    # restored from the end of a batch, Lightning counts epoch 4 as done and moves the sampler on before pulling
     fresh = _loader()
-    fresh.load_state_dict(loader.state_dict())
-    assert list(fresh) == _epoch(_loader(), 5)
+    fresh.load_state_dict(state)
+    it = iter(fresh)
+    fresh.sampler.set_epoch(5)
+    assert list(it) == _epoch(_loader(), 5)
+    # restored after the batch's validation, it first asks epoch 4 for more: nothing, then epoch 5 whole
+    fresh = _loader()
+    fresh.load_state_dict(state)
+    it = iter(fresh)
+    assert fresh.state_dict() == state, "saved again before the next epoch starts: still epoch 4's end"
+    fresh.sampler.set_epoch(4)
+    assert list(it) == [] and fresh.state_dict() == state
+    assert _epoch(fresh, 5) == _epoch(_loader(), 5)
 
 
 def test_epochs_shuffle_differently_reproducibly_and_cover_every_item() -> None:
