@@ -31,5 +31,6 @@ def test_predict_reads_back_at_most_the_limit_per_target_call(exported, tmp_path
     args = decode_args(exported, tmp_path, "--model.init_args.decoder", decoder, "--data.eval_batch_size", "1")
     main(["predict", *args, "--data.eval.test_users", "6"])
     syncs, calls = map(sum, zip(*counted, strict=True))
+    print(f"{decoder}: {syncs / calls:.2f} host syncs per target call ({syncs} / {calls})")  # shown with -s
     assert len(counted) >= 4 and calls > 0
     assert syncs / calls <= LIMIT[decoder], (decoder, syncs, calls)
