@@ -20,6 +20,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from atspeed.preflight import check_model_weights
+
 
 @dataclass
 class ModelSpec:
@@ -52,6 +54,8 @@ class ModelSpec:
             raise ValueError(f"model.dtype: unknown torch dtype {self.dtype!r}")
         if self.path is not None and not Path(self.path).is_dir():
             raise ValueError(f"model.path: directory not found: {self.path}")
+        if self.path is not None:
+            check_model_weights(self.path, "model.path")
 
 
 @dataclass
@@ -131,7 +135,7 @@ def build_causal_lm(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase, seed: i
     dtype = getattr(torch, spec.dtype)
     if spec.path is not None:
         model = AutoModelForCausalLM.from_pretrained(
-            spec.path, local_files_only=True, trust_remote_code=False, dtype=dtype
+            spec.path, local_files_only=True, trust_remote_code=False, weights_only=True, dtype=dtype
         )
         if model.get_input_embeddings().num_embeddings < len(tokenizer):
             model.resize_token_embeddings(len(tokenizer))
@@ -159,7 +163,7 @@ def load_model(path: str | Path, dtype: str = "float32") -> PreTrainedModel:
     if not isinstance(getattr(torch, dtype, None), torch.dtype):
         raise ValueError(f"unknown torch dtype {dtype!r}")
     model = AutoModelForCausalLM.from_pretrained(
-        str(path), local_files_only=True, trust_remote_code=False, dtype=getattr(torch, dtype)
+        str(path), local_files_only=True, trust_remote_code=False, weights_only=True, dtype=getattr(torch, dtype)
     )
     return model.eval()
 
