@@ -42,7 +42,8 @@ def load_weights_only(path: Path, key: str | None, holds: str) -> Any:
     except pickle.UnpicklingError as err:
         raise DataError(f"{name} refused: it holds objects other than {holds} ({weights_only_refusal(err)})") from None
     except (RuntimeError, OSError, EOFError, ValueError) as err:
-        raise DataError(f"{name} cannot be read (truncated?): {str(err).strip().splitlines()[0]}") from None
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise DataError(f"{name} cannot be read (truncated?): {first}") from None
 
 
 def check_checkpoint(path: str | Path, key: str) -> None:
