@@ -14,20 +14,26 @@ are those the optimizer held: fp32 from ZeRO (a bf16 fit's own export holds thei
     python -m atspeed export runs/beauty/target/checkpoints/last.ckpt --out runs/beauty/target/hf_last \\
         --single-file runs/beauty/target/last_fp32.ckpt
 
+Every file of CKPT loads with ``weights_only=True``: tensors, plain containers, atspeed's config types and, in a ZeRO
+directory, the three DeepSpeed types of ``zero_safe_globals``; a file holding anything else (a pickle that would run
+code) is refused before anything of it is built, and the conversion itself runs with weights-only loading forced.
 DIR and FILE appear whole or not at all. DIR may replace only an earlier atspeed export; FILE must not exist. One
 export into DIR at a time: a lock file ``.<DIR name>.atspeed.lock`` beside DIR (``atspeed.run_lock``).
 Exit codes: 0 written; 2 bad input (one line ``error: ...`` naming the path, before any model is built): CKPT
-missing or not a checkpoint of an atspeed fit, DIR present but not written by atspeed or not writable, DIR being
-written by another export, FILE present; 1 failed.
+missing, refused or not a checkpoint of an atspeed fit, DIR present but not written by atspeed or not writable, DIR
+being written by another export, FILE present; 1 failed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
+import os
 import pickle
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,46 +45,94 @@ from atspeed.atomic import atomic_file, check_replaceable
 from atspeed.callbacks.export import plain_model, write_export
 from atspeed.data.datamodule import RecDataModule
 from atspeed.errors import DataError
-from atspeed.preflight import check_checkpoint, weights_only_refusal
+from atspeed.preflight import check_checkpoint, load_weights_only, weights_only_refusal
 from atspeed.run_lock import locked, sibling_lock_file
 
 log = logging.getLogger("atspeed")
 ZERO_LATEST = "latest"  # DeepSpeed's file naming the tag directory of the newest save
+FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"  # torch: every torch.load with weights_only=True
 
 
 def check_inputs(ckpt: Path, out: Path, single_file: Path | None) -> None:
-    """Every path is usable before anything is read in full or built (DataError naming the path)."""
+    """Every path is usable before anything is read in full or built (DataError naming the path); the paths first,
+    then what CKPT holds (every file a weights-only load, nothing unpickled that could run code)."""
     if not ckpt.exists():
         raise DataError(f"CKPT: checkpoint not found: {ckpt}")
-    if ckpt.is_dir():
-        check_zero_directory(ckpt)
-    else:
-        check_checkpoint(ckpt, "CKPT")
-        if single_file is not None:
-            raise DataError(f"--single-file: {ckpt} is already a single-file checkpoint; export it without the option")
+    if single_file is not None and not ckpt.is_dir():
+        raise DataError(f"--single-file: {ckpt} is already a single-file checkpoint; export it without the option")
     if single_file is not None and (single_file.exists() or single_file.is_symlink()):
         raise DataError(f"--single-file: {single_file} exists; refusing to replace it")
     if single_file is not None and single_file.absolute() == out.absolute():
         raise DataError(f"--single-file: {single_file} is also --out; give the file and the directory two paths")
     check_replaceable(out, "--out")
+    if ckpt.is_dir():
+        check_zero_directory(ckpt)
+    else:
+        check_checkpoint(ckpt, "CKPT")
+
+
+def zero_safe_globals() -> list[type]:
+    """The DeepSpeed types a ZeRO-2/3 checkpoint holds beside tensors and plain containers, all in the optimizer
+    states (the model states hold only atspeed's config types, allowed by ``atspeed.cli``): seen in real checkpoints
+    of configs/deepspeed/zero{2,3}.json, bf16 and fp32. fp16's DynamicLossScaler is not among them."""
+    try:
+        from deepspeed.runtime.fp16.loss_scaler import LossScaler
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+        from deepspeed.utils.tensor_fragment import fragment_address
+    except ImportError:
+        raise DataError("CKPT: a DeepSpeed checkpoint: consolidating it needs DeepSpeed (pip install "
+                        "'atspeed[deepspeed]')") from None  # fmt: skip
+    return [LossScaler, ZeroStageEnum, fragment_address]
 
 
 def check_zero_directory(path: Path) -> None:
-    """``path`` holds a DeepSpeed checkpoint: a ``latest`` file naming a tag directory of model-state files."""
+    """``path`` holds a DeepSpeed checkpoint: a ``latest`` file naming a tag directory of model-state and
+    optimizer-state files, each of which loads with ``weights_only=True`` (``zero_safe_globals`` allowed)."""
     latest = path / ZERO_LATEST
     if not latest.is_file():
         raise DataError(f"CKPT: {path} is a directory but not a DeepSpeed checkpoint (no {ZERO_LATEST} file)")
     tag = path / latest.read_text(encoding="utf-8", errors="replace").strip()
     if not tag.is_dir() or not any(tag.glob("*model_states.pt")):
         raise DataError(f"CKPT: {path}: {latest.name} names {tag.name}, which holds no DeepSpeed model states")
+    if not any(tag.glob("*_optim_states.pt")):
+        raise DataError(f"CKPT: {path}: {tag.name} holds no optimizer states (*_optim_states.pt), where ZeRO keeps "
+                        "the fp32 weights: saved without them, it cannot be exported")  # fmt: skip
+    with torch.serialization.safe_globals(zero_safe_globals()):
+        for file in sorted(tag.glob("*_states.pt")):
+            load_weights_only(file, "CKPT", "tensors and the DeepSpeed and atspeed types of a ZeRO checkpoint")
+
+
+@contextlib.contextmanager
+def forced_weights_only(allowed: list[type]) -> Iterator[None]:
+    """Every ``torch.load`` inside loads with ``weights_only=True``, allowing ``allowed`` beside tensors: torch's
+    ``TORCH_FORCE_WEIGHTS_ONLY_LOAD`` overrides the ``weights_only=False`` that Lightning's and DeepSpeed's ZeRO
+    converters pass (the files are checked before; this holds should one change in between)."""
+    saved = os.environ.get(FORCE_WEIGHTS_ONLY)
+    os.environ[FORCE_WEIGHTS_ONLY] = "1"
+    try:
+        with torch.serialization.safe_globals(allowed):
+            yield
+    finally:
+        if saved is None:
+            os.environ.pop(FORCE_WEIGHTS_ONLY, None)
+        else:
+            os.environ[FORCE_WEIGHTS_ONLY] = saved
 
 
 def consolidate(ckpt: Path, single_file: Path) -> None:
-    """One fp32 Lightning checkpoint from a ZeRO directory, written atomically to ``single_file``."""
+    """One fp32 Lightning checkpoint from a ZeRO directory, written atomically to ``single_file``; every file read
+    with ``weights_only=True``."""
     from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
 
-    with atomic_file(single_file) as tmp:
-        convert_zero_checkpoint_to_fp32_state_dict(ckpt, tmp)
+    with atomic_file(single_file) as tmp, forced_weights_only(zero_safe_globals()):
+        try:
+            convert_zero_checkpoint_to_fp32_state_dict(ckpt, tmp)
+        except pickle.UnpicklingError as err:
+            raise DataError(f"CKPT: {ckpt} refused: a file holds objects other than tensors and the types of a ZeRO "
+                            f"checkpoint ({weights_only_refusal(err)})") from None  # fmt: skip
+        except (ValueError, KeyError, FileNotFoundError) as err:  # DeepSpeed's checks of the partitions
+            text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise DataError(f"CKPT: {ckpt}: DeepSpeed cannot consolidate it: {text}") from None
     log.info("consolidated %s into %s", ckpt, single_file)
 
 

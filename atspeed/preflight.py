@@ -7,6 +7,7 @@ import pickle
 import tempfile
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -33,8 +34,24 @@ def check_output_dir(path: str | Path, key: str) -> None:
 
 
 def weights_only_refusal(err: pickle.UnpicklingError) -> str:
-    """What ``torch.load(weights_only=True)`` refused, in one line (its message is a page of advice)."""
-    return str(err).split("WeightsUnpickler error:")[-1].strip().splitlines()[0]
+    """What ``torch.load(weights_only=True)`` refused, in one line (its message is a page of advice, ending in how to
+    allow the refused global: advice for a file one trusts, not for one that would run code)."""
+    refused = str(err).split("WeightsUnpickler error:")[-1].strip().splitlines()[0]
+    return refused.split(". Please use `torch.serialization.add_safe_globals")[0]
+
+
+def load_weights_only(path: Path, key: str | None, holds: str) -> Any:
+    """``torch.load(path, weights_only=True)``, memory-mapped where the file is a zip archive (tensors stay on disk):
+    a file whose pickle names anything but tensors, containers and the allowed types (``holds`` says which) is
+    refused before any of it is built, in one DataError naming ``key`` and the file."""
+    name = f"{key}: {path}" if key else str(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except pickle.UnpicklingError as err:
+        raise DataError(f"{name} refused: it holds objects other than {holds} ({weights_only_refusal(err)})") from None
+    except (RuntimeError, OSError, EOFError, ValueError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise DataError(f"{name} cannot be read (truncated?): {first}") from None
 
 
 def check_checkpoint(path: str | Path, key: str) -> None:
@@ -46,17 +63,22 @@ def check_checkpoint(path: str | Path, key: str) -> None:
         raise DataError(f"{key}: {path} is empty")
     if not zipfile.is_zipfile(path):
         raise DataError(f"{key}: {path} is not a PyTorch checkpoint (truncated or another format)")
-    try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except pickle.UnpicklingError as err:
-        raise DataError(
-            f"{key}: {path} refused: it holds objects other than tensors and atspeed's config types "
-            f"({weights_only_refusal(err)})"
-        ) from None
-    except (RuntimeError, OSError, EOFError, ValueError) as err:
-        raise DataError(f"{key}: {path} cannot be read (truncated?): {str(err).splitlines()[0]}") from None
+    loaded = load_weights_only(path, key, "tensors and atspeed's config types")
     if not isinstance(loaded, dict) or "state_dict" not in loaded:
         raise DataError(f"{key}: {path} is not a Lightning checkpoint (no state_dict)")
+
+
+# the pickled weights ``from_pretrained`` may read from a local model directory (one file, or the shards of an index)
+PICKLED_WEIGHTS = "pytorch_model*.bin"
+
+
+def check_model_weights(model_dir: str | Path, key: str | None = None) -> None:
+    """Each pickled weight file of Hugging Face model directory ``model_dir`` holds tensors only. transformers reads
+    them with ``weights_only=True`` too, but refuses one that would run code with a traceback once the model is being
+    built; here it is one line, before anything is built. Safetensors files hold no code and are not opened."""
+    for path in sorted(Path(model_dir).glob(PICKLED_WEIGHTS)):
+        if path.is_file():
+            load_weights_only(path, key, "tensors")
 
 
 def check_new_file(path: str | Path, key: str, overwrite: bool = False) -> None:

@@ -13,6 +13,7 @@ from transformers import AutoTokenizer
 
 from atspeed.data.json_file import read_json
 from atspeed.errors import DataError
+from atspeed.preflight import check_model_weights
 
 INDEX_FILE = "index.json"
 META_FILE = "atspeed.json"
@@ -20,7 +21,8 @@ REQUIRED_META = ("prompt", "max_history", "levels", "constraint")
 
 
 def read_export(model_dir: str | Path) -> dict[str, Any]:
-    """``atspeed.json`` of an exported model directory, after checking the directory is complete."""
+    """``atspeed.json`` of an exported model directory, after checking the directory is complete and its pickled
+    weights, if any, hold tensors only."""
     root = Path(model_dir)
     if not root.is_dir():
         raise DataError(f"{root}: model directory not found")
@@ -38,6 +40,7 @@ def read_export(model_dir: str | Path) -> dict[str, Any]:
     missing = [key for key in REQUIRED_META if not isinstance(meta, dict) or key not in meta]
     if missing:
         raise DataError(f"{path}: missing {', '.join(missing)}")
+    check_model_weights(root)
     return meta
 
 

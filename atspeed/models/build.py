@@ -22,6 +22,7 @@ from transformers import (
 )
 
 from atspeed.models.zero3 import hf_zero3
+from atspeed.preflight import check_model_weights
 
 # Attention implementations that read atspeed's 4D float tree mask (``atspeed.decoding.tree_attention``): every stage
 # decodes (SFT and alignment validate by decoding), so flash_attention_2, which would read that mask as padding, is
@@ -65,6 +66,8 @@ class ModelSpec:
             raise ValueError(f"model.dtype: unknown torch dtype {self.dtype!r}")
         if self.path is not None and not Path(self.path).is_dir():
             raise ValueError(f"model.path: directory not found: {self.path}")
+        if self.path is not None:
+            check_model_weights(self.path, "model.path")
 
 
 @dataclass
@@ -161,6 +164,7 @@ def build_causal_lm(
                 spec.path,
                 local_files_only=True,
                 trust_remote_code=False,
+                weights_only=True,
                 dtype=dtype,
                 attn_implementation=spec.attn_implementation,
             )
@@ -194,7 +198,7 @@ def load_model(path: str | Path, dtype: DType = "float32", attn_implementation: 
     if not isinstance(getattr(torch, dtype, None), torch.dtype):
         raise ValueError(f"unknown torch dtype {dtype!r}")
     model = AutoModelForCausalLM.from_pretrained(
-        str(path), local_files_only=True, trust_remote_code=False, dtype=getattr(torch, dtype),
+        str(path), local_files_only=True, trust_remote_code=False, weights_only=True, dtype=getattr(torch, dtype),
         attn_implementation=attn_implementation,
     )  # fmt: skip
     return model.eval()

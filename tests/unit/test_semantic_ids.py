@@ -197,6 +197,32 @@ def test_load_embeddings_errors_name_the_file(tmp_path: Path) -> None:
         load_embeddings(tmp_path / "junk.npy", num_items=1)
 
 
+class _Payload:
+    """Unpickling this creates the file ``path``: proof that a file's pickled code ran."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (self.path,))
+
+
+def test_pickled_code_in_an_embedding_file_or_text_model_is_refused_in_one_line(tmp_path: Path) -> None:
+    marker = tmp_path / "payload-ran"
+    torch.save({"embeddings": torch.zeros(4, 3), "payload": _Payload(marker)}, tmp_path / "emb.pt")
+    with pytest.raises(DataError) as refused:
+        load_embeddings(tmp_path / "emb.pt", num_items=4)
+    assert str(refused.value).startswith(f"{tmp_path}/emb.pt refused: it holds objects other than tensors")
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    torch.save({"payload": _Payload(marker)}, tmp_path / "model" / "pytorch_model.bin")
+    with pytest.raises(DataError) as refused_model:
+        embed_texts(["x"], model_dir=tmp_path / "model")
+    assert str(refused_model.value).startswith(f"{tmp_path}/model/pytorch_model.bin refused")
+    assert all(len(str(err.value).splitlines()) == 1 for err in (refused, refused_model))
+    assert not marker.exists()
+
+
 @contextlib.contextmanager
 def _torch_threads(n: int) -> Iterator[None]:
     """Run a block with ``n`` torch threads and give the caller's setting back afterwards."""
