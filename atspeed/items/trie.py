@@ -228,6 +228,21 @@ class PrefixTrie:
             allowed[:, self.eos_token_id] = alive & (trie.graph.depth[states.clamp(min=0)] == self.levels)
         return allowed
 
+    def _sparse_mask(self, states: torch.Tensor) -> torch.Tensor:
+        g = self.graph
+        alive = states >= 0
+        safe = states.clamp(min=0)
+        first = g.child_ptr[safe]  # [M]
+        counts = torch.where(alive, g.child_ptr[safe + 1] - first, torch.zeros_like(first))  # [M]
+        rows = torch.repeat_interleave(torch.arange(states.numel(), device=states.device), counts)  # [N]
+        row_start = torch.repeat_interleave(counts.cumsum(0) - counts, counts)  # [N] first slot of each row
+        edges = torch.repeat_interleave(first, counts) + torch.arange(rows.numel(), device=states.device) - row_start
+        allowed = torch.zeros(states.numel(), self.vocab_size, dtype=torch.bool, device=states.device)
+        allowed[rows, g.child_token[edges]] = True
+        if self.eos_token_id is not None:
+            allowed[:, self.eos_token_id] = alive & (g.depth[safe] == self.levels)
+        return allowed
+
     def states_for(self, prefixes: torch.Tensor) -> torch.Tensor:
         """States [M] reached from the root by ``prefixes`` [M, t] (t may be 0)."""
         states = self.start(prefixes.shape[0])

@@ -68,8 +68,11 @@ def world():
     return speculative_world(60, 3, [9] * 16, seed=1, draft_seed=2, prompt_seed=3)
 
 
-@pytest.mark.parametrize("name", [*LIMIT])
-@pytest.mark.parametrize(("batch", "budget"), [(1, None), (16, 4)])
+CASES = [(name, 1, None) for name in LIMIT] + [("beam", 16, None), ("spec_strict", 16, 4), ("spec_relaxed", 16, 4),
+                                              ("spec_relaxed_exact", 16, None)]  # fmt: skip
+
+
+@pytest.mark.parametrize(("name", "batch", "budget"), CASES)
 def test_host_syncs_per_target_call_stay_within_the_limit(world, name, batch, budget) -> None:
     target, draft, trie, prompts = world
     prompts = [[7, 8, 9, 10, 11, 12, 13, 14, *p] for p in prompts]  # a shared header, as real prompts have
