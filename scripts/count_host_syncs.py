@@ -35,9 +35,10 @@ def count(name: str, world, settings: DecodeSettings, batch: int) -> dict:
     with HostSyncCounter([target, draft]) as counter:
         decoder(ids, mask)
     forwards = counter.calls(target)
+    ops = (counter.ops - counter.model_ops) / forwards
     return {"decoder": name, "K": settings.num_beams, "N": settings.draft_beams, "gamma": settings.gamma,
-            "batch": batch, "forwards": forwards, "syncs_per_call": counter.syncs / forwards,
-            "ops_per_call": (counter.ops - counter.model_ops) / forwards, "syncs_by_op": dict(counter.by_op)}  # fmt: skip
+            "batch": batch, "forwards": forwards, "syncs_per_call": counter.syncs / forwards, "ops_per_call": ops,
+            "syncs_by_op": dict(counter.by_op)}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
