@@ -7,7 +7,9 @@ A CUDA kernel launch returns at once; reading a value back does not: ``item``/``
 ``TorchDispatchMode`` (every aten op that runs inside it) plus wrappers of the ``Tensor`` methods that read values
 back without an aten op on CPU tensors (``tolist``, ``numpy``, ``cpu``: counted on CPU tensors too, as on a GPU
 they would be copies). It also counts every aten op (``ops``) and, with ``models`` given, the ops and syncs inside
-those models' forwards apart, so the decoder's own host work per target call is ``ops - model_ops``.
+those models' forwards apart, so the decoder's own host work per target call is ``ops - model_ops``. A model's
+``base_model`` body counts as the model (the decoders run a bf16 model's body and take float32 logits from its final
+hidden state themselves; that head is then the decoder's work): a forward is an outermost entry into either.
 
 Used by the decoding tests (a limit per target call that can fail) and the benchmark's columns.
 """
@@ -15,6 +17,7 @@ Used by the decoding tests (a limit per target call that can fail) and the bench
 from __future__ import annotations
 
 import collections
+import functools
 from collections.abc import Iterable
 from contextlib import ExitStack
 
@@ -90,9 +93,10 @@ class HostSyncCounter(TorchDispatchMode):
             self._count_sync(str(func.overloadpacket.__name__))
         return func(*args, **kwargs)
 
-    def _enter_model(self, module, *_) -> None:
+    def _enter_model(self, key: int, *_) -> None:
+        if not self._inside:  # a body inside its own model's forward is the same forward
+            self.forwards[key] += 1
         self._inside += 1
-        self.forwards[id(module)] += 1
 
     def calls(self, model: torch.nn.Module) -> int:
         """Forwards of ``model`` counted (one of ``models``)."""
@@ -118,8 +122,11 @@ class HostSyncCounter(TorchDispatchMode):
 
     def __enter__(self) -> HostSyncCounter:
         for model in self.models:
-            self._stack.enter_context(model.register_forward_pre_hook(self._enter_model))
-            self._stack.enter_context(model.register_forward_hook(self._leave_model, always_call=True))
+            body = getattr(model, "base_model", model)
+            for module in (model, body) if body is not model else (model,):
+                enter = functools.partial(self._enter_model, id(model))
+                self._stack.enter_context(module.register_forward_pre_hook(enter))
+                self._stack.enter_context(module.register_forward_hook(self._leave_model, always_call=True))
         for name in ("tolist", "numpy", "cpu"):  # counted on CPU tensors too: on a GPU they would be copies
             self._wrap_method(name)
         return super().__enter__()
