@@ -87,7 +87,8 @@ def random_workload(p: dict, device: torch.device, seed: int = 0) -> Workload:
     target, draft = _random_llama(p["target"], vocab, device, seed), _random_llama(p["draft"], vocab, device, seed + 1)
     work = Workload(
         target=target, draft=draft, trie=PrefixTrie.build(codes, vocab, eos_token_id=EOS), levels=LEVELS,
-        pad_token_id=PAD, prompts=prompts, targets=targets, info={"items": int(codes.shape[0]), "vocab_size": vocab, "prompt_tokens": lengths},
+        pad_token_id=PAD, prompts=prompts, targets=targets,
+        info={"items": int(codes.shape[0]), "vocab_size": vocab, "prompt_tokens": lengths},
     )  # fmt: skip
     return work.to(device)
 
