@@ -127,7 +127,7 @@ class Runner:
     def counted_pass(self) -> dict[str, float | None]:
         """``syncs_per_call`` / ``ops_per_call``: one untimed pass over all batches under ``HostSyncCounter``."""
         models = [self.work.target, self.work.draft]
-        with HostSyncCounter(models) as counter:
+        with HostSyncCounter(models, self.batches[0][0].device) as counter:
             for ids, mask in self.batches:
                 self._decode(ids, mask)
         calls = counter.calls(self.work.target)

@@ -52,9 +52,10 @@ FULL = {
 TINY = FULL | {
     "target": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128},
     "draft": {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64},
-    "base_vocab": 1000, "id_tokens": 256, "items": 1500, "requests": {1: 1, 8: 8}, "repeats": 1, "cost_repeats": 2,
+    "base_vocab": 1000, "id_tokens": 256, "items": 1500, "prompt": 40, "requests": {1: 1, 8: 8}, "repeats": 1,
+    "cost_repeats": 2,
     # generous: ~1 min in all on an idle 2-core CPU, but a shared machine can be several times slower
-    "budgets": {"gpu_tests": 150, "smoke_bf16": 300, "decode": 300, "forward_costs": 120},
+    "budgets": {"gpu_tests": 150, "smoke_bf16": 900, "decode": 900, "forward_costs": 300},
 }  # fmt: skip
 TINY_SMOKE = ["--ks", "3", "--batch-sizes", "1", "--requests", "2", "--draft-beams", "6", "--gammas", "2", "--budgets",
               "none", "--decoders", "beam", "spec_strict", "--repeats", "1", "--cost-repeats", "1"]  # fmt: skip
