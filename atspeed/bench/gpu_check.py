@@ -46,15 +46,15 @@ FULL = {
     "target": {"hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32, "intermediate_size": 11008},
     "draft": {"hidden_size": 768, "num_hidden_layers": 2, "num_attention_heads": 12, "intermediate_size": 3072},
     "base_vocab": 32000, "id_tokens": 1024, "items": 12000, "prompt": 150, "requests": {1: 4, 8: 16},
-    "ks": [1, 10, 20], "repeats": 2, "cost_repeats": 5, "cost_tokens": [1, 16, 64, 128, 256],
+    "ks": [1, 10, 20], "repeats": 2, "warmup": 1, "cost_repeats": 5, "cost_tokens": [1, 16, 64, 128, 256],
     "budgets": {"gpu_tests": 150, "smoke_bf16": 150, "decode": 210, "forward_costs": 45},
 }  # fmt: skip
 TINY = FULL | {
     "target": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128},
     "draft": {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64},
     "base_vocab": 1000, "id_tokens": 256, "items": 1500, "prompt": 40, "requests": {1: 1, 8: 8}, "repeats": 1,
-    "cost_repeats": 2,
-    # generous: ~1 min in all on an idle 2-core CPU, but a shared machine can be several times slower
+    "warmup": 0, "cost_repeats": 2,
+    # generous: a few minutes at most on an idle 2-core CPU, but a shared machine can be several times slower
     "budgets": {"gpu_tests": 150, "smoke_bf16": 900, "decode": 900, "forward_costs": 300},
 }  # fmt: skip
 TINY_SMOKE = ["--ks", "3", "--batch-sizes", "1", "--requests", "2", "--draft-beams", "6", "--gammas", "2", "--budgets",
@@ -106,7 +106,7 @@ def decode_section(work: Workload, p: dict, device: torch.device, deadline: floa
         if time.monotonic() > deadline:
             skipped.append({"K": k, "batch_size": b})
             continue
-        rows += run_grid(configs, work, {b: p["requests"][b]}, device, p["repeats"], 1, 0)
+        rows += run_grid(configs, work, {b: p["requests"][b]}, device, p["repeats"], p["warmup"], 0)
     add_speedups(rows)
     info = {"target_parameters": parameters(work.target), "draft_parameters": parameters(work.draft), **work.info}
     out = {"models": info | {"shapes": {"target": p["target"], "draft": p["draft"]}}, "rows": rows}
