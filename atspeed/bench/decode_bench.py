@@ -4,7 +4,11 @@ For every batch size b and list length K the references run first: ``hf_beam`` (
 ``beam`` (our beam search); then ``spec_strict`` / ``spec_relaxed`` for every (N, gamma) with N >= K. A configuration
 is timed as ``warmup`` decodes of its first batch, then ``repeats`` timed passes over all of its batches (interleaved
 with the other configurations of the same K and b); the row reports the median pass divided by the number of lists.
-Counters, equality with HF and Recall/NDCG come from the first timed pass.
+Counters, equality with HF and Recall/NDCG come from the first timed pass. After the timed passes, one more
+(untimed) pass over the batches runs under ``HostSyncCounter``: ``syncs_per_call`` (host syncs per target forward)
+and ``ops_per_call`` (eager aten ops per target forward outside the models); the counter slows every op down, so it
+never runs inside a timed pass. The decoders time their stages with ``synced_clock=True`` (the device is waited for
+at each stage switch, so the draft / verify / other split is the device's time, not the launches').
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from atspeed.bench.host_syncs import HostSyncCounter
 from atspeed.bench.workload import Workload
 from atspeed.decoding.decoders import SAMPLING, SPECULATIVE, BoundDecoder, DecoderName, DecodeSettings
 from atspeed.decoding.output import DecodeOutput, DecodeStats, synced_now
@@ -100,7 +105,7 @@ class Runner:
             config.budget,
         )  # fmt: skip
         draft = work.target if config.self_draft else work.draft
-        self.decoder = BoundDecoder(config.decoder, work.target, work.trie, settings, draft)
+        self.decoder = BoundDecoder(config.decoder, work.target, work.trie, settings, draft, synced_clock=True)
         self.seed = seed
 
     def _decode(self, ids: torch.Tensor, mask: torch.Tensor) -> DecodeOutput:
@@ -119,6 +124,17 @@ class Runner:
         outputs = [self._decode(ids, mask) for ids, mask in self.batches]
         return synced_now(device) - start, outputs
 
+    def counted_pass(self) -> dict[str, float | None]:
+        """``syncs_per_call`` / ``ops_per_call``: one untimed pass over all batches under ``HostSyncCounter``."""
+        models = [self.work.target, self.work.draft]
+        with HostSyncCounter(models, self.batches[0][0].device) as counter:
+            for ids, mask in self.batches:
+                self._decode(ids, mask)
+        calls = counter.calls(self.work.target)
+        if not calls:
+            return {"syncs_per_call": None, "ops_per_call": None}
+        return {"syncs_per_call": counter.syncs / calls, "ops_per_call": (counter.ops - counter.model_ops) / calls}
+
 
 def time_group(runners: list[Runner], repeats: int, warmup: int) -> list[tuple[list[float], list[DecodeOutput]]]:
     """Seconds of each timed pass and the first pass's outputs, per runner.
@@ -136,6 +152,11 @@ def time_group(runners: list[Runner], repeats: int, warmup: int) -> list[tuple[l
             seconds[i].append(elapsed)
             firsts[i] = firsts[i] or outputs
     return list(zip(seconds, firsts, strict=True))
+
+
+def count_group(runners: list[Runner]) -> list[dict[str, float | None]]:
+    """Host syncs and eager ops per target call of each runner (one counted pass each, after the timing)."""
+    return [runner.counted_pass() for runner in runners]
 
 
 def _joined(outputs: list[DecodeOutput]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -223,8 +244,9 @@ def run_grid(
             torch.manual_seed(seed)
             runners = [Runner(c, work, batches[c.batch_size], seed) for c in configs]
             hf = None
-            for config, (seconds, outputs) in zip(configs, time_group(runners, repeats, warmup), strict=True):
-                row = make_row(config, seconds, outputs, work)
+            timed = time_group(runners, repeats, warmup)
+            for config, (seconds, outputs), counts in zip(configs, timed, count_group(runners), strict=True):
+                row = make_row(config, seconds, outputs, work) | counts
                 if config.decoder == "hf_beam":
                     hf = _joined(outputs)
                 elif config.decoder not in SAMPLING and hf is not None:

@@ -7,7 +7,13 @@ A CUDA kernel launch returns at once; reading a value back does not: ``item``/``
 ``TorchDispatchMode`` (every aten op that runs inside it) plus wrappers of the ``Tensor`` methods that read values
 back without an aten op on CPU tensors (``tolist``, ``numpy``, ``cpu``: counted on CPU tensors too, as on a GPU
 they would be copies). It also counts every aten op (``ops``) and, with ``models`` given, the ops and syncs inside
-those models' forwards apart, so the decoder's own host work per target call is ``ops - model_ops``.
+those models' forwards apart, so the decoder's own host work per target call is ``ops - model_ops``. A model's
+``base_model`` body counts as the model (the decoders run a bf16 model's body and take float32 logits from its final
+hidden state themselves; that head is then the decoder's work): a forward is an outermost entry into either.
+
+On a device (``device=`` a CUDA device), only read-backs of device tensors count: host-resident tensors (the budget
+planner's statistics, a read-back's own result) cost nothing there. On a CPU run every tensor is on the host, so
+those count too: the CPU count is an upper bound.
 
 Used by the decoding tests (a limit per target call that can fail) and the benchmark's columns.
 """
@@ -15,6 +21,7 @@ Used by the decoding tests (a limit per target call that can fail) and the bench
 from __future__ import annotations
 
 import collections
+import functools
 from collections.abc import Iterable
 from contextlib import ExitStack
 
@@ -63,9 +70,10 @@ class HostSyncCounter(TorchDispatchMode):
     """``with HostSyncCounter(models=[target, draft]) as c: ...``; then ``c.syncs``, ``c.ops``, ``c.model_syncs``,
     ``c.model_ops``, ``c.calls(target)`` (forwards) and ``c.by_op`` (sync counts per op name, for finding them)."""
 
-    def __init__(self, models: Iterable[torch.nn.Module] = ()) -> None:
+    def __init__(self, models: Iterable[torch.nn.Module] = (), device: torch.device | str | None = None) -> None:
         super().__init__()
         self.models = list(models)
+        self.on_device = device is not None and torch.device(device).type != "cpu"
         self.syncs = self.ops = self.model_syncs = self.model_ops = 0
         self.by_op: collections.Counter[str] = collections.Counter()
         self.forwards: collections.Counter[int] = collections.Counter()
@@ -86,13 +94,22 @@ class HostSyncCounter(TorchDispatchMode):
         self.ops += 1
         if self._inside:
             self.model_ops += 1
-        if _reads_back(func, args, kwargs):
+        if _reads_back(func, args, kwargs) and self._touches_device(args):
             self._count_sync(str(func.overloadpacket.__name__))
         return func(*args, **kwargs)
 
-    def _enter_model(self, module, *_) -> None:
+    def _touches_device(self, args) -> bool:
+        """On a device run, whether any tensor among ``args`` lives on the device (else: always)."""
+        if not self.on_device:
+            return True
+        flat = [a for a in args if isinstance(a, torch.Tensor)]
+        flat += [t for a in args if isinstance(a, (list, tuple)) for t in a if isinstance(t, torch.Tensor)]
+        return any(t.device.type != "cpu" for t in flat)
+
+    def _enter_model(self, key: int, *_) -> None:
+        if not self._inside:  # a body inside its own model's forward is the same forward
+            self.forwards[key] += 1
         self._inside += 1
-        self.forwards[id(module)] += 1
 
     def calls(self, model: torch.nn.Module) -> int:
         """Forwards of ``model`` counted (one of ``models``)."""
@@ -106,7 +123,8 @@ class HostSyncCounter(TorchDispatchMode):
         counter = self
 
         def wrapped(tensor, *args, **kwargs):
-            counter._count_sync(name)
+            if not counter.on_device or tensor.device.type != "cpu":
+                counter._count_sync(name)
             counter._reading += 1
             try:
                 return original(tensor, *args, **kwargs)
@@ -118,8 +136,11 @@ class HostSyncCounter(TorchDispatchMode):
 
     def __enter__(self) -> HostSyncCounter:
         for model in self.models:
-            self._stack.enter_context(model.register_forward_pre_hook(self._enter_model))
-            self._stack.enter_context(model.register_forward_hook(self._leave_model, always_call=True))
+            body = getattr(model, "base_model", model)
+            for module in (model, body) if body is not model else (model,):
+                enter = functools.partial(self._enter_model, id(model))
+                self._stack.enter_context(module.register_forward_pre_hook(enter))
+                self._stack.enter_context(module.register_forward_hook(self._leave_model, always_call=True))
         for name in ("tolist", "numpy", "cpu"):  # counted on CPU tensors too: on a GPU they would be copies
             self._wrap_method(name)
         return super().__enter__()

@@ -73,6 +73,8 @@ COLUMNS = (
     ("drafts", "draft_calls_per_list", 6, ".2f"),
     ("acc", "mean_accepted_depth", 5, ".2f"),
     ("draft%", "draft_pct", 6, ".0f"),
+    ("sync", "syncs_per_call", 5, ".2f"),  # host syncs per target call (one counted pass, untimed)
+    ("ops", "ops_per_call", 5, ".0f"),  # eager aten ops per target call outside the models
     ("=HF", "equals_hf", 4, "s"),
 )
 

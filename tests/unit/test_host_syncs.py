@@ -53,6 +53,15 @@ def test_model_forwards_are_counted_apart() -> None:
     assert counter.model_ops > 0 and counter.ops - counter.model_ops < 10
 
 
+def test_a_bf16_models_body_counts_as_its_forward() -> None:
+    """The decoders run a bf16 model's body and take float32 logits themselves: still one forward of the model."""
+    model = tiny_llama(40, seed=0).to(torch.bfloat16)
+    with HostSyncCounter([model]) as counter:
+        model(input_ids=torch.tensor([[5, 6, 7]]))  # the whole model: its body inside is the same forward
+        model.base_model(input_ids=torch.tensor([[5, 6, 7]]))  # the body alone
+    assert counter.calls(model) == 2 and counter.model_ops > 0
+
+
 def _syncs_per_call(name: str, target, draft, trie, prompts, settings: DecodeSettings) -> float:
     decoder = BoundDecoder(name, target, trie, settings, draft=draft)
     input_ids, mask = left_pad(prompts)
