@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 import time
 from pathlib import Path
@@ -25,6 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from atspeed.bench.report import write_json
 from atspeed.bench.workload import Workload, load_workload
 from atspeed.decoding.decoders import BoundDecoder
 from atspeed.decoding.settings import DecodeSettings
@@ -119,8 +119,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{r['K']:>3} {r['lists']:>6} {100 * r['draft_differs']:>14.1f}% {gap:>8} "
               f"{100 * r['self_differs']:>13.1f}% {r['self_calls_per_list']:>10.2f}")  # fmt: skip
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        write_json(args.out, result)
     return result
 
 

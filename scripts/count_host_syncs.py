@@ -10,7 +10,6 @@ shared header, then counts the second inside the decoder (``atspeed.bench.host_s
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -20,6 +19,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "unit")]
 from decoding_helpers import left_pad, speculative_world  # noqa: E402
 
 from atspeed.bench.host_syncs import HostSyncCounter  # noqa: E402
+from atspeed.bench.report import write_json  # noqa: E402
 from atspeed.decoding.decoders import BoundDecoder  # noqa: E402
 from atspeed.decoding.settings import DecodeSettings  # noqa: E402
 
@@ -58,8 +58,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 print(f"{k:>3} {n:>3} {gamma:>5} {name:20} {batch:>5} {row['syncs_per_call']:>10.2f} "
                       f"{row['ops_per_call']:>8.0f}")  # fmt: skip
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(rows, indent=2) + "\n")
+        write_json(args.out, rows)
     return rows
 
 
