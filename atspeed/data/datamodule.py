@@ -40,12 +40,8 @@ class Prepared:
     index: ItemIndex
     tokenizer: PreTrainedTokenizerBase
     item_token_ids: torch.Tensor  # [I, L]
-    trie: PrefixTrie  # on the CPU; the stages decode with ``trie_on(their device)``
+    trie: PrefixTrie  # on the CPU; the stages decode with ``trie.on(their device)`` (a copy per device, kept)
     encoder: PromptEncoder
-
-    def trie_on(self, device: torch.device | str) -> PrefixTrie:
-        """The trie on ``device``: moved there on first use, then kept (with its mask table) for every batch."""
-        return self.trie.on(device)
 
 
 @dataclass

@@ -52,20 +52,20 @@ Decoder = Callable[["BoundDecoder", torch.Tensor, torch.Tensor, torch.Generator 
 
 
 def _beam(d: BoundDecoder, input_ids, attention_mask, generator) -> DecodeOutput:
-    s, trie = d.settings, d._trie_on(input_ids.device)
+    s, trie = d.settings, d.trie.on(input_ids.device)
     return beam_search(d.target, input_ids, attention_mask, trie, s.num_beams, s.levels, header=d.header,
                        synced_clock=d.synced_clock)  # fmt: skip
 
 
 def _beam_sample(d: BoundDecoder, input_ids, attention_mask, generator) -> DecodeOutput:
-    s, trie = d.settings, d._trie_on(input_ids.device)
+    s, trie = d.settings, d.trie.on(input_ids.device)
     return beam_search(d.target, input_ids, attention_mask, trie, s.num_beams, s.levels, sample=True,
                        generator=generator, header=d.header, synced_clock=d.synced_clock)  # fmt: skip
 
 
 def _spec(verify, sample: bool) -> Decoder:
     def run(d: BoundDecoder, input_ids, attention_mask, generator) -> DecodeOutput:
-        s, trie = d.settings, d._trie_on(input_ids.device)
+        s, trie = d.settings, d.trie.on(input_ids.device)
         if d.planner is not None and d.planner.beam_list(s.levels):  # the plan is beam steps for the whole list
             out = beam_search(d.target, input_ids, attention_mask, trie, s.num_beams, s.levels, sample=sample,
                               generator=generator, header=d.header, synced_clock=d.synced_clock)  # fmt: skip
@@ -81,7 +81,7 @@ def _spec(verify, sample: bool) -> Decoder:
 
 def _hf(d: BoundDecoder, input_ids, attention_mask, generator) -> DecodeOutput:
     s = d.settings
-    trie = d._trie_on(torch.device("cpu"))  # generate asks it for each beam's allowed tokens as Python lists
+    trie = d.trie.on(torch.device("cpu"))  # generate asks it for each beam's allowed tokens as Python lists
     return hf_generate(d.target, input_ids, attention_mask, trie, s.num_beams, s.levels, s.pad_token_id)
 
 
@@ -125,11 +125,7 @@ def check_prompts(input_ids: torch.Tensor, mask: torch.Tensor, bad: int | None =
     inner padding, would shift the positions and the last-token logits). ``bad``: ``prompt_faults`` already read
     back (the bound decoder reads it with the header's length in one host sync); read here otherwise. The message is
     built only on failure."""
-    if input_ids.ndim != 2 or mask.shape != input_ids.shape:
-        raise ValueError(f"prompts must be [B, P] with a mask of the same shape, got {tuple(input_ids.shape)} and "
-                         f"{tuple(mask.shape)}")  # fmt: skip
-    if not input_ids.shape[1]:
-        raise ValueError(f"request 0 of the batch has an empty prompt ({len(input_ids)} empty in all)")
+    check_prompt_shapes(input_ids, mask)
     if (int(prompt_faults(mask)) if bad is None else bad) == 0:
         return
     m = mask.bool()  # the failure path may read back freely
@@ -141,6 +137,15 @@ def check_prompts(input_ids: torch.Tensor, mask: torch.Tensor, bad: int | None =
         f"request {right[0]} of the batch is not left-padded (its attention mask has a 0 after a 1; "
         f"{len(right)} such rows in all): pad prompts on the left"
     )
+
+
+def check_prompt_shapes(input_ids: torch.Tensor, mask: torch.Tensor) -> None:
+    """Prompts [B, P] with P > 0 and a mask of the same shape (no read-back)."""
+    if input_ids.ndim != 2 or mask.shape != input_ids.shape:
+        raise ValueError(f"prompts must be [B, P] with a mask of the same shape, got {tuple(input_ids.shape)} and "
+                         f"{tuple(mask.shape)}")  # fmt: skip
+    if not input_ids.shape[1]:
+        raise ValueError(f"request 0 of the batch has an empty prompt ({len(input_ids)} empty in all)")
 
 
 def prompt_faults(mask: torch.Tensor) -> torch.Tensor:
@@ -175,7 +180,7 @@ class BoundDecoder:
     from one generator across calls (seeded from ``settings.seed`` unless given). With ``budget="auto"`` the first
     speculative call measures the cost model (``costs.forward_costs``, after its first prompt) and the planner then
     keeps what every later call accepted (``adaptive``). The trie may live on any device: each call decodes with a
-    copy on its prompts' device, made once per device (``_trie_on``). A model whose attention implementation
+    copy on its prompts' device, made once per device (``PrefixTrie.on``). A model whose attention implementation
     cannot read the 4D tree mask is switched to ``sdpa`` here (``check_attention``).
     """
 
@@ -206,7 +211,7 @@ class BoundDecoder:
 
     def _check_batch(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
         """Check the prompts and let the header learn from them: one host sync per batch for both."""
-        check_prompts(input_ids, attention_mask, bad=0)  # shapes only
+        check_prompt_shapes(input_ids, attention_mask)
         facts = [prompt_faults(attention_mask)]
         if self.header is not None:
             facts.append(self.header.common_length(input_ids, attention_mask))
@@ -214,10 +219,6 @@ class BoundDecoder:
         check_prompts(input_ids, attention_mask, bad=values[0])
         if self.header is not None:
             self.header.shrink(values[1], input_ids.shape[0])
-
-    def _trie_on(self, device: torch.device) -> PrefixTrie:
-        """The trie on ``device``: moved there on first use, then kept (its mask table included; ``PrefixTrie.on``)."""
-        return self.trie.on(device)
 
     def _plan(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
         """With budget auto, build the planner on the first batch (cost model measured after its first prompt)."""

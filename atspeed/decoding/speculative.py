@@ -55,15 +55,19 @@ class _Seen:
     draft_unfed: list[int]  # tokens the draft has not fed yet
     needed: torch.Tensor | None  # [B, G] for the budget planner (host)
 
-    def going(self, levels: int) -> list[bool]:
-        return [d < levels for d in self.depth]
+    levels: int  # L: a row with depth >= L is finished
 
-    def widest(self, values: list[int], levels: int) -> int:
+    @functools.cached_property
+    def going(self) -> list[bool]:
+        """Per row: still decoding."""
+        return [d < self.levels for d in self.depth]
+
+    def widest(self, values: list[int]) -> int:
         """The largest of ``values`` over the rows still decoding."""
-        return max((v for v, go in zip(values, self.going(levels), strict=True) if go), default=0)
+        return max((v for v, go in zip(values, self.going, strict=True) if go), default=0)
 
 
-def _read_back(t_beams: BeamState, d_beams: BeamState, verdict: Verdict, tree: TokenTree, need) -> _Seen:
+def _read_back(t_beams: BeamState, d_beams: BeamState, verdict: Verdict, tree: TokenTree, need, levels: int) -> _Seen:
     """One device-to-host copy of everything the next iteration and the counters need."""
     b = t_beams.depth.shape[0]
     columns = [
@@ -74,7 +78,7 @@ def _read_back(t_beams: BeamState, d_beams: BeamState, verdict: Verdict, tree: T
     values = flat.tolist()  # the call's one host sync
     per_row = [values[i * b : (i + 1) * b] for i in range(len(columns))]
     host_need = torch.tensor(values[len(columns) * b :]).view(b, -1) if need is not None else None
-    return _Seen(*per_row, needed=host_need)
+    return _Seen(*per_row, needed=host_need, levels=levels)
 
 
 @dataclass
@@ -171,7 +175,7 @@ class _Loop:
         seen = self.seen
         if seen is None:
             return levels
-        going = seen.going(levels)
+        going = seen.going
         if not all(going):
             self.rows, (self.t_beams, self.d_beams) = _retire(
                 sum(going), levels, self.rows, (self.t_beams, self.d_beams), self.caches, out
@@ -179,9 +183,9 @@ class _Loop:
             self.host_rows = [r for r, go in zip(self.host_rows, going, strict=True) if go]
         if not self.host_rows:
             return 0
-        self.t_beams = _compact(self.caches[0], self.t_beams, seen.widest(seen.target_kept, levels))
+        self.t_beams = _compact(self.caches[0], self.t_beams, seen.widest(seen.target_kept))
         if self.prefilled:
-            self.d_beams = _compact(self.caches[1], self.d_beams, seen.widest(seen.draft_kept, levels))
+            self.d_beams = _compact(self.caches[1], self.d_beams, seen.widest(seen.draft_kept))
         return levels - min(d for d, go in zip(seen.depth, going, strict=True) if go)
 
     def draft_prefill(self, draft: torch.nn.Module, prompts: Prompts) -> torch.Tensor:
@@ -242,7 +246,7 @@ def speculative_decode(
         tree, table = draft_tree(
             draft, loop.caches[1], loop.d_beams, trie, draft_beams, g, select, keep_distributions=sample,
             root_logits=root_logits if first else None,
-            longest_unfed=loop.seen.widest(loop.seen.draft_unfed, levels) if loop.seen else 0,
+            longest_unfed=loop.seen.widest(loop.seen.draft_unfed) if loop.seen else 0,
         )  # fmt: skip
         tree = within_budget(tree, m, by_score=not sample)
         clock.switch("verify")
@@ -257,7 +261,7 @@ def speculative_decode(
         clock.switch("other")
         t_beams, loop.d_beams = _advance(loop.t_beams, loop.d_beams, verdict, table, node_visible, g, trie)
         need = needed(tree, verdict, not sample) if planner is not None and g else None
-        loop.t_beams, loop.seen = t_beams, _read_back(t_beams, loop.d_beams, verdict, tree, need)
+        loop.t_beams, loop.seen = t_beams, _read_back(t_beams, loop.d_beams, verdict, tree, need, levels)
         count.record(loop.host_rows, drafts, loop.seen, drafted=g > 0)
         if need is not None:  # a beam step always gains one token: nothing to learn
             accepted = torch.tensor(loop.seen.accepted)

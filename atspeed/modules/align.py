@@ -166,7 +166,7 @@ class Align(pl.LightningModule):
             )
         if hp.draft_init is not None:
             check_same_identifiers(hp.target, hp.draft_init, "model.draft_init")
-        self.codes = level_codes(prepared.trie_on("cpu"))  # [L, C]
+        self.codes = level_codes(prepared.trie.on("cpu"))  # [L, C]
         level_masks = torch.zeros(prepared.index.levels, len(prepared.tokenizer), dtype=torch.bool)
         level_masks.scatter_(1, self.codes.clamp(min=0), self.codes >= 0)
         try:
@@ -209,7 +209,7 @@ class Align(pl.LightningModule):
 
     def _teaching(self, batch: dict) -> Teaching:
         """The batch's beams and the target's distributions along them, per ``teacher`` (the module docstring)."""
-        hp, trie, codes = self.hparams, self.dm.prepared.trie_on(self.device), self._codes()
+        hp, trie, codes = self.hparams, self.dm.prepared.trie.on(self.device), self._codes()
         data = self._cached(batch["request_ids"])
         beams, scores, truth = data["beams"], data["scores"], data["truth"]
         ids, mask = batch["input_ids"], batch["attention_mask"]
@@ -292,7 +292,7 @@ class Align(pl.LightningModule):
         settings = DecodeSettings(hp.num_beams, prepared.index.levels, hp.draft_beams, hp.gamma, seed=hp.seed)
         measured = speed_metrics(
             self._target(), self.validation_draft.model, batch["input_ids"], batch["attention_mask"],
-            prepared.trie_on(self.device), settings, self.generator,
+            prepared.trie.on(self.device), settings, self.generator,
         )  # fmt: skip
         size = batch["input_ids"].shape[0]
         for name, value in measured.items():

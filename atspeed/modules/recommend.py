@@ -139,7 +139,7 @@ class Recommender(pl.LightningModule):
     def on_predict_start(self) -> None:
         hp = self.hparams
         generator = torch.Generator(device=self.device).manual_seed(hp.seed)
-        trie = self.dm.prepared.trie_on(self.device)
+        trie = self.dm.prepared.trie.on(self.device)
         self.decoder = BoundDecoder(hp.decoder, self.target_model, trie, self.settings, self.draft_model, generator)
         if hp.compare_beam:
             self.beam = BoundDecoder("beam", self.target_model, trie, self.settings)
@@ -162,7 +162,7 @@ class Recommender(pl.LightningModule):
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
         prepared = self.dm.prepared
         out = self._decode(batch)
-        items = prepared.trie_on(out.sequences.device).lookup(out.sequences).cpu()  # [B, K]
+        items = prepared.trie.on(out.sequences.device).lookup(out.sequences).cpu()  # [B, K]
         self.metrics.update_lists(items, batch["targets"], batch["request_ids"])
         return prediction_rows(batch["request_ids"], items, out.scores.cpu(), batch["targets"], prepared.index)
 

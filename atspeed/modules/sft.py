@@ -130,7 +130,7 @@ class SFT(pl.LightningModule):
         prepared = self.dm.prepared
         levels = prepared.index.levels
         settings = DecodeSettings(num_beams=max(self.hparams.eval_ks), levels=levels)
-        trie = prepared.trie_on(batch["input_ids"].device)
+        trie = prepared.trie.on(batch["input_ids"].device)
         out = decode("beam", self.model, batch["input_ids"], batch["attention_mask"], trie, settings)
         return trie.lookup(out.sequences).cpu(), out.scores.cpu()
 

@@ -91,7 +91,7 @@ class Teacher(pl.LightningModule):
         prepared = self.dm.prepared
         truth = prepared.item_token_ids[torch.tensor([t[0] for t in batch["targets"]])].to(self.device)  # [B, L]
         out = teacher_targets(
-            self.target_model, batch["input_ids"], batch["attention_mask"], truth, prepared.trie_on(self.device),
+            self.target_model, batch["input_ids"], batch["attention_mask"], truth, prepared.trie.on(self.device),
             self.hparams.beams, top_k=self.hparams.top_k, dtype=torch.float16, distributions=self.hparams.distributions,
         )  # fmt: skip
         names = STORED if self.hparams.distributions else SEQUENCES

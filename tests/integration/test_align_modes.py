@@ -14,6 +14,7 @@ import torch
 from atspeed.cli import main
 from atspeed.data.teacher_store import MANIFEST, TeacherStore, teacher_fingerprint
 from atspeed.modules.align import GENERATOR_KEY
+from tests.integration.test_bad_input import fails
 from tests.integration.tiny_data import align_args, teacher_args
 
 QUICK = ["--trainer.limit_val_batches", "0", "--trainer.log_every_n_steps", "1"]
@@ -22,16 +23,6 @@ QUICK = ["--trainer.limit_val_batches", "0", "--trainer.log_every_n_steps", "1"]
 def _rows(out: Path) -> list[dict[str, str]]:
     (log,) = out.glob("logs/version_*/metrics.csv")
     return list(csv.DictReader(log.read_text().splitlines()))
-
-
-def _fails(args: list[str], capsys) -> str:
-    """The CLI exits 2 with one ``error:`` line (as in test_bad_input); return that line."""
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_info:
-        main(["fit", *args])
-    assert exit_info.value.code == 2
-    (line,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
-    return line
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +94,7 @@ def test_teacher_data_without_distributions(exported, teacher_data, tmp_path, ca
     assert json.loads((beams_only / MANIFEST).read_text())["fingerprint"]["settings"]["distributions"] is False
     store = TeacherStore(beams_only, teacher_fingerprint(exported[1], beams_only))
     assert store.keys == {"sample_id", "beams", "scores", "truth"} and set(store[0]) == store.keys
-    err = _fails(align_args(exported, beams_only, tmp_path / "cached"), capsys)
+    err = fails(align_args(exported, beams_only, tmp_path / "cached"), capsys)
     assert "model.teacher" in err and "recompute or on_policy" in err
     assert not (tmp_path / "cached" / "checkpoints").exists()
     run = tmp_path / "recompute"
@@ -128,5 +119,5 @@ def test_teacher_data_without_distributions(exported, teacher_data, tmp_path, ca
     ],
 )
 def test_bad_teacher_mode_settings(exported, teacher_data, tmp_path, capsys, extra, message) -> None:
-    err = _fails(align_args(exported, teacher_data, tmp_path / "run", *extra), capsys)
+    err = fails(align_args(exported, teacher_data, tmp_path / "run", *extra), capsys)
     assert message in err

@@ -14,6 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from atspeed.cli import main
+from tests.integration.test_bad_input import fails
 from tests.integration.tiny_data import align_args, teacher_args
 
 QUICK = ["--trainer.limit_val_batches", "0", "--trainer.log_every_n_steps", "1"]
@@ -39,16 +40,6 @@ def _train(exported, teacher_dir: Path, out: Path, loss: str, steps: int = 2) ->
     return [{k: float(v) for k, v in r.items() if k.startswith("train/") and v} for r in rows if r.get("train/loss")]
 
 
-def _fails(args: list[str], capsys) -> str:
-    """The CLI exits 2 with one ``error:`` line (as in test_bad_input); return that line."""
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_info:
-        main(["fit", *args])
-    assert exit_info.value.code == 2
-    (line,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
-    return line
-
-
 def test_seq_kd_on_top_2_teacher_data_is_the_loss_on_full_data(exported, teacher_data, truncated, tmp_path) -> None:
     """seq_kd reads only the beams, which truncation keeps: the same losses, step for step (before: inf, the cut
     codes taken for forbidden ones, some beams' own tokens among them)."""
@@ -67,7 +58,7 @@ def test_top_1_teacher_data_still_trains(exported, truncated, tmp_path, loss: st
 
 
 def test_reverse_kl_losses_refuse_truncated_teacher_data(exported, truncated, tmp_path, capsys) -> None:
-    err = _fails(align_args(exported, truncated[2], tmp_path / "run"), capsys)  # the config's loss: atspeed_s
+    err = fails(align_args(exported, truncated[2], tmp_path / "run"), capsys)  # the config's loss: atspeed_s
     assert err.startswith(f"error: {truncated[2]}: teacher data truncated to the target's top 2 codes")
     assert "model.loss atspeed_s" in err and "model.teacher recompute" in err
     assert not (tmp_path / "run" / "checkpoints").exists()
@@ -75,7 +66,7 @@ def test_reverse_kl_losses_refuse_truncated_teacher_data(exported, truncated, tm
 
 def test_atspeed_s_with_a_top_1_support_is_refused(exported, teacher_data, tmp_path, capsys) -> None:
     """A support of one code: zero loss and zero gradient at every position (before: trained on nothing)."""
-    err = _fails(
+    err = fails(
         align_args(exported, teacher_data, tmp_path / "run", "--model.init_args.loss_options.top_k", "1"), capsys
     )
     assert "model.loss_options.top_k = 1 with model.loss atspeed_s" in err
@@ -93,6 +84,6 @@ def test_an_edited_teacher_shard_is_refused_naming_it(exported, teacher_data, tm
         meta, tensors = handle.metadata(), {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
     tensors["scores"][0, 0] += 1.0
     save_file(tensors, str(shard), metadata=meta)
-    err = _fails(align_args(exported, copy, tmp_path / "run"), capsys)
+    err = fails(align_args(exported, copy, tmp_path / "run"), capsys)
     assert err.startswith(f"error: {shard}: its sha256 differs from the one manifest.json recorded")
     assert not (tmp_path / "run" / "checkpoints").exists()
