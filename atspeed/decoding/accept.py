@@ -7,11 +7,11 @@ per call (``speculative``).
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
 
+from atspeed.decoding import constants
 from atspeed.decoding.adaptive import needed_budgets
 from atspeed.decoding.beam import BeamState, candidates
 from atspeed.decoding.draft_tree import NodeTable, TokenTree
@@ -41,38 +41,42 @@ def decide(
     verify_level: VerifyLevel,
     generator: torch.Generator | None,
 ) -> Verdict:
-    """Walk the tree's G levels and the bonus level with ``verify_level``; a row stops at its first rejection."""
+    """Walk the tree's G levels and the bonus level with ``verify_level``; a row stops at its first rejection.
+
+    Every row walks all G + 1 levels (a row that stopped goes on with meaningless beams, never read): the verdict
+    is gathered at each row's stopping level once, after the walk."""
     b, k = beams.scores.shape
-    remaining = levels - beams.depth  # [B]
-    reachable = remaining.clamp(max=tree.levels)
-    current = torch.arange(k, device=logits.device).expand(b, k)
+    reachable = (levels - beams.depth).clamp(max=tree.levels)  # [B]
+    current = constants.arange(k, logits.device).expand(b, k)
     scores, trie_states = beams.scores, beams.trie_states
-    active = torch.ones(b, dtype=torch.bool, device=logits.device)
-    verdict = Verdict(torch.zeros_like(remaining), current, torch.zeros_like(current), scores, ~active)
-    chosen: list[torch.Tensor] = []
+    at: dict[str, list[torch.Tensor]] = {"ok": [], "current": [], "scores": [], "parents": [], "tokens": [],
+                                         "stop_scores": []}  # fmt: skip
     for g in range(1, tree.levels + 2):  # fixed count: no row's progress is read back
-        node_logits = logits.gather(1, current[..., None].expand(b, k, logits.shape[2]))  # [B, K, V]
+        node_logits = logits.gather(1, current.unsqueeze(2).expand(b, k, logits.shape[2]))  # [B, K, V]
         cand = candidates(node_logits, scores, trie_states, trie)
-        d = verify_level(LevelInput(cand, current, g, active & (g <= reachable), tree, generator))
-        ok = active & d.ok
-        stop = (active & ~ok)[:, None]  # [B, 1]
-        complete = stop[:, 0] & (remaining == g - 1)  # [B] nothing left to choose
-        full = complete[:, None]
-        verdict = Verdict(
-            accepted=torch.where(stop[:, 0], g - 1, verdict.accepted),
-            nodes=torch.where(stop, torch.where(full, current, current.gather(1, d.stop_parents)), verdict.nodes),
-            tokens=torch.where(stop, d.stop_tokens, verdict.tokens),
-            scores=torch.where(stop, torch.where(full, scores, d.stop_scores), verdict.scores),
-            complete=verdict.complete | complete,
-        )
-        keep = ok[:, None]
-        if g <= tree.levels:
-            chosen.append(d.next_nodes)
-        current = torch.where(keep, d.next_nodes, current)
-        scores = torch.where(keep, d.next_scores, scores)
-        trie_states = torch.where(keep, table.trie_states.gather(1, current), trie_states)
-        active = ok
-    return dataclasses.replace(verdict, chosen=tuple(chosen))
+        d = verify_level(LevelInput(cand, current, g, g <= reachable, tree, generator))
+        for key, value in (("ok", d.ok), ("current", current), ("scores", scores), ("parents", d.stop_parents),
+                           ("tokens", d.stop_tokens), ("stop_scores", d.stop_scores)):  # fmt: skip
+            at[key].append(value)
+        current, scores = d.next_nodes, d.next_scores
+        trie_states = table.trie_states.gather(1, current)
+    # the stopping level: the first rejection (the bonus level never accepts)
+    accepted = (~torch.stack(at["ok"], 1)).int().argmax(1)  # [B]
+    pick = accepted.view(b, 1, 1).expand(b, 1, k)
+    current, scores, parents, tokens, stop_scores = (
+        torch.stack(at[key], 1).gather(1, pick).squeeze(1)
+        for key in ("current", "scores", "parents", "tokens", "stop_scores")
+    )
+    complete = accepted == levels - beams.depth  # [B] nothing left to choose
+    full = complete.unsqueeze(1)
+    return Verdict(
+        accepted=accepted,
+        nodes=torch.where(full, current, current.gather(1, parents)),
+        tokens=tokens,
+        scores=torch.where(full, scores, stop_scores),
+        complete=complete,
+        chosen=tuple(at["current"][1 : tree.levels + 1]),
+    )
 
 
 def beam_step(logits: torch.Tensor, beams: BeamState, trie: PrefixTrie, select) -> Verdict:

@@ -16,11 +16,13 @@ cumulative scores (Gumbel top-k).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
 
+from atspeed.decoding import constants
 from atspeed.decoding.tree_attention import forward_tree
 from atspeed.items.trie import PrefixTrie
 
@@ -89,11 +91,10 @@ def ordered_keys(cand: torch.Tensor) -> torch.Tensor:
     exact ties common; one ``topk`` over these keys breaks every tie by the lower flattened index, i.e. the lower
     (beam, token id), wherever it runs. Float32 bits map to integers of the same order; the index fills the low bits.
     """
-    bits = cand.float().view(torch.int32).long()
-    ordered = torch.where(bits < 0, -(bits & 0x7FFFFFFF), bits)  # monotone in the float's value; -0.0 = +0.0
+    bits = (cand.float() + 0.0).view(torch.int32)  # + 0.0 turns -0.0 into +0.0
+    ordered = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).long()  # monotone in the float's value (negatives flipped)
     shift = max(cand.shape[1] - 1, 1).bit_length()
-    position = torch.arange(cand.shape[1], device=cand.device)
-    return (ordered << shift) | ((1 << shift) - 1 - position)
+    return (ordered << shift) | constants.countdown(cand.shape[1], cand.device)
 
 
 def select_top(cand: torch.Tensor, width: int, vocab: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -160,25 +161,36 @@ def feed(
     decoders always do), saves reading it back from the device.
     """
     b, w, capacity = state.sequences.shape
-    s = state.visible.shape[2]
     device = state.sequences.device
     unfed = state.depth - state.fed  # [B]
     r = max(int(unfed.max()) if longest is None else longest, 1)
-    steps = torch.arange(r, device=device)
-    valid = steps[None, :] < unfed[:, None]  # [B, R]
-    column = (state.fed[:, None] + steps[None, :]).clamp(max=capacity - 1)  # [B, R]
+    if r == 1:  # the draft's later steps: one token per beam, each beam's own chain is itself
+        tokens = state.sequences.gather(2, state.fed.clamp(max=capacity - 1)[:, None, None].expand(b, w, 1))
+        positions = (state.prompt_lengths + state.fed)[:, None].expand(b, w)
+        seen = constants.eye(w, device) & (unfed > 0)[:, None, None]  # [B, W, W]
+        logits = forward_tree(model, cache, tokens.view(b, w), positions, state.visible, seen)  # [B, W, V]
+        return logits, dataclasses.replace(state, visible=torch.cat([state.visible, seen], dim=2), fed=state.depth)
+    steps = constants.arange(r, device)
+    valid = steps < unfed[:, None]  # [B, R]
+    column = (state.fed[:, None] + steps).clamp(max=capacity - 1)  # [B, R]
     tokens = state.sequences.gather(2, column[:, None, :].expand(b, w, r)).reshape(b, w * r)
-    positions = (state.prompt_lengths[:, None] + state.fed[:, None] + steps[None, :])[:, None, :].expand(b, w, r)
+    positions = ((state.prompt_lengths + state.fed)[:, None] + steps)[:, None, :].expand(b, w, r)
     node_valid = valid[:, None, :].expand(b, w, r).reshape(b, w * r)  # [B, Q]
-    past = (state.visible[:, :, None, :] & valid[:, None, :, None]).reshape(b, w * r, s)
-    # node (w, r) attends (w, r') for r' <= r: its own chain
-    same_beam = torch.eye(w, dtype=torch.bool, device=device)[:, None, :, None]
-    chain = torch.ones(r, r, dtype=torch.bool, device=device).tril()[None, :, None, :]
-    tree = (same_beam & chain).reshape(w * r, w * r)[None] & node_valid[:, :, None] & node_valid[:, None, :]
+    past = (state.visible[:, :, None, :] & valid[:, None, :, None]).reshape(b, w * r, -1)
+    # node (w, r) attends (w, r') for r' <= r: its own chain (which holds itself)
+    tree = chains(w, r, device)[None] & node_valid[:, :, None] & node_valid[:, None, :]
     logits = forward_tree(model, cache, tokens, positions.reshape(b, w * r), past, tree)  # [B, Q, V]
-    last = torch.arange(w, device=device)[None, :] * r + (unfed - 1).clamp(min=0)[:, None]  # [B, W]
+    last = constants.arange(w, device)[None, :] * r + (unfed - 1).clamp(min=0)[:, None]  # [B, W]
     out = logits.gather(1, last[..., None].expand(b, w, logits.shape[2]))
-    own = tree | torch.eye(w * r, dtype=torch.bool, device=device)[None]
-    seen = own.gather(1, last[..., None].expand(b, w, w * r)) & (unfed > 0)[:, None, None]  # [B, W, Q]
-    fed = dataclasses.replace(state, visible=torch.cat([state.visible, seen], dim=2), fed=state.depth.clone())
-    return out, fed
+    seen = chains(w, r, device)[None].expand(b, -1, -1).gather(1, last[..., None].expand(b, w, w * r))
+    seen = seen & (unfed > 0)[:, None, None]  # [B, W, Q]
+    return out, dataclasses.replace(state, visible=torch.cat([state.visible, seen], dim=2), fed=state.depth)
+
+
+@functools.lru_cache(maxsize=64)
+def chains(w: int, r: int, device: torch.device) -> torch.Tensor:
+    """[W * R, W * R] bool: node (w, r) attends (w, r') for r' <= r (a shared constant: never write into it)."""
+    with torch.inference_mode(False):
+        same_beam = torch.eye(w, dtype=torch.bool, device=device)[:, None, :, None]
+        chain = torch.ones(r, r, dtype=torch.bool, device=device).tril()[None, :, None, :]
+        return (same_beam & chain).reshape(w * r, w * r)

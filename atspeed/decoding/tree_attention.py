@@ -19,6 +19,8 @@ import weakref
 import torch
 from transformers import DynamicCache
 
+from atspeed.decoding import constants
+
 log = logging.getLogger(__name__)
 
 TREE_ATTENTION = ("sdpa", "eager", "flex_attention")  # the implementations that read a 4D float mask as given
@@ -106,8 +108,7 @@ def forward_tree(
     ``past`` [B, Q, S] and ``tree`` [B, Q, Q] (bool) say what each node attends. Returns float32 logits [B, Q, V], or
     of the last ``keep`` nodes only when ``keep`` > 0.
     """
-    diagonal = torch.eye(tokens.shape[1], dtype=torch.bool, device=tokens.device)[None]
-    allowed = torch.cat([past, tree | diagonal], dim=2)  # [B, Q, S + Q]
+    allowed = torch.cat([past, tree | constants.eye(tokens.shape[1], tokens.device)], dim=2)  # [B, Q, S + Q]
     return run_model(
         model, keep, input_ids=tokens, attention_mask=float_mask(allowed, model_dtype(model)), position_ids=positions,
         past_key_values=cache,
@@ -133,9 +134,9 @@ def prefill(
     """
     real = attention_mask.bool()  # [B, P]
     b, p = input_ids.shape
-    causal = torch.ones(p, p, dtype=torch.bool, device=input_ids.device).tril()
+    causal = constants.tril(p, input_ids.device)
     allowed = causal[None] & real[:, None, :]  # [B, P, P]; pad rows keep their diagonal (see forward_tree)
-    allowed |= torch.eye(p, dtype=torch.bool, device=input_ids.device)[None]
+    allowed |= constants.eye(p, input_ids.device)
     allowed = torch.cat([real.new_ones(b, p, past), allowed], dim=2)
     return run_model(
         model, 1, input_ids=input_ids, attention_mask=float_mask(allowed, model_dtype(model)),

@@ -24,7 +24,8 @@ import torch
 
 Rule = Literal["exact", "per_position"]
 RULES: tuple[Rule, ...] = ("exact", "per_position")
-DENSE_MASK_LIMIT = 1 << 26  # states x identifier-span booleans (64 MiB) up to which masks come from a precomputed table
+DENSE_MASK_LIMIT = 1 << 25  # (states + 1) x (identifier span + 2) int32 entries (128 MiB) up to which masks and
+# transitions come from a precomputed table
 
 
 @dataclass(frozen=True)
@@ -182,7 +183,10 @@ class PrefixTrie:
         EOS after a complete identifier (when ``eos_token_id`` is set) keeps the state, so finished beams can
         be advanced with EOS padding. Runs on the states' device (the trie follows them: ``on``).
         """
-        g = self.on(states.device).graph
+        trie = self.on(states.device)
+        if trie._table is not None:
+            return trie._dense_advance(trie._table, states, tokens)
+        g = trie.graph
         nxt = _step(g.keys, g.child_state, states, tokens, self.vocab_size)
         if self.eos_token_id is not None:
             at_leaf = (states >= 0) & (g.depth[states.clamp(min=0)] == self.levels) & (tokens == self.eos_token_id)
@@ -202,16 +206,37 @@ class PrefixTrie:
 
     @functools.cached_property
     def _table(self) -> torch.Tensor | None:
-        """Every state's mask over the identifier span [S, hi - lo] (EOS apart), when that fits in
-        ``DENSE_MASK_LIMIT`` booleans: a LLaMA-sized vocabulary costs only its identifier columns."""
+        """Every state's next state by every identifier-span token, plus an EOS and a "none" column: int32
+        [S + 1, hi - lo + 2] (-1: not allowed), when that fits in ``DENSE_MASK_LIMIT`` entries; row S, where a dead
+        state (-1) lands through ``remainder``, is all -1. Masks and transitions are then one gather each (a
+        LLaMA-sized vocabulary costs only its identifier columns)."""
         lo, hi = self.span
-        if self.num_states * (hi - lo) > DENSE_MASK_LIMIT:
+        s, width = self.num_states, hi - lo + 2
+        if (s + 1) * width > DENSE_MASK_LIMIT:
             return None
         g = self.graph
-        table = torch.zeros(self.num_states, hi - lo, dtype=torch.bool, device=self.device)
-        parents = torch.repeat_interleave(torch.arange(self.num_states, device=self.device), g.child_ptr.diff())
-        table[parents, g.child_token - lo] = True
+        table = torch.full((s + 1, width), -1, dtype=torch.int32, device=self.device)
+        parents = torch.repeat_interleave(torch.arange(s, device=self.device), g.child_ptr.diff())
+        table[parents, g.child_token - lo] = g.child_state.int()
+        if self.eos_token_id is not None:  # EOS after a complete identifier keeps the state
+            leaves = (g.depth == self.levels).nonzero().flatten()
+            table[leaves, self._eos_column] = leaves.int()
         return table
+
+    @property
+    def _eos_column(self) -> int:
+        lo, hi = self.span
+        return self.eos_token_id - lo if lo <= self.eos_token_id < hi else hi - lo
+
+    def _dense_advance(self, table: torch.Tensor, states: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        lo, hi = self.span
+        column = tokens - lo
+        inside = (column >= 0) & (column < hi - lo)
+        other = hi - lo + 1  # the "none" column
+        if self.eos_token_id is not None:
+            other = torch.where(tokens == self.eos_token_id, self._eos_column, other)
+        column = torch.where(inside, column, other)
+        return table[states.remainder(table.shape[0]), column].long()
 
     def mask(self, states: torch.Tensor) -> torch.Tensor:
         """Allowed next tokens [M, V] (bool) for ``states`` [M]; a dead state allows nothing. On the states' device;
@@ -221,11 +246,11 @@ class PrefixTrie:
         if table is None:
             return trie._sparse_mask(states)
         lo, hi = trie.span
-        alive = states >= 0
+        rows = table[states.remainder(table.shape[0])] >= 0  # [M, hi - lo + 2]
         allowed = torch.zeros(states.numel(), self.vocab_size, dtype=torch.bool, device=states.device)
-        allowed[:, lo:hi] = table[states.clamp(min=0)] & alive[:, None]
-        if self.eos_token_id is not None:
-            allowed[:, self.eos_token_id] = alive & (trie.graph.depth[states.clamp(min=0)] == self.levels)
+        allowed[:, lo:hi] = rows[:, : hi - lo]
+        if self.eos_token_id is not None and trie._eos_column == hi - lo:
+            allowed[:, self.eos_token_id] = rows[:, hi - lo]
         return allowed
 
     def _sparse_mask(self, states: torch.Tensor) -> torch.Tensor:

@@ -95,7 +95,7 @@ def test_a_llama_sized_vocabulary_masks_from_the_identifier_span_without_read_ba
     gen = torch.Generator().manual_seed(0)
     codes = torch.randint(0, 256, (6000, levels), generator=gen) + first + 256 * torch.arange(levels)
     trie = PrefixTrie.build(torch.unique(codes, dim=0), vocab, eos_token_id=EOS)
-    assert trie.num_states > 15_000 and trie._table is not None and trie._table.shape[1] == 1024
+    assert trie.num_states > 15_000 and trie._table is not None and trie._table.shape[1] == 1024 + 2
     target, draft = tiny_llama(vocab, seed=3, hidden=8, layers=1), tiny_llama(vocab, seed=4, hidden=8, layers=1)
     prompts = random_prompts(200, [10, 10], seed=5)
     settings = DecodeSettings(num_beams=3, levels=levels, draft_beams=6, gamma=3)
