@@ -36,8 +36,10 @@ def count(name: str, world, settings: DecodeSettings, batch: int) -> dict:
         decoder(ids, mask)
     forwards = counter.calls(target)
     ops = (counter.ops - counter.model_ops) / forwards
+    launches = (counter.launches - counter.model_launches) / forwards
     return {"decoder": name, "K": settings.num_beams, "N": settings.draft_beams, "gamma": settings.gamma,
             "batch": batch, "forwards": forwards, "syncs_per_call": counter.syncs / forwards, "ops_per_call": ops,
+            "launches_per_call": launches,
             "syncs_by_op": dict(counter.by_op)}  # fmt: skip
 
 
@@ -47,7 +49,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--out")
     args = parser.parse_args(argv)
     rows = []
-    print(f"{'K':>3} {'N':>3} {'gamma':>5} {'decoder':20} {'batch':>5} {'syncs/call':>10} {'ops/call':>8}")
+    print(
+        f"{'K':>3} {'N':>3} {'gamma':>5} {'decoder':20} {'batch':>5} {'syncs/call':>10} {'ops/call':>8} {'launches/call':>13}"
+    )
     for k, n, gamma, vocab, levels in GRID:
         world = speculative_world(vocab, levels, [30] * max(args.batch_sizes), seed=1, draft_seed=2, prompt_seed=3,
                                   items=3000)  # fmt: skip
@@ -56,7 +60,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 row = count(name, world, DecodeSettings(num_beams=k, levels=levels, draft_beams=n, gamma=gamma), batch)
                 rows.append(row)
                 print(f"{k:>3} {n:>3} {gamma:>5} {name:20} {batch:>5} {row['syncs_per_call']:>10.2f} "
-                      f"{row['ops_per_call']:>8.0f}")  # fmt: skip
+                      f"{row['ops_per_call']:>8.0f} {row['launches_per_call']:>13.0f}")  # fmt: skip
     if args.out:
         write_json(args.out, rows)
     return rows

@@ -7,7 +7,9 @@ A CUDA kernel launch returns at once; reading a value back does not: ``item``/``
 ``TorchDispatchMode`` (every aten op that runs inside it) plus wrappers of the ``Tensor`` methods that read values
 back without an aten op on CPU tensors (``tolist``, ``numpy``, ``cpu``: counted on CPU tensors too, as on a GPU
 they would be copies). It also counts every aten op (``ops``) and, with ``models`` given, the ops and syncs inside
-those models' forwards apart, so the decoder's own host work per target call is ``ops - model_ops``. A model's
+those models' forwards apart, so the decoder's own host work per target call is ``ops - model_ops``; ``launches``
+(and ``model_launches``) count the ops that are not views or aliases, i.e. the kernels a GPU would run (a view such
+as ``unsqueeze`` or ``expand`` only costs the host its dispatch). A model's
 ``base_model`` body counts as the model (the decoders run a bf16 model's body and take float32 logits from its final
 hidden state themselves; that head is then the decoder's work): a forward is an outermost entry into either.
 
@@ -66,6 +68,11 @@ def _to_host(func, args, kwargs) -> bool:
     return device is not None and torch.device(device).type == "cpu" and source.device.type != "cpu"
 
 
+def _is_view(func) -> bool:
+    """A view or alias (``unsqueeze``, ``expand``, ``select``, ...): metadata only, no kernel on a GPU."""
+    return func.is_view or func is aten._unsafe_view.default
+
+
 class HostSyncCounter(TorchDispatchMode):
     """``with HostSyncCounter(models=[target, draft]) as c: ...``; then ``c.syncs``, ``c.ops``, ``c.model_syncs``,
     ``c.model_ops``, ``c.calls(target)`` (forwards) and ``c.by_op`` (sync counts per op name, for finding them)."""
@@ -75,6 +82,7 @@ class HostSyncCounter(TorchDispatchMode):
         self.models = list(models)
         self.on_device = device is not None and torch.device(device).type != "cpu"
         self.syncs = self.ops = self.model_syncs = self.model_ops = 0
+        self.launches = self.model_launches = 0  # ops that are not views: kernel launches on a GPU
         self.by_op: collections.Counter[str] = collections.Counter()
         self.forwards: collections.Counter[int] = collections.Counter()
         self._inside = self._reading = 0
@@ -92,8 +100,11 @@ class HostSyncCounter(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         self.ops += 1
+        launch = not _is_view(func)
+        self.launches += launch
         if self._inside:
             self.model_ops += 1
+            self.model_launches += launch
         if _reads_back(func, args, kwargs) and self._touches_device(args):
             self._count_sync(str(func.overloadpacket.__name__))
         return func(*args, **kwargs)

@@ -79,9 +79,9 @@ def candidates(logits: torch.Tensor, scores: torch.Tensor, trie_states: torch.Te
     """Cumulative scores [B, W * V] of every one-token extension of beams with ``scores`` [B, W] and
     ``trie_states`` [B, W] given next-token ``logits`` [B, W, V] (beam-major), -inf where the trie forbids it."""
     b, w, v = logits.shape
-    allowed = trie.mask(trie_states.reshape(-1)).view(b, w, v)
+    allowed = trie.mask(trie_states)  # [B, W, V]
     logprobs = torch.log_softmax(logits.float(), dim=-1).masked_fill(~allowed, float("-inf"))
-    return (logprobs + scores[..., None]).view(b, w * v)
+    return (logprobs + scores.unsqueeze(2)).view(b, w * v)
 
 
 def ordered_keys(cand: torch.Tensor) -> torch.Tensor:
@@ -132,22 +132,18 @@ def extend(
     """
     b, k = parents.shape
     capacity = state.sequences.shape[2]
-    grow = torch.ones(b, dtype=torch.bool, device=parents.device) if grow is None else grow
-    parent_sequences = state.sequences.gather(1, parents[..., None].expand(b, k, capacity))
-    column = state.depth.clamp(max=capacity - 1)[:, None, None].expand(b, k, 1)
-    sequences = torch.where(
-        grow[:, None, None], parent_sequences.scatter(2, column, tokens[..., None]), parent_sequences
-    )
+    parent_sequences = state.sequences.gather(1, parents.unsqueeze(2).expand(b, k, capacity))
+    column = state.depth.clamp(max=capacity - 1).view(b, 1, 1).expand(b, k, 1)
+    sequences = parent_sequences.scatter(2, column, tokens.unsqueeze(2))
     parent_states = state.trie_states.gather(1, parents)
-    advanced = trie.advance(parent_states.reshape(-1), tokens.reshape(-1)).view(b, k)
-    visible = state.visible.gather(1, parents[..., None].expand(b, k, state.visible.shape[2]))
+    trie_states, depth = trie.advance(parent_states, tokens), state.depth + 1
+    if grow is not None:
+        sequences = torch.where(grow.view(b, 1, 1), sequences, parent_sequences)
+        trie_states = torch.where(grow.view(b, 1), trie_states, parent_states)
+        depth = state.depth + grow.long()
+    visible = state.visible.gather(1, parents.unsqueeze(2).expand(b, k, state.visible.shape[2]))
     return dataclasses.replace(
-        state,
-        sequences=sequences,
-        scores=scores,
-        trie_states=torch.where(grow[:, None], advanced, parent_states),
-        visible=visible,
-        depth=state.depth + grow.long(),
+        state, sequences=sequences, scores=scores, trie_states=trie_states, visible=visible, depth=depth
     )
 
 

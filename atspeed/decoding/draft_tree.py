@@ -9,6 +9,7 @@ every node sees the prompt, the fed tokens of its root beam, its ancestors in th
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -16,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
+from atspeed.decoding import constants
 from atspeed.decoding.beam import BeamState, candidates, extend, feed
 from atspeed.decoding.kv_cache import cache_length
 from atspeed.items.trie import PrefixTrie
@@ -64,13 +66,16 @@ class TokenTree:
 
     def drafted(self, level: int) -> torch.Tensor:
         """[B, N] nodes of ``level`` that were drafted (finite) and are verified (within the budget)."""
-        ok = torch.isfinite(self.log_q[:, level - 1])
-        return ok if self.verified is None else ok & self.verified[:, level - 1]
+        return self._drafted[:, level - 1]
+
+    @functools.cached_property
+    def _drafted(self) -> torch.Tensor:
+        ok = torch.isfinite(self.log_q)  # [B, G, N]
+        return ok if self.verified is None else ok & self.verified
 
     def drafted_count(self) -> torch.Tensor:
         """[B] drafted nodes the target verifies."""
-        ok = torch.isfinite(self.log_q)
-        return (ok if self.verified is None else ok & self.verified).flatten(1).sum(1)
+        return self._drafted.flatten(1).sum(1)
 
     def selection(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """The nodes a verification forward computes when a budget pruned the tree (None: all of them).
@@ -94,19 +99,24 @@ class TokenTree:
 
     def ancestry(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(``anc`` [B, Q, Q] bool: node i's ancestors and itself; ``root`` [B, Q]: the level-0 beam under node i)."""
-        b, q, k = self.parents.shape[0], self.num_nodes, self.roots
-        device = self.parents.device
-        anc = torch.zeros(b, q, q, dtype=torch.bool, device=device)
-        anc[:, :k, :k] = torch.eye(k, dtype=torch.bool, device=device)
-        root = torch.arange(q, device=device).repeat(b, 1)
-        for g in range(1, self.levels + 1):
-            first, parents = self.offset(g), self.parent_nodes(g)  # parents [B, N]
-            rows = anc.gather(1, parents[..., None].expand(b, self.width, q)).clone()
-            own = torch.arange(first, first + self.width, device=device)
-            rows[:, torch.arange(self.width, device=device), own] = True
-            anc[:, first : first + self.width] = rows
-            root[:, first : first + self.width] = root.gather(1, parents)
-        return anc, root
+        b, q, device = self.parents.shape[0], self.num_nodes, self.parents.device
+        offsets = _level_offsets(self.roots, self.width, self.levels, device)  # [G, 1]
+        roots = constants.arange(self.roots, device).expand(b, self.roots)
+        parent_of = torch.cat([roots, (self.parents + offsets).view(b, -1)], dim=1)  # [B, Q] (a root: itself)
+        node = constants.arange(q, device).expand(b, q)
+        chain = [node]
+        for _ in range(self.levels):  # after G steps up, every node has reached its root
+            node = parent_of.gather(1, node)
+            chain.append(node)
+        anc = torch.zeros(b, q, q, dtype=torch.bool, device=device).scatter_(2, torch.stack(chain, 2), True)
+        return anc, node
+
+
+@functools.lru_cache(maxsize=64)
+def _level_offsets(roots: int, width: int, levels: int, device: torch.device) -> torch.Tensor:
+    """[G, 1]: node id of the first node of level g - 1, for g = 1..G (a shared constant: never write into it)."""
+    with torch.inference_mode(False):
+        return torch.tensor([0] + [roots + g * width for g in range(levels - 1)], device=device)[:, None]
 
 
 @dataclass(frozen=True)

@@ -228,29 +228,33 @@ class PrefixTrie:
         lo, hi = self.span
         return self.eos_token_id - lo if lo <= self.eos_token_id < hi else hi - lo
 
-    def _dense_advance(self, table: torch.Tensor, states: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    @functools.cached_property
+    def _columns(self) -> torch.Tensor:
+        """[V + 2] the ``_table`` column of each token id t at index t + 1 (ids below 0 and from V up: "none")."""
         lo, hi = self.span
-        column = tokens - lo
-        inside = (column >= 0) & (column < hi - lo)
-        other = hi - lo + 1  # the "none" column
+        columns = torch.full((self.vocab_size + 2,), hi - lo + 1, dtype=torch.long, device=self.device)
+        columns[lo + 1 : hi + 1] = torch.arange(hi - lo, device=self.device)
         if self.eos_token_id is not None:
-            other = torch.where(tokens == self.eos_token_id, self._eos_column, other)
-        column = torch.where(inside, column, other)
+            columns[self.eos_token_id + 1] = self._eos_column
+        return columns
+
+    def _dense_advance(self, table: torch.Tensor, states: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        column = self._columns[tokens.clamp(-1, self.vocab_size) + 1]
         return table[states.remainder(table.shape[0]), column].long()
 
     def mask(self, states: torch.Tensor) -> torch.Tensor:
-        """Allowed next tokens [M, V] (bool) for ``states`` [M]; a dead state allows nothing. On the states' device;
+        """Allowed next tokens [..., V] (bool) for ``states`` [...]; a dead state allows nothing. On the states' device;
         with the dense table (``_table``) no value is read back to the host."""
         trie = self.on(states.device)
         table = trie._table
         if table is None:
-            return trie._sparse_mask(states)
+            return trie._sparse_mask(states.reshape(-1)).view(*states.shape, self.vocab_size)
         lo, hi = trie.span
-        rows = table[states.remainder(table.shape[0])] >= 0  # [M, hi - lo + 2]
-        allowed = torch.zeros(states.numel(), self.vocab_size, dtype=torch.bool, device=states.device)
-        allowed[:, lo:hi] = rows[:, : hi - lo]
+        rows = table[states.remainder(table.shape[0])] >= 0  # [..., hi - lo + 2]
+        allowed = torch.zeros(*states.shape, self.vocab_size, dtype=torch.bool, device=states.device)
+        allowed[..., lo:hi] = rows[..., : hi - lo]
         if self.eos_token_id is not None and trie._eos_column == hi - lo:
-            allowed[:, self.eos_token_id] = rows[:, hi - lo]
+            allowed[..., self.eos_token_id] = rows[..., hi - lo]
         return allowed
 
     def _sparse_mask(self, states: torch.Tensor) -> torch.Tensor:
