@@ -49,9 +49,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--out")
     args = parser.parse_args(argv)
     rows = []
-    print(
-        f"{'K':>3} {'N':>3} {'gamma':>5} {'decoder':20} {'batch':>5} {'syncs/call':>10} {'ops/call':>8} {'launches/call':>13}"
-    )
+    head = f"{'K':>3} {'N':>3} {'gamma':>5} {'decoder':20} {'batch':>5} {'syncs/call':>10} {'ops/call':>8}"
+    print(f"{head} {'launches/call':>13}")
     for k, n, gamma, vocab, levels in GRID:
         world = speculative_world(vocab, levels, [30] * max(args.batch_sizes), seed=1, draft_seed=2, prompt_seed=3,
                                   items=3000)  # fmt: skip
