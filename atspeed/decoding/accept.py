@@ -62,11 +62,11 @@ def decide(
         trie_states = table.trie_states.gather(1, current)
     # the stopping level: the first rejection (the bonus level never accepts)
     accepted = (~torch.stack(at["ok"], 1)).int().argmax(1)  # [B]
-    pick = accepted.view(b, 1, 1).expand(b, 1, k)
-    current, scores, parents, tokens, stop_scores = (
-        torch.stack(at[key], 1).gather(1, pick).squeeze(1)
-        for key in ("current", "scores", "parents", "tokens", "stop_scores")
-    )
+    pick = accepted.view(b, 1, 1, 1)
+    ids = torch.stack([torch.stack(at[key], 1) for key in ("current", "parents", "tokens")], 2)  # [B, G+1, 3, K]
+    current, parents, tokens = ids.gather(1, pick.expand(b, 1, 3, k))[:, 0].unbind(1)
+    values = torch.stack([torch.stack(at["scores"], 1), torch.stack(at["stop_scores"], 1)], 2)  # [B, G+1, 2, K]
+    scores, stop_scores = values.gather(1, pick.expand(b, 1, 2, k))[:, 0].unbind(1)
     complete = accepted == levels - beams.depth  # [B] nothing left to choose
     full = complete.unsqueeze(1)
     return Verdict(

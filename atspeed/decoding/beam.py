@@ -79,8 +79,7 @@ def candidates(logits: torch.Tensor, scores: torch.Tensor, trie_states: torch.Te
     """Cumulative scores [B, W * V] of every one-token extension of beams with ``scores`` [B, W] and
     ``trie_states`` [B, W] given next-token ``logits`` [B, W, V] (beam-major), -inf where the trie forbids it."""
     b, w, v = logits.shape
-    allowed = trie.mask(trie_states)  # [B, W, V]
-    logprobs = torch.log_softmax(logits.float(), dim=-1).masked_fill(~allowed, float("-inf"))
+    logprobs = torch.log_softmax(logits.float(), dim=-1).masked_fill(trie.forbidden(trie_states), float("-inf"))
     return (logprobs + scores.unsqueeze(2)).view(b, w * v)
 
 

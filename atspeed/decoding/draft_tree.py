@@ -32,7 +32,8 @@ class TokenTree:
     roots: int  # K
     parents: torch.Tensor  # [B, G, N]
     tokens: torch.Tensor  # [B, G, N]
-    log_q: torch.Tensor  # [B, G, N] the draft's log-probability of each drafted sequence among its candidates
+    log_q: torch.Tensor  # [B, G, N] the draft's log-probability of each drafted sequence among its candidates (drafted
+    # without ``keep_distributions``: the cumulative scores, which are finite exactly where log q is)
     candidate_log_q: tuple[torch.Tensor, ...]  # per level: [B, W_prev, V] draft log-probs of all candidates (relaxed)
     scores: torch.Tensor | None = None  # [B, G, N] cumulative scores the draft ranked its nodes by
     verified: torch.Tensor | None = None  # [B, G, N] nodes within the budget (None: every drafted node)
@@ -67,6 +68,16 @@ class TokenTree:
     def drafted(self, level: int) -> torch.Tensor:
         """[B, N] nodes of ``level`` that were drafted (finite) and are verified (within the budget)."""
         return self._drafted[:, level - 1]
+
+    def node_keys(self, vocab: int) -> torch.Tensor:
+        """[B, G, N] ``parent node id * vocab + token`` of every node, -1 where not drafted or not verified (made
+        once per tree: every level's verification looks its nodes up by these keys)."""
+        cached = self.__dict__.get("_node_keys")
+        if cached is None or cached[0] != vocab:
+            offsets = _level_offsets(self.roots, self.width, self.levels, self.parents.device)
+            keys = ((self.parents + offsets) * vocab + self.tokens).masked_fill(~self._drafted, -1)
+            cached = self.__dict__["_node_keys"] = (vocab, keys)
+        return cached[1]
 
     @functools.cached_property
     def _drafted(self) -> torch.Tensor:
@@ -204,13 +215,13 @@ def draft_tree(
         fed_states.append(state)
         vocab = logits.shape[-1]
         cand = candidates(logits, state.scores, state.trie_states, trie)  # [B, W * V]
-        norm = torch.logsumexp(cand, dim=1, keepdim=True).nan_to_num(neginf=0.0)  # [B, 1]
         p, t, s = select(cand, width, vocab)
         parents.append(p)
         tokens.append(t)
-        log_q.append(s - norm)
         scores.append(s)
-        if keep_distributions:  # only relaxed verification's residual needs them
+        if keep_distributions:  # only the sampling rules read q itself; strict reads which nodes are finite
+            norm = torch.logsumexp(cand, dim=1, keepdim=True).nan_to_num(neginf=0.0)  # [B, 1]
+            log_q.append(s - norm)
             cand_log_q.append((cand - norm).view(cand.shape[0], -1, vocab))
         state = extend(state, p, t, s, trie)
     levels_states = [*fed_states, state]
@@ -224,7 +235,7 @@ def draft_tree(
         roots=beams.width,
         parents=torch.stack(parents, 1),
         tokens=torch.stack(tokens, 1),
-        log_q=torch.stack(log_q, 1),
+        log_q=torch.stack(log_q if keep_distributions else scores, 1),
         candidate_log_q=tuple(cand_log_q),
         scores=torch.stack(scores, 1),
     )

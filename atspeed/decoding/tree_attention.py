@@ -91,7 +91,7 @@ def run_model(model: torch.nn.Module, keep: int, **inputs) -> torch.Tensor:
 def float_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """[B, Q, S + Q] bool -> [B, 1, Q, S + Q] additive float mask."""
     blocked = torch.finfo(dtype).min
-    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, blocked)[:, None]
+    return torch.full(allowed.shape, blocked, dtype=dtype, device=allowed.device).masked_fill_(allowed, 0.0)[:, None]
 
 
 def forward_tree(

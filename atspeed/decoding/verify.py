@@ -47,7 +47,5 @@ def match_drafted(inp: LevelInput, parents: torch.Tensor, tokens: torch.Tensor) 
     if g > tree.levels:
         return torch.zeros_like(parents, dtype=torch.bool), torch.zeros_like(parents)
     target_keys = inp.current.gather(1, parents) * vocab + tokens  # [B, K]
-    draft_keys = tree.parent_nodes(g) * vocab + tree.tokens[:, g - 1]  # [B, N]
-    drafted = tree.drafted(g)  # [B, N]
-    equal = (target_keys[:, :, None] == draft_keys[:, None, :]) & drafted[:, None, :]  # [B, K, N]
+    equal = target_keys.unsqueeze(2) == tree.node_keys(vocab)[:, g - 1].unsqueeze(1)  # [B, K, N]
     return equal.any(2), tree.offset(g) + equal.int().argmax(2)

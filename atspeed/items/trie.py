@@ -245,17 +245,27 @@ class PrefixTrie:
     def mask(self, states: torch.Tensor) -> torch.Tensor:
         """Allowed next tokens [..., V] (bool) for ``states`` [...]; a dead state allows nothing. On the states' device;
         with the dense table (``_table``) no value is read back to the host."""
+        return self._dense_mask(states, allowed=True)
+
+    def forbidden(self, states: torch.Tensor) -> torch.Tensor:
+        """``~mask(states)``, made directly (one op less per beam step)."""
+        return self._dense_mask(states, allowed=False)
+
+    def _dense_mask(self, states: torch.Tensor, allowed: bool) -> torch.Tensor:
         trie = self.on(states.device)
         table = trie._table
         if table is None:
-            return trie._sparse_mask(states.reshape(-1)).view(*states.shape, self.vocab_size)
+            mask = trie._sparse_mask(states.reshape(-1)).view(*states.shape, self.vocab_size)
+            return mask if allowed else ~mask
         lo, hi = trie.span
-        rows = table[states.remainder(table.shape[0])] >= 0  # [..., hi - lo + 2]
-        allowed = torch.zeros(*states.shape, self.vocab_size, dtype=torch.bool, device=states.device)
-        allowed[..., lo:hi] = rows[..., : hi - lo]
+        rows = table[states.remainder(table.shape[0])]  # [..., hi - lo + 2]
+        rows = rows >= 0 if allowed else rows < 0
+        out = (torch.zeros if allowed else torch.ones)(*states.shape, self.vocab_size, dtype=torch.bool,
+                                                      device=states.device)  # fmt: skip
+        out[..., lo:hi] = rows[..., : hi - lo]
         if self.eos_token_id is not None and trie._eos_column == hi - lo:
-            allowed[..., self.eos_token_id] = rows[..., hi - lo]
-        return allowed
+            out[..., self.eos_token_id] = rows[..., hi - lo]
+        return out
 
     def _sparse_mask(self, states: torch.Tensor) -> torch.Tensor:
         g = self.graph
