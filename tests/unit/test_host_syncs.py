@@ -100,3 +100,20 @@ def test_a_llama_sized_vocabulary_masks_from_the_identifier_span_without_read_ba
     prompts = random_prompts(200, [10, 10], seed=5)
     settings = DecodeSettings(num_beams=3, levels=levels, draft_beams=6, gamma=3)
     assert _syncs_per_call("spec_strict", target, draft, trie, prompts, settings) <= LIMIT["spec_strict"]
+
+
+LAUNCH_LIMIT = {"beam": 100, "spec_strict": 300}  # kernels per target call outside the models (ops that are not views)
+
+
+@pytest.mark.parametrize("name", sorted(LAUNCH_LIMIT))
+def test_kernel_launches_per_target_call_stay_within_the_limit(name) -> None:
+    """The issue's setting, K = 10, N = 40, gamma = 3, batch 1 (the ``count_host_syncs.py`` world): every op the
+    decoder launches beside the models costs the host 5-8 us on a GPU."""
+    target, draft, trie, prompts = speculative_world(200, 4, [30], seed=1, draft_seed=2, prompt_seed=3, items=3000)
+    decoder = BoundDecoder(name, target, trie, DecodeSettings(10, 4, 40, 3), draft=draft)
+    input_ids, mask = left_pad(prompts)
+    decoder(input_ids, mask)
+    with HostSyncCounter([target, draft]) as counter:
+        decoder(input_ids, mask)
+    assert (counter.launches - counter.model_launches) / counter.calls(target) < LAUNCH_LIMIT[name]
+    assert counter.launches < counter.ops  # views are counted apart
