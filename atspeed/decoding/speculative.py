@@ -33,7 +33,7 @@ from atspeed.decoding import kv_cache
 from atspeed.decoding.accept import Verdict, beam_step, decide, needed
 from atspeed.decoding.adaptive import BudgetPlanner
 from atspeed.decoding.beam import BeamState, extend, root_state, select_sample, select_top
-from atspeed.decoding.draft_tree import NodeTable, TokenTree, draft_tree, within_budget
+from atspeed.decoding.draft_tree import NodeTable, Select, TokenTree, draft_tree, within_budget
 from atspeed.decoding.header import PromptHeader, Prompts
 from atspeed.decoding.output import DecodeOutput, StageClock
 from atspeed.decoding.settings import DecodeSettings
@@ -196,6 +196,48 @@ class _Loop:
         return prefill(draft, self.caches[1], rest.input_ids, rest.mask, rest.past)
 
 
+@dataclass(frozen=True)
+class _Run:
+    """What every call of one decode uses: the models, the trie, the settings and the rules."""
+
+    target: torch.nn.Module
+    draft: torch.nn.Module
+    trie: PrefixTrie
+    settings: DecodeSettings
+    verify_level: VerifyLevel
+    select: Select
+    sample: bool
+    generator: torch.Generator | None
+    clock: StageClock
+
+    def call(self, loop: _Loop, prompts: Prompts, g: int, m: int) -> tuple[TokenTree, Verdict, int]:
+        """One target call: propose ``g`` levels (``m`` verified nodes at most), verify, accept; the loop's beams
+        advance. Returns the tree, the verdict and the draft forwards it took."""
+        s, first = self.settings, loop.seen is None
+        self.clock.switch("draft")
+        root_logits = loop.draft_prefill(self.draft, prompts) if g and not loop.prefilled else None
+        drafts = g - int(first and g > 0) + int(root_logits is not None)  # the first prefill gives level 1
+        tree, table = draft_tree(
+            self.draft, loop.caches[1], loop.d_beams, self.trie, s.draft_beams, g, self.select,
+            keep_distributions=self.sample, root_logits=root_logits if first else None,
+            longest_unfed=loop.seen.widest(loop.seen.draft_unfed) if loop.seen else 0,
+        )  # fmt: skip
+        tree = within_budget(tree, m, by_score=not self.sample)
+        self.clock.switch("verify")
+        if first:
+            logits, node_visible = first_forward(self.target, loop.caches[0], prompts, tree)
+        else:
+            logits, node_visible = verify_forward(self.target, loop.caches[0], loop.t_beams, tree)
+        if g:
+            verdict = decide(logits, tree, table, loop.t_beams, s.levels, self.trie, self.verify_level,
+                             self.generator)  # fmt: skip
+        else:  # nothing drafted: the target's own beam step (what every rule's bonus step is)
+            verdict = beam_step(logits[:, : s.num_beams], loop.t_beams, self.trie, self.select)
+        self.clock.switch("other")
+        loop.t_beams, loop.d_beams = _advance(loop.t_beams, loop.d_beams, verdict, table, node_visible, g, self.trie)
+        return tree, verdict, drafts
+
+
 def speculative_decode(
     target: torch.nn.Module,
     draft: torch.nn.Module,
@@ -233,36 +275,16 @@ def speculative_decode(
     out = DecodeOutputBuffer(
         torch.zeros(b, num_beams, levels, dtype=torch.long, device=device), torch.zeros(b, num_beams, device=device)
     )
+    run = _Run(target, draft, trie, settings, verify_level, select, sample, generator, clock)
     count = _Counters([0] * b, [0] * b, [0] * b)
     depth_before = [0] * b
     while left := loop.next_call(levels, out):
-        first = loop.seen is None
         m = planner.plan() if planner is not None else budget
         m = m if m is not None else gamma * draft_beams
-        g = min(gamma, left) if m != 0 else 0
-        clock.switch("draft")
-        root_logits = loop.draft_prefill(draft, prompts) if g and not loop.prefilled else None
-        drafts = g - int(first and g > 0) + int(root_logits is not None)  # the first prefill gives level 1
-        tree, table = draft_tree(
-            draft, loop.caches[1], loop.d_beams, trie, draft_beams, g, select, keep_distributions=sample,
-            root_logits=root_logits if first else None,
-            longest_unfed=loop.seen.widest(loop.seen.draft_unfed) if loop.seen else 0,
-        )  # fmt: skip
-        tree = within_budget(tree, m, by_score=not sample)
-        clock.switch("verify")
-        if first:
-            logits, node_visible = first_forward(target, loop.caches[0], prompts, tree)
-        else:
-            logits, node_visible = verify_forward(target, loop.caches[0], loop.t_beams, tree)
-        if g:
-            verdict = decide(logits, tree, table, loop.t_beams, levels, trie, verify_level, generator)
-        else:  # nothing drafted: the target's own beam step (what every rule's bonus step is)
-            verdict = beam_step(logits[:, :num_beams], loop.t_beams, trie, select)
-        clock.switch("other")
-        t_beams, loop.d_beams = _advance(loop.t_beams, loop.d_beams, verdict, table, node_visible, g, trie)
-        need = needed(tree, verdict, not sample) if planner is not None and g else None
-        loop.t_beams, loop.seen = t_beams, _read_back(t_beams, loop.d_beams, verdict, tree, need, levels)
-        count.record(loop.host_rows, drafts, loop.seen, drafted=g > 0)
+        tree, verdict, drafts = run.call(loop, prompts, min(gamma, left) if m != 0 else 0, m)
+        need = needed(tree, verdict, not sample) if planner is not None and tree.levels else None
+        loop.seen = _read_back(loop.t_beams, loop.d_beams, verdict, tree, need, levels)
+        count.record(loop.host_rows, drafts, loop.seen, drafted=tree.levels > 0)
         if need is not None:  # a beam step always gains one token: nothing to learn
             accepted = torch.tensor(loop.seen.accepted)
             remaining = torch.tensor([levels - depth_before[r] for r in loop.host_rows])
