@@ -43,6 +43,7 @@ from atspeed.atomic import write_text_atomic
 from atspeed.errors import SIGTERM_EXIT, DataError
 from atspeed.preflight import check_new_file
 from atspeed.run_lock import lock_file, locked, sibling_lock_file
+from atspeed.tables import text_table
 from atspeed.yaml_file import read_yaml
 
 log = logging.getLogger("atspeed.pipeline")
@@ -225,17 +226,14 @@ def format_summary(summary: dict) -> str:
     """A fixed-width table of the summary rows."""
     k = summary["k"]
     columns = (
-        ("stage", "stage", "<18", "s"), ("decoder", "decoder", "<12", "s"), (f"R@{k}", "recall", ">8", ".4f"),
-        (f"NDCG@{k}", "ndcg", ">8", ".4f"), ("calls/list", "target_calls_per_list", ">10", ".2f"),
-        ("accepted", "accepted_depth", ">9", ".2f"), ("ms/list", "ms_per_list", ">9", ".1f"),
-        ("x HF", "x_hf", ">7", ".2f"), ("x beam", "x_beam", ">7", ".2f"), ("= beam", "equals_beam", ">7", "s"),
+        ("stage", "stage", "s"), ("decoder", "decoder", "s"), (f"R@{k}", "recall", ".4f"),
+        (f"NDCG@{k}", "ndcg", ".4f"), ("calls/list", "target_calls_per_list", ".2f"),
+        ("accepted", "accepted_depth", ".2f"), ("ms/list", "ms_per_list", ".1f"),
+        ("x HF", "x_hf", ".2f"), ("x beam", "x_beam", ".2f"), ("= beam", "equals_beam", "s"),
     )  # fmt: skip
-    lines = [" ".join(format(title, align) for title, _, align, _ in columns)]
-    for row in summary["rows"]:
-        lines.append(" ".join(format(cell(row[key], fmt), align) for _, key, align, fmt in columns))
-    if not summary["rows"]:
-        lines.append("(no decode reports)")
-    return "\n".join(lines)
+    rows = ([cell(row[key], fmt) for _, key, fmt in columns] for row in summary["rows"])
+    text = text_table([title for title, _, _ in columns], rows, left=2)
+    return text if summary["rows"] else text + "\n(no decode reports)"
 
 
 def check_outputs(pipeline: Pipeline, path: str | Path) -> None:

@@ -37,6 +37,7 @@ from atspeed.errors import DataError
 from atspeed.metrics.ranking import RankingMetrics
 from atspeed.models.build import DType, load_model, model_config
 from atspeed.modules.decode_tally import DecodeTally, gather_batches, merged_stats, speed_summary
+from atspeed.tables import text_table
 from atspeed.wandb_log import log_predict_tables
 
 log = logging.getLogger(__name__)
@@ -198,10 +199,10 @@ class Recommender(pl.LightningModule):
         results = self.results
         speed = {key: value for key, value in results["speed"].items() if key in SPEED_KEYS}
         rows = results["metrics"] | results["decode"] | speed
-        lines = [f"{name:<22}{value:>12.4f}" for name, value in rows.items()]
+        lines = [[name, f"{value:.4f}"] for name, value in rows.items()]
         if self.hparams.decoder in SPECULATIVE and results["decode"]:
-            lines.append(f"{'accepted depths':<22}{results['accepted_histogram']!s:>12}")
-        log.info("decoded with %s:\n%s", self.hparams.decoder, "\n".join(lines))
+            lines.append(["accepted depths", str(results["accepted_histogram"])])
+        log.info("decoded with %s:\n%s", self.hparams.decoder, text_table(["", "value"], lines))
 
     def summary_metrics(self) -> dict[str, float]:
         """The results as flat numbers: the ranking metrics under their own names (``test/recall@10``, ...), every
