@@ -66,10 +66,11 @@ def validated(model: type[M], data: Any, where: str | Path) -> M:
 
 
 def problems(err: ValidationError) -> str:
-    """Pydantic's errors as ``key: what is wrong (got value)``, joined by ``; `` (one line)."""
+    """Pydantic's errors as ``key: what is wrong (got value)`` (keys as ``stages[0].run``), joined by ``; ``."""
     found = []
     for error in err.errors():
-        key = ".".join(str(part) for part in error["loc"]) or "top level"
+        key = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in error["loc"]).lstrip(".")
+        key = key or "top level"
         got = "" if error["type"] == "missing" else f" (got {_short(error['input'])})"
         found.append(f"{key}: {error['msg']}{got}")
     return "; ".join(found)
