@@ -39,7 +39,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
 from atspeed.atomic import write_text_atomic
+from atspeed.data.json_file import validated
 from atspeed.errors import SIGTERM_EXIT, DataError
 from atspeed.preflight import check_new_file
 from atspeed.run_lock import lock_file, locked, sibling_lock_file
@@ -68,39 +71,47 @@ class Pipeline:
     summary: Path | None
 
 
-def read_pipeline(path: str | Path) -> Pipeline:
-    """The stages of a pipeline file; a malformed one raises ``DataError`` naming the file and key."""
-    path = Path(path)
-    raw = read_yaml(path, "pipeline file")
-    if not isinstance(raw, dict) or not isinstance(raw.get("stages"), list) or not raw["stages"]:
-        raise DataError(f"{path}: stages: expected a non-empty list of stages")
-    unknown = set(raw) - {"stages", "summary"}
-    if unknown:
-        raise DataError(f"{path}: unknown keys {sorted(unknown)} (expected stages, summary)")
-    stages, names = [], set()
-    for i, entry in enumerate(raw["stages"]):
-        key = f"{path}: stages[{i}]"
-        if not isinstance(entry, dict) or set(entry) != {"name", "run", "output"}:
-            raise DataError(f"{key}: expected exactly the keys name, run, output")
-        name, run, output = entry["name"], entry["run"], entry["output"]
-        if not isinstance(name, str) or not name or name in names:
-            raise DataError(f"{key}.name: expected a unique non-empty name, got {name!r}")
+class StageEntry(BaseModel):
+    """One entry of a pipeline file's ``stages``."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    name: str = Field(min_length=1)
+    run: str | list[str]
+    output: str = Field(min_length=1)
+
+    @field_validator("run")
+    @classmethod
+    def _command(cls, run: str | list[str]) -> list[str]:
         try:
             argv = shlex.split(run) if isinstance(run, str) else run
         except ValueError as err:  # shlex: "No closing quotation", "No escaped character"
-            raise DataError(f"{key}.run: not a command line ({err}): {run}") from None
-        if not isinstance(argv, list) or not all(isinstance(a, str) for a in argv) or not argv:
-            raise DataError(f"{key}.run: expected a command line (string or list of strings)")
-        if argv[0] not in SUBCOMMANDS:
-            raise DataError(f"{key}.run: must start with one of {', '.join(SUBCOMMANDS)}, got {argv[0]!r}")
-        if not isinstance(output, str) or not output:
-            raise DataError(f"{key}.output: expected the path that a finished run of the stage leaves")
-        names.add(name)
-        stages.append(Stage(name, list(argv), Path(output)))
-    summary = raw.get("summary")
-    if summary is not None and not isinstance(summary, str):
-        raise DataError(f"{path}: summary: expected a path for the summary JSON")
-    return Pipeline(stages, Path(summary) if summary else None)
+            raise ValueError(f"not a command line ({err}): {run}") from None
+        if not argv or argv[0] not in SUBCOMMANDS:
+            raise ValueError(f"must start with one of {', '.join(SUBCOMMANDS)}, got {run!r}")
+        return argv
+
+
+class PipelineFile(BaseModel):
+    """A pipeline file: the stages in order and where the summary goes."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    stages: list[StageEntry] = Field(min_length=1)
+    summary: str | None = None
+
+
+def read_pipeline(path: str | Path) -> Pipeline:
+    """The stages of a pipeline file; a malformed one raises ``DataError`` naming the file and key."""
+    path = Path(path)
+    raw = validated(PipelineFile, read_yaml(path, "pipeline file"), path)
+    names: set[str] = set()
+    for i, entry in enumerate(raw.stages):
+        if entry.name in names:
+            raise DataError(f"{path}: stages[{i}].name: {entry.name!r} names an earlier stage too")
+        names.add(entry.name)
+    stages = [Stage(entry.name, list(entry.run), Path(entry.output)) for entry in raw.stages]
+    return Pipeline(stages, Path(raw.summary) if raw.summary else None)
 
 
 def run_stage(stage: Stage) -> None:

@@ -71,8 +71,9 @@ def problems(err: ValidationError) -> str:
     for error in err.errors():
         key = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in error["loc"]).lstrip(".")
         key = key or "top level"
-        got = "" if error["type"] == "missing" else f" (got {_short(error['input'])})"
-        found.append(f"{key}: {error['msg']}{got}")
+        got = "" if error["type"] in ("missing", "value_error") else f" (got {_short(error['input'])})"
+        message = str(error["ctx"]["error"]) if error["type"] == "value_error" else error["msg"]
+        found.append(f"{key}: {message}{got}")
     return "; ".join(found)
 
 
