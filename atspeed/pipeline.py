@@ -88,7 +88,7 @@ class StageEntry(BaseModel):
         except ValueError as err:  # shlex: "No closing quotation", "No escaped character"
             raise ValueError(f"not a command line ({err}): {run}") from None
         if not argv or argv[0] not in SUBCOMMANDS:
-            raise ValueError(f"must start with one of {', '.join(SUBCOMMANDS)}, got {run!r}")
+            raise ValueError(f"must start with one of {', '.join(SUBCOMMANDS)}, got {(argv or [''])[0]!r}")
         return argv
 
 
@@ -105,11 +105,9 @@ def read_pipeline(path: str | Path) -> Pipeline:
     """The stages of a pipeline file; a malformed one raises ``DataError`` naming the file and key."""
     path = Path(path)
     raw = validated(PipelineFile, read_yaml(path, "pipeline file"), path)
-    names: set[str] = set()
     for i, entry in enumerate(raw.stages):
-        if entry.name in names:
+        if entry.name in (earlier.name for earlier in raw.stages[:i]):
             raise DataError(f"{path}: stages[{i}].name: {entry.name!r} names an earlier stage too")
-        names.add(entry.name)
     stages = [Stage(entry.name, list(entry.run), Path(entry.output)) for entry in raw.stages]
     return Pipeline(stages, Path(raw.summary) if raw.summary else None)
 
@@ -234,7 +232,7 @@ def cell(value, fmt: str) -> str:
 
 
 def format_summary(summary: dict) -> str:
-    """A fixed-width table of the summary rows."""
+    """A text table of the summary rows."""
     k = summary["k"]
     columns = (
         ("stage", "stage", "s"), ("decoder", "decoder", "s"), (f"R@{k}", "recall", ".4f"),
@@ -243,8 +241,7 @@ def format_summary(summary: dict) -> str:
         ("x HF", "x_hf", ".2f"), ("x beam", "x_beam", ".2f"), ("= beam", "equals_beam", "s"),
     )  # fmt: skip
     rows = ([cell(row[key], fmt) for _, key, fmt in columns] for row in summary["rows"])
-    text = text_table([title for title, _, _ in columns], rows, left=2)
-    return text if summary["rows"] else text + "\n(no decode reports)"
+    return text_table([t for t, _, _ in columns], rows, left=2) + ("" if summary["rows"] else "\n(no decode reports)")
 
 
 def check_outputs(pipeline: Pipeline, path: str | Path) -> None:

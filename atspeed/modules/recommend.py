@@ -202,7 +202,7 @@ class Recommender(pl.LightningModule):
         lines = [[name, f"{value:.4f}"] for name, value in rows.items()]
         if self.hparams.decoder in SPECULATIVE and results["decode"]:
             lines.append(["accepted depths", str(results["accepted_histogram"])])
-        log.info("decoded with %s:\n%s", self.hparams.decoder, text_table(["", "value"], lines))
+        log.info("decoded with %s:\n%s", self.hparams.decoder, text_table(["metric", "value"], lines))
 
     def summary_metrics(self) -> dict[str, float]:
         """The results as flat numbers: the ranking metrics under their own names (``test/recall@10``, ...), every
