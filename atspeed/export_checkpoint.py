@@ -27,10 +27,10 @@ being written by another export, FILE present; 1 failed.
 from __future__ import annotations
 
 import contextlib
-import importlib
 import logging
 import os
 import pickle
+import pkgutil
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -167,12 +167,11 @@ def build_datamodule(checkpoint: dict[str, Any], name: Path) -> RecDataModule:
 
 def module_class(class_path: str, name: Path) -> type[pl.LightningModule]:
     """The LightningModule class the checkpoint names; only atspeed's own modules are imported."""
-    module_name, _, class_name = class_path.rpartition(".")
     cls = None
-    if module_name.startswith("atspeed."):
+    if class_path.startswith("atspeed."):
         try:
-            cls = getattr(importlib.import_module(module_name), class_name, None)
-        except ImportError:
+            cls = pkgutil.resolve_name(class_path)
+        except (ImportError, AttributeError, ValueError):
             cls = None
     if not (isinstance(cls, type) and issubclass(cls, pl.LightningModule) and hasattr(cls, "export_model")):
         raise DataError(f"CKPT: {name} names {class_path!r}, not an atspeed training module with export_model")

@@ -39,10 +39,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
 from atspeed.atomic import write_text_atomic
+from atspeed.data.json_file import validated
 from atspeed.errors import SIGTERM_EXIT, DataError
 from atspeed.preflight import check_new_file
 from atspeed.run_lock import lock_file, locked, sibling_lock_file
+from atspeed.tables import text_table
 from atspeed.yaml_file import read_yaml
 
 log = logging.getLogger("atspeed.pipeline")
@@ -67,39 +71,45 @@ class Pipeline:
     summary: Path | None
 
 
-def read_pipeline(path: str | Path) -> Pipeline:
-    """The stages of a pipeline file; a malformed one raises ``DataError`` naming the file and key."""
-    path = Path(path)
-    raw = read_yaml(path, "pipeline file")
-    if not isinstance(raw, dict) or not isinstance(raw.get("stages"), list) or not raw["stages"]:
-        raise DataError(f"{path}: stages: expected a non-empty list of stages")
-    unknown = set(raw) - {"stages", "summary"}
-    if unknown:
-        raise DataError(f"{path}: unknown keys {sorted(unknown)} (expected stages, summary)")
-    stages, names = [], set()
-    for i, entry in enumerate(raw["stages"]):
-        key = f"{path}: stages[{i}]"
-        if not isinstance(entry, dict) or set(entry) != {"name", "run", "output"}:
-            raise DataError(f"{key}: expected exactly the keys name, run, output")
-        name, run, output = entry["name"], entry["run"], entry["output"]
-        if not isinstance(name, str) or not name or name in names:
-            raise DataError(f"{key}.name: expected a unique non-empty name, got {name!r}")
+class StageEntry(BaseModel):
+    """One entry of a pipeline file's ``stages``."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    name: str = Field(min_length=1)
+    run: str | list[str]
+    output: str = Field(min_length=1)
+
+    @field_validator("run")
+    @classmethod
+    def _command(cls, run: str | list[str]) -> list[str]:
         try:
             argv = shlex.split(run) if isinstance(run, str) else run
         except ValueError as err:  # shlex: "No closing quotation", "No escaped character"
-            raise DataError(f"{key}.run: not a command line ({err}): {run}") from None
-        if not isinstance(argv, list) or not all(isinstance(a, str) for a in argv) or not argv:
-            raise DataError(f"{key}.run: expected a command line (string or list of strings)")
-        if argv[0] not in SUBCOMMANDS:
-            raise DataError(f"{key}.run: must start with one of {', '.join(SUBCOMMANDS)}, got {argv[0]!r}")
-        if not isinstance(output, str) or not output:
-            raise DataError(f"{key}.output: expected the path that a finished run of the stage leaves")
-        names.add(name)
-        stages.append(Stage(name, list(argv), Path(output)))
-    summary = raw.get("summary")
-    if summary is not None and not isinstance(summary, str):
-        raise DataError(f"{path}: summary: expected a path for the summary JSON")
-    return Pipeline(stages, Path(summary) if summary else None)
+            raise ValueError(f"not a command line ({err}): {run}") from None
+        if not argv or argv[0] not in SUBCOMMANDS:
+            raise ValueError(f"must start with one of {', '.join(SUBCOMMANDS)}, got {(argv or [''])[0]!r}")
+        return argv
+
+
+class PipelineFile(BaseModel):
+    """A pipeline file: the stages in order and where the summary goes."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    stages: list[StageEntry] = Field(min_length=1)
+    summary: str | None = None
+
+
+def read_pipeline(path: str | Path) -> Pipeline:
+    """The stages of a pipeline file; a malformed one raises ``DataError`` naming the file and key."""
+    path = Path(path)
+    raw = validated(PipelineFile, read_yaml(path, "pipeline file"), path)
+    for i, entry in enumerate(raw.stages):
+        if entry.name in (earlier.name for earlier in raw.stages[:i]):
+            raise DataError(f"{path}: stages[{i}].name: {entry.name!r} names an earlier stage too")
+    stages = [Stage(entry.name, list(entry.run), Path(entry.output)) for entry in raw.stages]
+    return Pipeline(stages, Path(raw.summary) if raw.summary else None)
 
 
 def run_stage(stage: Stage) -> None:
@@ -222,20 +232,16 @@ def cell(value, fmt: str) -> str:
 
 
 def format_summary(summary: dict) -> str:
-    """A fixed-width table of the summary rows."""
+    """A text table of the summary rows."""
     k = summary["k"]
     columns = (
-        ("stage", "stage", "<18", "s"), ("decoder", "decoder", "<12", "s"), (f"R@{k}", "recall", ">8", ".4f"),
-        (f"NDCG@{k}", "ndcg", ">8", ".4f"), ("calls/list", "target_calls_per_list", ">10", ".2f"),
-        ("accepted", "accepted_depth", ">9", ".2f"), ("ms/list", "ms_per_list", ">9", ".1f"),
-        ("x HF", "x_hf", ">7", ".2f"), ("x beam", "x_beam", ">7", ".2f"), ("= beam", "equals_beam", ">7", "s"),
+        ("stage", "stage", "s"), ("decoder", "decoder", "s"), (f"R@{k}", "recall", ".4f"),
+        (f"NDCG@{k}", "ndcg", ".4f"), ("calls/list", "target_calls_per_list", ".2f"),
+        ("accepted", "accepted_depth", ".2f"), ("ms/list", "ms_per_list", ".1f"),
+        ("x HF", "x_hf", ".2f"), ("x beam", "x_beam", ".2f"), ("= beam", "equals_beam", "s"),
     )  # fmt: skip
-    lines = [" ".join(format(title, align) for title, _, align, _ in columns)]
-    for row in summary["rows"]:
-        lines.append(" ".join(format(cell(row[key], fmt), align) for _, key, align, fmt in columns))
-    if not summary["rows"]:
-        lines.append("(no decode reports)")
-    return "\n".join(lines)
+    rows = ([cell(row[key], fmt) for _, key, fmt in columns] for row in summary["rows"])
+    return text_table([t for t, _, _ in columns], rows, left=2) + ("" if summary["rows"] else "\n(no decode reports)")
 
 
 def check_outputs(pipeline: Pipeline, path: str | Path) -> None:

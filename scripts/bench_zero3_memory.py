@@ -147,15 +147,18 @@ def launch(args: argparse.Namespace, report_dir: str) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-    lines = [f"{'rank':<6}{'after build MB':>16}{'anon/file MB':>14}{'peak RSS MB':>14}{'partitioned':>14}"
-             f"{'seconds':>10}"]  # fmt: skip
-    for row in rows:
-        split = f"{row['build_rssanon_mb']:.0f}/{row['build_rssfile_mb']:.0f}"
-        lines.append(f"{row['rank']:<6}{row['build_maxrss_mb']:>16.0f}{split:>14}{row['maxrss_mb']:>14.0f}"
-                     f"{len(row['partitioned_names']):>8}/{row['params']:<5}{row['seconds']:>10.1f}")  # fmt: skip
+    from atspeed.tables import text_table
+
+    cells = [
+        [str(row["rank"]), f"{row['build_maxrss_mb']:.0f}",
+         f"{row['build_rssanon_mb']:.0f}/{row['build_rssfile_mb']:.0f}", f"{row['maxrss_mb']:.0f}",
+         f"{len(row['partitioned_names'])}/{row['params']}", f"{row['seconds']:.1f}"]
+        for row in rows
+    ]  # fmt: skip
     build, peak = sum(r["build_maxrss_mb"] for r in rows), sum(r["maxrss_mb"] for r in rows)
-    lines.append(f"{'sum':<6}{build:>16.0f}{peak:>14.0f}")
-    return "\n".join(lines)
+    cells.append(["sum", f"{build:.0f}", "", f"{peak:.0f}", "", ""])
+    columns = ["rank", "after build MB", "anon/file MB", "peak RSS MB", "partitioned", "seconds"]
+    return text_table(columns, cells)
 
 
 def _parser() -> argparse.ArgumentParser:

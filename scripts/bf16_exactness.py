@@ -29,6 +29,7 @@ from atspeed.bench.workload import Workload, load_workload
 from atspeed.decoding.decoders import BoundDecoder
 from atspeed.decoding.settings import DecodeSettings
 from atspeed.items.trie import PrefixTrie
+from atspeed.tables import text_table
 
 
 def random_workload(requests: int, seed: int = 0) -> Workload:
@@ -113,11 +114,12 @@ def main(argv: list[str] | None = None) -> dict:
     rows = [compare(work, k, args, device) for k in args.ks]
     result = {"dtype": args.dtype, "device": str(device), "info": work.info, "rows": rows,
               "seconds": round(time.perf_counter() - started, 1)}  # fmt: skip
-    print(f"{'K':>3} {'lists':>6} {'draft: differs':>15} {'max gap':>8} {'self: differs':>14} {'calls/list':>10}")
+    cells = []
     for r in rows:
         gap = "-" if r["draft_max_deciding_gap"] is None else f"{r['draft_max_deciding_gap']:.3f}"
-        print(f"{r['K']:>3} {r['lists']:>6} {100 * r['draft_differs']:>14.1f}% {gap:>8} "
-              f"{100 * r['self_differs']:>13.1f}% {r['self_calls_per_list']:>10.2f}")  # fmt: skip
+        cells.append([str(r["K"]), str(r["lists"]), f"{100 * r['draft_differs']:.1f}%", gap,
+                      f"{100 * r['self_differs']:.1f}%", f"{r['self_calls_per_list']:.2f}"])  # fmt: skip
+    print(text_table(["K", "lists", "draft: differs", "max gap", "self: differs", "calls/list"], cells, left=0))
     if args.out:
         write_json(args.out, result)
     return result

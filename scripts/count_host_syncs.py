@@ -22,6 +22,7 @@ from atspeed.bench.host_syncs import HostSyncCounter  # noqa: E402
 from atspeed.bench.report import write_json  # noqa: E402
 from atspeed.decoding.decoders import BoundDecoder  # noqa: E402
 from atspeed.decoding.settings import DecodeSettings  # noqa: E402
+from atspeed.tables import text_table  # noqa: E402
 
 GRID = [(3, 6, 2, 60, 3), (10, 40, 3, 200, 4)]  # K, N, gamma, vocabulary, levels
 DECODERS = ["beam", "spec_strict", "spec_relaxed", "spec_relaxed_exact"]
@@ -48,9 +49,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--out")
     args = parser.parse_args(argv)
-    rows = []
-    head = f"{'K':>3} {'N':>3} {'gamma':>5} {'decoder':20} {'batch':>5} {'syncs/call':>10} {'ops/call':>8}"
-    print(f"{head} {'launches/call':>13}")
+    rows, cells = [], []
     for k, n, gamma, vocab, levels in GRID:
         world = speculative_world(vocab, levels, [30] * max(args.batch_sizes), seed=1, draft_seed=2, prompt_seed=3,
                                   items=3000)  # fmt: skip
@@ -58,8 +57,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
             for batch in args.batch_sizes:
                 row = count(name, world, DecodeSettings(num_beams=k, levels=levels, draft_beams=n, gamma=gamma), batch)
                 rows.append(row)
-                print(f"{k:>3} {n:>3} {gamma:>5} {name:20} {batch:>5} {row['syncs_per_call']:>10.2f} "
-                      f"{row['ops_per_call']:>8.0f} {row['launches_per_call']:>13.0f}")  # fmt: skip
+                cells.append([str(k), str(n), str(gamma), name, str(batch), f"{row['syncs_per_call']:.2f}",
+                              f"{row['ops_per_call']:.0f}", f"{row['launches_per_call']:.0f}"])  # fmt: skip
+    print(text_table(["K", "N", "gamma", "decoder", "batch", "syncs/call", "ops/call", "launches/call"], cells,
+                     left=0))  # fmt: skip
     if args.out:
         write_json(args.out, rows)
     return rows

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from atspeed.decoding.costs import forward_costs, ms_at
+from atspeed.tables import markdown_table
 
 __all__ = ["cost_table", "forward_costs", "predicted_ms_per_list", "tree_sizes"]
 
@@ -43,8 +44,5 @@ def predicted_ms_per_list(row: dict, target: dict[str, float], draft: dict[str, 
 def cost_table(costs: dict[str, dict[str, float]]) -> str:
     """Markdown: one row per model, one column per token count (ms per forward)."""
     columns = list(next(iter(costs.values())))
-    lines = ["| model | " + " | ".join(f"{c} tokens" if c != "prefill" else "prefill" for c in columns) + " |"]
-    lines.append("|" + "---|" * (len(columns) + 1))
-    for name, row in costs.items():
-        lines.append(f"| {name} | " + " | ".join(f"{row[c]:.2f}" for c in columns) + " |")
-    return "\n".join(lines)
+    header = ["model", *(f"{c} tokens" if c != "prefill" else "prefill" for c in columns)]
+    return markdown_table(header, ([name, *(f"{row[c]:.2f}" for c in columns)] for name, row in costs.items()))

@@ -13,11 +13,11 @@ at each stage switch, so the draft / verify / other split is the device's time, 
 
 from __future__ import annotations
 
-import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+from torch.utils import benchmark
 
 from atspeed.bench.host_syncs import HostSyncCounter
 from atspeed.bench.workload import Workload
@@ -136,6 +136,11 @@ class Runner:
         return {"syncs_per_call": counter.syncs / calls, "ops_per_call": (counter.ops - counter.model_ops) / calls}
 
 
+def median(seconds: list[float]) -> float:
+    """Median of timed passes, through ``torch.utils.benchmark``'s ``Measurement`` (one run per pass)."""
+    return benchmark.Measurement(1, seconds, benchmark.TaskSpec(stmt="decode pass", setup="")).median
+
+
 def time_group(runners: list[Runner], repeats: int, warmup: int) -> list[tuple[list[float], list[DecodeOutput]]]:
     """Seconds of each timed pass and the first pass's outputs, per runner.
 
@@ -189,7 +194,7 @@ def _fractions(stats: DecodeStats) -> dict[str, float | None]:
 def make_row(config: BenchConfig, seconds: list[float], outputs: list[DecodeOutput], work: Workload) -> dict:
     """One JSON row (speedups and HF equality are filled in by ``run_grid``)."""
     lists = sum(o.scores.shape[0] for o in outputs)
-    per_list = statistics.median(seconds) / lists
+    per_list = median(seconds) / lists
     stats = DecodeStats.merge(o.stats for o in outputs)
     summary = stats.summary(work.levels)
     spec = config.decoder in SPECULATIVE

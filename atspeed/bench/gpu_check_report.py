@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from atspeed.bench.cost_model import cost_table
 from atspeed.bench.report import table
+from atspeed.tables import markdown_table
 
 SECTIONS = ("gpu_tests", "smoke_bf16", "decode", "forward_costs", "memory")
 
@@ -13,15 +14,15 @@ def _gib(value: int | None) -> str:
 
 
 def status_table(report: dict) -> str:
-    lines = ["| section | status | seconds | peak GiB | note |", "|---|---|---|---|---|"]
+    rows = []
     for name in SECTIONS:
         s = report["sections"].get(name)
         if s is None:
-            lines.append(f"| {name} | not run | - | - | |")
+            rows.append([name, "not run", "-", "-", ""])
             continue
         note = (s.get("error") or s.get("reason") or "-").splitlines()[0][:160]
-        lines.append(f"| {name} | {s['status']} | {s['seconds']:.1f} | {_gib(s.get('peak_memory_bytes'))} | {note} |")
-    return "\n".join(lines)
+        rows.append([name, s["status"], f"{s['seconds']:.1f}", _gib(s.get("peak_memory_bytes")), note])
+    return markdown_table(["section", "status", "seconds", "peak GiB", "note"], rows)
 
 
 def _section_body(name: str, s: dict) -> list[str]:

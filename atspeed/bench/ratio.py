@@ -22,6 +22,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from atspeed.bench.cost_model import forward_costs, predicted_ms_per_list, tree_sizes
+from atspeed.tables import markdown_table
 
 # random Llamas of the issue's cost model: a 34.5 M-parameter target, and the Beauty target's shape as the draft
 SHAPES = {
@@ -86,13 +87,14 @@ def predict(report: dict, costs: dict) -> list[dict]:
 
 def table(rows: Sequence[dict]) -> str:
     """Markdown, best first within each K."""
-    lines = ["| K | decoder | N | gamma | M | calls/list | verified/call | forwards ms | host ms | predicted ms "
-             "| x beam (predicted) |", "|" + "---|" * 11]  # fmt: skip
+    columns = ["K", "decoder", "N", "gamma", "M", "calls/list", "verified/call", "forwards ms", "host ms",
+               "predicted ms", "x beam (predicted)"]  # fmt: skip
+    lines = []
     for row in sorted(rows, key=lambda r: (r["K"], -(r["x_beam"] or 0))):
         budget = "self" if row["draft"] == "target" else ("-" if row["budget"] is None else row["budget"])
         cells = [row["K"], row["decoder"], row["N"] or "-", row["gamma"] or "-", budget if row["N"] else "-",
                  f"{row['target_calls_per_list']:.2f}", f"{row['verified_nodes_per_call'] or 0:.1f}",
                  f"{row['forward_ms']:.1f}", f"{row['host_ms']:.1f}", f"{row['predicted_ms_per_list']:.1f}",
                  f"{row['x_beam']:.2f}x"]  # fmt: skip
-        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
-    return "\n".join(lines)
+        lines.append(cells)
+    return markdown_table(columns, lines)

@@ -16,6 +16,7 @@ import transformers
 from atspeed.atomic import write_text_atomic
 from atspeed.decoding.decoders import SPECULATIVE
 from atspeed.pipeline import cell
+from atspeed.tables import text_table
 
 
 def cpu_model() -> str | None:
@@ -55,27 +56,27 @@ def check_timing_flags(p: argparse.ArgumentParser, args: argparse.Namespace) -> 
         p.error("--device cuda: no CUDA device available")
 
 
-# (header, row key, width, format)
+# (header, row key, format)
 COLUMNS = (
-    ("decoder", "decoder", 18, "s"),
-    ("K", "K", 3, "d"),
-    ("b", "batch_size", 3, "d"),
-    ("N", "N", 4, "d"),
-    ("gam", "gamma", 3, "d"),
-    ("M", "budget_text", 4, "s"),  # budget: drafted nodes verified per call ("-": all; "self": the target drafts)
-    ("ver", "verified_nodes_per_call", 5, ".1f"),
-    ("ms/list", "ms_per_list", 9, ".2f"),
-    ("pred", "predicted_ms_per_list", 7, ".2f"),  # from the cost model (batch 1)
-    ("lists/s", "lists_per_second", 8, ".1f"),
-    ("xHF", "speedup_vs_hf", 6, ".2f"),
-    ("xbeam", "speedup_vs_beam", 6, ".2f"),
-    ("calls", "target_calls_per_list", 6, ".2f"),
-    ("drafts", "draft_calls_per_list", 6, ".2f"),
-    ("acc", "mean_accepted_depth", 5, ".2f"),
-    ("draft%", "draft_pct", 6, ".0f"),
-    ("sync", "syncs_per_call", 5, ".2f"),  # host syncs per target call (one counted pass, untimed)
-    ("ops", "ops_per_call", 5, ".0f"),  # eager aten ops per target call outside the models
-    ("=HF", "equals_hf", 4, "s"),
+    ("decoder", "decoder", "s"),
+    ("K", "K", "d"),
+    ("b", "batch_size", "d"),
+    ("N", "N", "d"),
+    ("gam", "gamma", "d"),
+    ("M", "budget_text", "s"),  # budget: drafted nodes verified per call ("-": all; "self": the target drafts)
+    ("ver", "verified_nodes_per_call", ".1f"),
+    ("ms/list", "ms_per_list", ".2f"),
+    ("pred", "predicted_ms_per_list", ".2f"),  # from the cost model (batch 1)
+    ("lists/s", "lists_per_second", ".1f"),
+    ("xHF", "speedup_vs_hf", ".2f"),
+    ("xbeam", "speedup_vs_beam", ".2f"),
+    ("calls", "target_calls_per_list", ".2f"),
+    ("drafts", "draft_calls_per_list", ".2f"),
+    ("acc", "mean_accepted_depth", ".2f"),
+    ("draft%", "draft_pct", ".0f"),
+    ("sync", "syncs_per_call", ".2f"),  # host syncs per target call (one counted pass, untimed)
+    ("ops", "ops_per_call", ".0f"),  # eager aten ops per target call outside the models
+    ("=HF", "equals_hf", "s"),
 )
 
 
@@ -100,13 +101,8 @@ def table(rows: list[dict]) -> str:
             "budget_text": _budget_text(row),
         }
 
-    def line(cells: list[str]) -> str:  # the first column left-aligned, numbers right-aligned
-        widths = [w for _, _, w, _ in COLUMNS]
-        return " ".join(f"{c:>{w}}" if i else f"{c:<{w}}" for i, (c, w) in enumerate(zip(cells, widths, strict=True)))
-
-    header = line([h for h, _, _, _ in COLUMNS])
-    body = [line([cell(row[key], fmt) for _, key, _, fmt in COLUMNS]) for row in map(fields, rows)]
-    return "\n".join([header, "-" * len(header), *body])
+    body = ([cell(row[key], fmt) for _, key, fmt in COLUMNS] for row in map(fields, rows))
+    return text_table([h for h, _, _ in COLUMNS], body)
 
 
 def write_json(path: str | Path, report: dict) -> None:

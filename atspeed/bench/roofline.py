@@ -23,6 +23,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
+from atspeed.tables import markdown_table
+
 
 @dataclass(frozen=True)
 class Hardware:
@@ -126,11 +128,9 @@ def calls_from_report(report: dict, ks: Sequence[int], n: int, gamma: int) -> li
 
 def table(rows: Sequence[dict]) -> str:
     """Markdown, every number labelled predicted."""
-    lines = ["| hardware | K | target calls | draft calls | tree | beam ms (pred.) | spec ms (pred.) "
-             "| x beam (pred.) | x beam, +1 ms host/call | change per host ms |", "|" + "---|" * 10]  # fmt: skip
-    for r in rows:
-        cells = [r["hardware"], r["k"], f"{r['target_calls']:.2f}", f"{r['draft_calls']:.2f}", f"{r['tree']:.0f}",
-                 f"{r['beam_ms']:.2f}", f"{r['spec_ms']:.2f}", f"{r['ratio']:.2f}x",
-                 f"{r['ratio_plus_1ms_host']:.2f}x", f"{r['per_host_ms']:+.3f}"]  # fmt: skip
-        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
-    return "\n".join(lines)
+    columns = ["hardware", "K", "target calls", "draft calls", "tree", "beam ms (pred.)", "spec ms (pred.)",
+               "x beam (pred.)", "x beam, +1 ms host/call", "change per host ms"]  # fmt: skip
+    cells = ([r["hardware"], r["k"], f"{r['target_calls']:.2f}", f"{r['draft_calls']:.2f}", f"{r['tree']:.0f}",
+              f"{r['beam_ms']:.2f}", f"{r['spec_ms']:.2f}", f"{r['ratio']:.2f}x",
+              f"{r['ratio_plus_1ms_host']:.2f}x", f"{r['per_host_ms']:+.3f}"] for r in rows)  # fmt: skip
+    return markdown_table(columns, cells)

@@ -12,7 +12,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from atspeed.data.datamodule import EvalSpec, RecDataModule
-from atspeed.data.export_dir import check_same_identifiers, read_export
+from atspeed.data.export_dir import ExportMeta, check_same_identifiers
 from atspeed.errors import DataError
 from atspeed.items.trie import PrefixTrie
 from atspeed.models.build import load_model
@@ -66,7 +66,7 @@ def load_workload(
     seed: int = 0,
 ) -> Workload:
     """The exported target and draft, and ``requests`` test requests (a seeded random subset) of the dataset."""
-    meta = read_export(target_dir)
+    meta = ExportMeta.load(target_dir)
     check_same_identifiers(target_dir, draft_dir, "--draft")
     dm = RecDataModule(
         source=source, path=path, index_key_offset=index_key_offset, split=split, model_dir=target_dir,
@@ -83,13 +83,13 @@ def load_workload(
         "draft": str(draft_dir),
         "data": {"source": source, "path": path, "index_key_offset": index_key_offset, "split": split},
         "items": len(prepared.index),
-        "dataset": meta.get("dataset"),
+        "dataset": meta.dataset,
     }
     return Workload(
         target=load_model(target_dir, dtype),
         draft=load_model(draft_dir, dtype),
         trie=prepared.trie,
-        levels=int(meta["levels"]),
+        levels=meta.levels,
         pad_token_id=int(prepared.tokenizer.pad_token_id),
         prompts=prompts,
         targets=[list(t) for _, _, t in chosen],

@@ -21,7 +21,7 @@ from peft import PeftModel
 from transformers import PreTrainedModel
 
 from atspeed.atomic import atomic_directory, check_replaceable
-from atspeed.data.export_dir import INDEX_FILE, META_FILE
+from atspeed.data.export_dir import INDEX_FILE, ExportMeta
 from atspeed.errors import DataError
 from atspeed.models.zero3 import cpu_copy, partitioned
 from atspeed.preflight import check_output_dir
@@ -49,21 +49,16 @@ def write_export(
     """``save_pretrained`` + tokenizer + ``index.json`` + ``atspeed.json`` into ``dirpath``, atomically (``key`` names
     the setting in the message when ``dirpath`` may not be replaced)."""
     prepared = dm.prepared
-    meta = {
-        "prompt": dm.hparams.prompt,
-        "max_history": dm.hparams.max_history,
-        "levels": prepared.index.levels,
-        "constraint": dm.hparams.constraint,
-        "dataset": prepared.data.name,
-        "split": dm.hparams.split,
-        "global_step": global_step,
-        "export_id": uuid.uuid4().hex,  # tells two exports apart (teacher data names the one it came from)
-    }
+    hp = dm.hparams
+    meta = ExportMeta(
+        prompt=hp.prompt, max_history=hp.max_history, levels=prepared.index.levels, constraint=hp.constraint,
+        dataset=prepared.data.name, split=hp.split, global_step=global_step, export_id=uuid.uuid4().hex,
+    )  # fmt: skip
     with atomic_directory(dirpath, key) as tmp:
         model.save_pretrained(tmp)
         prepared.tokenizer.save_pretrained(tmp)
         (tmp / INDEX_FILE).write_text(json.dumps(prepared.index.to_mapping()), encoding="utf-8")
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
+        meta.save(tmp)
     log.info("exported the model to %s", Path(dirpath).resolve())
 
 

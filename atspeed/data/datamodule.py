@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
 from atspeed.data.batches import EvalCollator, PromptEncoder, TrainCollator
-from atspeed.data.export_dir import INDEX_FILE, read_export
+from atspeed.data.export_dir import INDEX_FILE, ExportMeta
 from atspeed.data.item_index import SemanticIdSpec, align_items, build_index, load_index
 from atspeed.data.prompts import PAPER_PROMPT, check_template, render_prompt
 from atspeed.data.sampler import resumable_loader
@@ -123,10 +123,10 @@ class RecDataModule(pl.LightningDataModule):
         super().__init__()
         self.save_hyperparameters()
         if model_dir is not None:
-            meta = read_export(model_dir)
+            meta = ExportMeta.load(model_dir)
             for key in ("prompt", "max_history", "constraint"):
-                self.hparams[key] = meta[key]
-            prompt = meta["prompt"]
+                self.hparams[key] = getattr(meta, key)
+            prompt = meta.prompt
             index_file, tokenizer = str(Path(model_dir) / INDEX_FILE), model_dir
             self.hparams.update(index_file=index_file, tokenizer=tokenizer, extend_tokenizer=False)
         self.hparams.semantic_ids = semantic_ids or SemanticIdSpec()

@@ -26,12 +26,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import BaseModel, ConfigDict, NonNegativeInt
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from atspeed.atomic import atomic_file, write_text_atomic
 from atspeed.data.export_dir import INDEX_FILE, META_FILE
-from atspeed.data.json_file import read_json
+from atspeed.data.json_file import read_json, validated
 from atspeed.errors import DataError
 
 FORMAT = "atspeed-teacher-1"
@@ -102,15 +103,49 @@ def read_shard_info(path: Path) -> ShardInfo:
     return ShardInfo(path, int(meta["rank"]), int(meta["samples"]), meta["fingerprint"])
 
 
+class ManifestShard(BaseModel):
+    model_config = ConfigDict(strict=True)
+
+    file: str
+    rank: NonNegativeInt
+    samples: NonNegativeInt
+    sha256: str | None = None
+    """None: written before atspeed recorded the hashes."""
+
+
+class ManifestFingerprint(BaseModel):
+    """``fingerprint``'s result as the manifest stores it (its other keys are kept as they are)."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+
+    hash: str
+    settings: dict[str, Any]
+
+
+class TeacherManifest(BaseModel):
+    """``manifest.json``: written by ``write_manifest``, read by ``read_manifest``."""
+
+    model_config = ConfigDict(strict=True)
+
+    fingerprint: ManifestFingerprint
+    samples: NonNegativeInt
+    shards: list[ManifestShard]
+
+
+def read_manifest(path: Path) -> TeacherManifest:
+    """The manifest at ``path``; DataError naming the file and key when it is not one."""
+    return validated(TeacherManifest, read_json(path, "teacher manifest"), path)
+
+
 def existing_shards(root: str | Path, expected: Mapping[str, Any]) -> list[ShardInfo]:
     """The complete shards under ``root``, after checking they (and any manifest) match ``expected`` (a
     ``fingerprint``): teacher data of another target, index or settings is refused, never mixed or overwritten."""
     root = Path(root)
     manifest = root / MANIFEST
     if manifest.exists():
-        found = read_json(manifest, "teacher manifest")
-        if not isinstance(found, dict) or found.get("fingerprint", {}).get("hash") != expected["hash"]:
-            raise DataError(_mismatch(manifest, found.get("fingerprint", {}) if isinstance(found, dict) else {}))
+        found = read_manifest(manifest).fingerprint
+        if found.hash != expected["hash"]:
+            raise DataError(_mismatch(manifest, found.model_dump()))
     shards = [read_shard_info(path) for path in sorted(root.glob("shard-r*-*.safetensors"))]
     for shard in shards:
         if shard.fingerprint_hash != expected["hash"]:
@@ -141,9 +176,9 @@ def write_shard(root: str | Path, rank: int, number: int, tensors: Mapping[str, 
 
 def write_manifest(root: str | Path, fp: Mapping[str, Any], shards: list[ShardInfo]) -> None:
     """``manifest.json``: the fingerprint and every shard (file, rank, samples, sha256 of its bytes)."""
-    entries = [{"file": s.path.name, "rank": s.rank, "samples": s.samples, "sha256": _sha256(s.path)} for s in shards]
-    body = {"fingerprint": dict(fp), "samples": sum(s.samples for s in shards), "shards": entries}
-    write_text_atomic(Path(root) / MANIFEST, json.dumps(body, indent=2) + "\n")
+    entries = [ManifestShard(file=s.path.name, rank=s.rank, samples=s.samples, sha256=_sha256(s.path)) for s in shards]
+    body = TeacherManifest(fingerprint=dict(fp), samples=sum(s.samples for s in shards), shards=entries)
+    write_text_atomic(Path(root) / MANIFEST, json.dumps(body.model_dump(), indent=2) + "\n")
 
 
 def teacher_fingerprint(target_dir: str | Path, teacher_dir: str | Path) -> dict[str, Any]:
@@ -152,11 +187,7 @@ def teacher_fingerprint(target_dir: str | Path, teacher_dir: str | Path) -> dict
     manifest = Path(teacher_dir) / MANIFEST
     if not manifest.is_file():
         raise DataError(f"{manifest}: no teacher manifest (run the teacher stage first, or let it finish)")
-    found = read_json(manifest, "teacher manifest")
-    settings = found.get("fingerprint", {}).get("settings") if isinstance(found, dict) else None
-    if not isinstance(settings, dict):
-        raise DataError(f"{manifest}: no fingerprint settings: not an atspeed teacher manifest")
-    return fingerprint(target_dir, settings)
+    return fingerprint(target_dir, read_manifest(manifest).fingerprint.settings)
 
 
 _VERIFIED: set[tuple[str, int, int, str]] = set()  # (file, size, mtime, sha256) checked in this process
@@ -164,13 +195,13 @@ _VERIFIED: set[tuple[str, int, int, str]] = set()  # (file, size, mtime, sha256)
 
 def _listed_hashes(manifest: Path) -> dict[str, str]:
     """{shard file name: sha256} from the manifest; DataError when it predates the hashes."""
-    entries = read_json(manifest, "teacher manifest").get("shards", [])
-    if any("sha256" not in entry for entry in entries):
+    entries = read_manifest(manifest).shards
+    if any(entry.sha256 is None for entry in entries):
         raise DataError(
             f"{manifest}: no sha256 for its shards (teacher data written before atspeed recorded them, so an edited "
             "shard would go unnoticed): regenerate the teacher data with the teacher stage"
         )
-    return {entry["file"]: entry["sha256"] for entry in entries}
+    return {entry.file: entry.sha256 for entry in entries}
 
 
 def _verify(path: Path, sha256: str, manifest: Path) -> None:

@@ -108,8 +108,8 @@ class StageClock:
     STAGES = ("draft", "verify", "other")
 
     def __init__(self, device: torch.device, sync: bool = False) -> None:
-        cuda = torch.device(device).type == "cuda"
-        self.events, self.sync = cuda and not sync, cuda and sync
+        self.device = torch.device(device)
+        self.events = self.device.type == "cuda" and not sync
         self.seconds = dict.fromkeys(self.STAGES, 0.0)
         self.spans: list[tuple[str, object, object]] = []
         self.stage = "other"
@@ -120,9 +120,7 @@ class StageClock:
             event = torch.cuda.Event(enable_timing=True)
             event.record()
             return event
-        if self.sync:
-            torch.cuda.synchronize()
-        return time.perf_counter()
+        return synced_now(self.device)
 
     def switch(self, stage: str) -> None:
         """Charge the time since the last switch to the current stage, then start ``stage``."""

@@ -52,6 +52,7 @@ from atspeed.errors import DataError
 from atspeed.losses import LOSSES, LossName, LossOptions, beam_weights, check_loss, check_support, check_top_k, reduce
 from atspeed.models.build import DType, ModelSpec, build_causal_lm, load_model, outside_zero_init, unpartitioned
 from atspeed.modules.optim import adamw_cosine
+from atspeed.tables import text_table
 
 TeacherMode = Literal["cached", "recompute", "on_policy"]
 GENERATOR_KEY = "on_policy_generator"  # checkpoint entry: the on-policy mixing generator's state
@@ -301,4 +302,4 @@ class Align(pl.LightningModule):
     def on_fit_end(self) -> None:
         found = {k: float(v) for k, v in self.trainer.callback_metrics.items() if k.startswith("val/")}
         if found:
-            rank_zero_info("\n".join(f"{k:<28}{v:>10.4f}" for k, v in sorted(found.items())))
+            rank_zero_info(text_table(["metric", "value"], ([k, f"{v:.4f}"] for k, v in sorted(found.items()))))

@@ -10,7 +10,6 @@ order), which gives the decoder's speed ratio over beam search measured in the s
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,7 +21,8 @@ from jsonargparse.typing import NonNegativeInt, PositiveInt
 
 from atspeed.callbacks.predictions import prediction_rows
 from atspeed.data.datamodule import RecDataModule
-from atspeed.data.export_dir import INDEX_FILE, check_same_identifiers, read_export
+from atspeed.data.export_dir import INDEX_FILE, ExportMeta, check_same_identifiers
+from atspeed.data.json_file import read_json
 from atspeed.decoding.decoders import (
     SPECULATIVE,
     BoundDecoder,
@@ -37,6 +37,7 @@ from atspeed.errors import DataError
 from atspeed.metrics.ranking import RankingMetrics
 from atspeed.models.build import DType, load_model, model_config
 from atspeed.modules.decode_tally import DecodeTally, gather_batches, merged_stats, speed_summary
+from atspeed.tables import text_table
 from atspeed.wandb_log import log_predict_tables
 
 log = logging.getLogger(__name__)
@@ -95,7 +96,7 @@ class Recommender(pl.LightningModule):
             raise ValueError(f"model.eval_ks: K = {max(eval_ks)} exceeds model.num_beams = {num_beams}")
         if decoder in SPECULATIVE and draft is None:
             raise ValueError(f"model.draft: decoder {decoder} needs a draft model directory")
-        self.meta = read_export(target)
+        self.meta = ExportMeta.load(target)
         if draft is not None and decoder in SPECULATIVE:
             check_same_identifiers(target, draft)
         self.target_model: torch.nn.Module | None = None
@@ -114,16 +115,16 @@ class Recommender(pl.LightningModule):
     def settings(self) -> DecodeSettings:
         hp = self.hparams
         pad = self.dm.prepared.tokenizer.pad_token_id
-        levels = int(self.meta["levels"])
+        levels = self.meta.levels
         return DecodeSettings(hp.num_beams, levels, hp.draft_beams, hp.gamma, pad, hp.seed, hp.budget)
 
     def setup(self, stage: str) -> None:
         """Before any weights load: same identifiers as the target, prompts that fit both contexts, K <= items."""
         hp, prepared = self.hparams, self.dm.prepared
-        if prepared.index.to_mapping() != json.loads((Path(hp.target) / INDEX_FILE).read_text()):
+        if prepared.index.to_mapping() != read_json(Path(hp.target) / INDEX_FILE, INDEX_FILE):
             raise DataError(f"data: the item index differs from {hp.target}/{INDEX_FILE}; set data.model_dir")
         check_list_length(hp.num_beams, len(prepared.index), "model.num_beams")
-        longest, levels = self.dm.longest_prompt(), int(self.meta["levels"])
+        longest, levels = self.dm.longest_prompt(), self.meta.levels
         check_context(model_config(hp.target), longest, levels)
         if hp.decoder in SPECULATIVE:
             check_context(model_config(hp.draft), longest, levels, "draft")
@@ -171,7 +172,7 @@ class Recommender(pl.LightningModule):
         local = self.tally.local_stats()
         if local is None:
             return {}
-        summary = local.summary(int(self.meta["levels"]))
+        summary = local.summary(self.meta.levels)
         return {"calls/list": summary["target_calls_per_list"], "accepted": summary["mean_accepted_depth"]}
 
     def on_predict_epoch_end(self) -> None:
@@ -186,7 +187,7 @@ class Recommender(pl.LightningModule):
             "draft": hp.draft if hp.decoder in SPECULATIVE else None,
             "settings": {k: hp[k] for k in ("num_beams", "draft_beams", "gamma", "budget")},
             "metrics": metrics,
-            "decode": merged.summary(int(self.meta["levels"])) if merged else {},
+            "decode": merged.summary(self.meta.levels) if merged else {},
             "accepted_histogram": merged.histogram(hp.gamma) if merged else [],
             "speed": speed_summary(ranks),
         }
@@ -198,10 +199,10 @@ class Recommender(pl.LightningModule):
         results = self.results
         speed = {key: value for key, value in results["speed"].items() if key in SPEED_KEYS}
         rows = results["metrics"] | results["decode"] | speed
-        lines = [f"{name:<22}{value:>12.4f}" for name, value in rows.items()]
+        lines = [[name, f"{value:.4f}"] for name, value in rows.items()]
         if self.hparams.decoder in SPECULATIVE and results["decode"]:
-            lines.append(f"{'accepted depths':<22}{results['accepted_histogram']!s:>12}")
-        log.info("decoded with %s:\n%s", self.hparams.decoder, "\n".join(lines))
+            lines.append(["accepted depths", str(results["accepted_histogram"])])
+        log.info("decoded with %s:\n%s", self.hparams.decoder, text_table(["metric", "value"], lines))
 
     def summary_metrics(self) -> dict[str, float]:
         """The results as flat numbers: the ranking metrics under their own names (``test/recall@10``, ...), every

@@ -20,6 +20,7 @@ from atspeed.metrics.ranking import RankingMetrics, popularity_ranking
 from atspeed.models.build import LoraSpec, ModelSpec, apply_lora, build_causal_lm, context_length
 from atspeed.models.zero3 import zero3_config
 from atspeed.modules.optim import adamw_cosine
+from atspeed.tables import text_table
 
 
 class SFT(pl.LightningModule):
@@ -174,11 +175,11 @@ class SFT(pl.LightningModule):
                 "`python -m atspeed validate --config ... --ckpt_path last` measures the model"
             )
             return
-        lines = [f"{'metric':<14}{'model':>10}{'most-popular':>14}"]
+        rows = []
         for name in (f"{m}@{k}" for m in ("recall", "ndcg") for k in self.hparams.eval_ks):
             model, pop = found.get(f"val/{name}", nan), baseline.get(f"val/pop_{name}", nan)
-            lines.append(f"{'val/' + name:<14}{float(model):>10.4f}{pop:>14.4f}")
-        rank_zero_info("\n".join(lines))
+            rows.append([f"val/{name}", f"{float(model):.4f}", f"{pop:.4f}"])
+        rank_zero_info(text_table(["metric", "model", "most-popular"], rows))
 
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
         items, scores = self.recommend(batch)

@@ -18,7 +18,7 @@ import torch
 from jsonargparse.typing import PositiveInt
 
 from atspeed.data.datamodule import RecDataModule
-from atspeed.data.export_dir import read_export
+from atspeed.data.export_dir import ExportMeta
 from atspeed.decoding.decoders import check_context, check_list_length
 from atspeed.decoding.teacher import teacher_targets
 from atspeed.errors import DataError
@@ -54,7 +54,7 @@ class Teacher(pl.LightningModule):
         """
         super().__init__()
         self.save_hyperparameters()
-        self.meta = read_export(target)
+        self.meta = ExportMeta.load(target)
         self.target_model: torch.nn.Module | None = None
         self.skip: set[int] = set()
         """Sample ids already in complete shards (set by ``TeacherShardWriter`` before predicting)."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
-import importlib
+import pkgutil
 from pathlib import Path
 from typing import Any
 
@@ -15,10 +15,9 @@ SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
 
 def _module_class(class_path: str) -> type | None:
-    module, _, name = class_path.rpartition(".")
     try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError):
+        return pkgutil.resolve_name(class_path)
+    except (ImportError, AttributeError, ValueError):
         return None
 
 

@@ -12,6 +12,7 @@ from atspeed.atomic import atomic_file, write_text_atomic
 from atspeed.errors import DataError
 from atspeed.sweep.runner import SweepState
 from atspeed.sweep.spec import Sweep
+from atspeed.tables import text_table
 
 
 def check_plotting() -> None:
@@ -40,7 +41,7 @@ def best(sweep: Sweep, state: SweepState):
 
 
 def table_text(table: list[dict]) -> str:
-    """A fixed-width text table of ``rows``."""
+    """A text table of ``rows``."""
     if not table:
         return "(no runs)"
     columns = list(dict.fromkeys(key for row in table for key in row))
@@ -50,11 +51,7 @@ def table_text(table: list[dict]) -> str:
             return f"{value:.4g}"
         return "" if value is None else str(value)
 
-    cells = [[cell(row.get(c)) for c in columns] for row in table]
-    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
-    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in cells]
-    return "\n".join(lines)
+    return text_table(columns, ([cell(row.get(c)) for c in columns] for row in table), left=len(columns))
 
 
 def _write_csv(path: Path, table: list[dict]) -> None:

@@ -21,7 +21,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel
+
 from atspeed.atomic import write_text_atomic
+from atspeed.data.json_file import read_json, validated
 from atspeed.errors import SIGTERM_EXIT, DataError
 from atspeed.sweep.spec import Sweep, plain
 
@@ -50,6 +53,14 @@ class RunRecord:
         return self.summary.get(name)
 
 
+class StateFile(BaseModel):
+    """What ``state.json`` holds (``SweepState.save`` writes it)."""
+
+    sweep_id: str
+    config: dict
+    runs: list[RunRecord]
+
+
 @dataclass
 class SweepState:
     """``<dir>/state.json``: the sweep's identity (its file's content) and its runs so far."""
@@ -63,11 +74,8 @@ class SweepState:
         path = out_dir / STATE_FILE
         if not path.is_file():
             return cls(uuid.uuid4().hex[:8], sweep.config, [])
-        try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
-            state = cls(raw["sweep_id"], raw["config"], [RunRecord(**run) for run in raw["runs"]])
-        except (ValueError, KeyError, TypeError) as err:
-            raise DataError(f"{path}: not a sweep state file written by atspeed ({err})") from None
+        raw = validated(StateFile, read_json(path, "sweep state file"), path)
+        state = cls(raw.sweep_id, raw.config, raw.runs)
         if state.config != sweep.config:
             raise DataError(
                 f"{path}: this directory holds a sweep of another configuration than {sweep.path} now has; resume "

@@ -12,8 +12,11 @@ import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+from pydantic import BaseModel, ConfigDict
+
+from atspeed.data.json_file import validated
 from atspeed.errors import DataError
 from atspeed.yaml_file import read_yaml
 
@@ -51,12 +54,32 @@ def format_arg(name: str, value: Any) -> str:
     return f"--{name}={plain(value)}"
 
 
+class Metric(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    name: str
+    goal: Literal["minimize", "maximize"] = "minimize"
+
+
+class SweepFile(BaseModel):
+    """What the offline runner reads of a sweep file (W&B's schema checks the rest; other keys are W&B's)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    method: str
+    metric: Metric
+    parameters: dict[str, dict[str, Any]]
+    command: list[Any] = list(DEFAULT_COMMAND)
+    program: str | None = None
+
+
 @dataclass(frozen=True)
 class Sweep:
-    """A validated sweep file."""
+    """A validated sweep file: ``config`` as written (what W&B's search engine takes), ``spec`` its typed view."""
 
     path: Path
     config: dict
+    spec: SweepFile
 
     @property
     def name(self) -> str:
@@ -64,25 +87,25 @@ class Sweep:
 
     @property
     def method(self) -> str:
-        return self.config["method"]
+        return self.spec.method
 
     @property
     def metric(self) -> str:
-        return self.config["metric"]["name"]
+        return self.spec.metric.name
 
     @property
     def goal(self) -> str:
-        return self.config["metric"].get("goal", "minimize")
+        return self.spec.metric.goal
 
     @property
     def parameters(self) -> dict[str, dict]:
-        return self.config["parameters"]
+        return self.spec.parameters
 
     def argv(self, values: dict[str, Any]) -> list[str]:
         """What follows ``python -m atspeed`` for a run with these parameter values."""
-        program = str(self.config.get("program", ""))
+        program = self.spec.program or ""
         words: list[str] = []
-        for word in self.config.get("command", DEFAULT_COMMAND):
+        for word in self.spec.command:
             if word == "${args}":
                 words += [format_arg(name, value) for name, value in values.items()]
             elif word == "${args_no_equals}":
@@ -111,23 +134,18 @@ def read_sweep(path: str | Path, count: int | None = None) -> Sweep:
     """The sweep file, checked against W&B's sweep schema and atspeed's command form (``DataError`` otherwise)."""
     path = Path(path)
     config = read_yaml(path, "sweep file")
-    if not isinstance(config, dict):
-        raise DataError(f"{path}: expected a W&B sweep configuration (a mapping with method, metric, parameters)")
+    spec = validated(SweepFile, config, path)
     violations = _sweeps().schema_violations_from_proposed_config(config)
     if violations:
         raise DataError(f"{path}: not a valid W&B sweep configuration: {'; '.join(violations)}")
-    if "metric" not in config or "name" not in config["metric"]:
-        raise DataError(f"{path}: metric.name: the runner needs the metric to optimise and tabulate")
-    if "parameters" not in config:
-        raise DataError(f"{path}: parameters: the runner needs parameters to sweep")
-    command = [str(word) for word in config.get("command", DEFAULT_COMMAND)]
+    command = [str(word) for word in spec.command]
     if bad := [word for word in command if word.startswith("${args") and word not in ARGS_MACROS]:
         raise DataError(f"{path}: command: {bad[0]} is not supported: atspeed takes --key=value overrides (${{args}})")
     if not any(word in ARGS_MACROS for word in command):
         raise DataError(f"{path}: command: needs ${{args}} (where W&B puts --<parameter>=<value>)")
-    if "${program}" in command and "program" not in config:
+    if "${program}" in command and spec.program is None:
         raise DataError(f"{path}: program: the command uses ${{program}} (set program: atspeed)")
-    sweep = Sweep(path, config)
+    sweep = Sweep(path, config, spec)
     sweep.argv({})  # the command runs atspeed
     if count is None and sweep.method in METHODS_NEEDING_COUNT:
         raise DataError(f"{path}: method {sweep.method} never ends by itself: give --count (the number of runs)")

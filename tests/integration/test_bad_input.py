@@ -262,6 +262,15 @@ def test_prompts_longer_than_the_targets_context_are_refused_before_decoding(exp
     assert not (tmp_path / "o" / "p.jsonl").exists()
 
 
+def test_a_bad_atspeed_json_names_the_file_and_key(exported, tmp_path, capsys) -> None:
+    bad = tmp_path / "bad"
+    shutil.copytree(exported[1], bad)
+    meta = json.loads((bad / "atspeed.json").read_text())
+    (bad / "atspeed.json").write_text(json.dumps(meta | {"levels": "two"}))
+    err = fails(decode_args(exported, tmp_path / "o", "--model.init_args.target", str(bad)), capsys, "predict")
+    assert f"{bad / 'atspeed.json'}: levels:" in err
+
+
 def test_a_predictions_path_that_is_a_directory(exported, tmp_path, capsys) -> None:
     (tmp_path / "p.jsonl").mkdir()
     err = fails(decode_args(exported, tmp_path), capsys, "predict")

@@ -87,12 +87,15 @@ def test_interrupted_pipeline_continues_and_summarises(tmp_path) -> None:
 @pytest.mark.parametrize(
     ("content", "message"),
     [
-        ("stages: []", "stages: expected a non-empty list"),
-        ("stages:\n  - {name: a, run: fit}", "stages[0]: expected exactly the keys name, run, output"),
+        ("stages: []", "stages: List should have at least 1 item"),
+        ("stages:\n  - {name: a, run: fit}", "stages[0].output: Field required"),
         ("stages:\n  - {name: a, run: train --x 1, output: o}", "stages[0].run: must start with one of fit"),
         ("stages:\n  - {name: a, run: fit, output: o}\n  - {name: a, run: fit, output: p}", "stages[1].name"),
-        ("stages:\n  - {name: a, run: fit, output: o}\nextra: 1", "unknown keys ['extra']"),
+        ("stages:\n  - {name: a, run: fit, output: o}\nextra: 1", "extra: Extra inputs are not permitted"),
         ("stages: [unclosed", "not a YAML pipeline file"),
+        ("stages:\n  - {name: a, run: [fit, 1], output: o}", "stages[0].run"),
+        ("stages:\n  - {name: a, run: fit, output: o}\nsummary: [s.json]", "summary: Input should be a valid string"),
+        ("- {name: a, run: fit, output: o}", "top level: Input should be a valid dictionary"),
     ],
 )
 def test_bad_pipeline_file_names_the_key(tmp_path, content, message) -> None:

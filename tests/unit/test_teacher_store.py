@@ -1,6 +1,7 @@
 """Teacher shards: written whole or not at all, read back per sample, refused when made by another target."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -188,6 +189,29 @@ def test_a_manifest_without_hashes_is_refused(tmp_path, target) -> None:
     (root / MANIFEST).write_text(json.dumps(body))
     with pytest.raises(DataError, match=r"manifest\.json: no sha256 for its shards .*regenerate the teacher data"):
         TeacherStore(root, fp)
+
+
+@pytest.mark.parametrize(
+    ("change", "key"),
+    [
+        ({"shards": "shard-r0-00000.safetensors"}, "shards"),
+        (
+            {"shards": [{"file": "shard-r0-00000.safetensors", "rank": "0", "samples": 2, "sha256": "ab"}]},
+            "shards[0].rank",
+        ),
+        ({"fingerprint": {"settings": {}}}, "fingerprint.hash"),
+        ({"samples": None}, "samples"),
+    ],
+)
+def test_a_malformed_manifest_names_the_file_and_key(tmp_path, target, change, key) -> None:
+    """Not reported as teacher data of another target, nor as a manifest written before the hashes."""
+    fp = fingerprint(target, SETTINGS)
+    root = tmp_path / "teacher"
+    _complete(root, fp)
+    (root / MANIFEST).write_text(json.dumps(json.loads((root / MANIFEST).read_text()) | change))
+    with pytest.raises(DataError, match=rf"manifest\.json: {re.escape(key)}: ") as err:
+        TeacherStore(root, fp)
+    assert "\n" not in str(err.value)
 
 
 def test_stored_float16_rows_stack_inside_a_bf16_mixed_step_on_the_cpu() -> None:
