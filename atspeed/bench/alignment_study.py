@@ -1,12 +1,13 @@
 """The draft-alignment study (issue 20): which drafts it trains, and the pipeline stages that train them.
+
 Drafts: the SFT draft (loss ``none``), then per alignment loss and per seed of ``seeds`` a copy of it aligned on the
 teacher data of the configs (``last``: Beauty's teacher.yaml and align.yaml take the last training sample of each user);
 per loss of ``sliding_losses`` the same on the teacher data of every prefix (``sliding``, the paper's); per loss of
 ``on_policy_losses`` the same with on-policy batches (``model.teacher on_policy``); and a larger draft with its own SFT
 stage (``none@large``), aligned from it per loss of ``large_losses``. Each aligned draft trains under
-``<runs>/study/<group>/seed<s>`` with ``seed_everything`` the module's ``seed`` and the data's ``seed`` (training order,
-validation subset) set to s. Every stage is a pipeline stage: one whose output exists is skipped, so a rerun continues
-where a killed one stopped. Decoding: ``atspeed.bench.study_decode``; tables: ``atspeed.bench.study_tables``.
+``<runs>/study/<group>/seed<s>`` with ``seed_everything``, the module's ``seed`` and the data's ``seed`` (training
+order, validation subset) set to s. Every stage is a pipeline stage: one whose output exists is skipped, so a rerun
+continues where a killed one stopped. Decoding: ``atspeed.bench.study_decode``; tables: ``atspeed.bench.study_tables``.
 """
 
 from __future__ import annotations
