@@ -102,7 +102,8 @@ def _accuracy(e: dict) -> list[str]:
 
 
 def _ranked(agg: list[dict], decoder: str, k: int, n: int, gamma: int) -> list[dict]:
-    """Aligned groups of the small draft on the last-sample teacher data, fewest calls first."""
+    """Aligned groups (a divergence to the target: not the SFT draft, not the CE control ``sft``) of the small draft
+    on the configs' teacher data, fewest calls first."""
     found = [
         e
         for e in agg
@@ -111,7 +112,7 @@ def _ranked(agg: list[dict], decoder: str, k: int, n: int, gamma: int) -> list[d
         and e["group"] is not None
         and "+" not in e["group"]
         and "@" not in e["group"]
-        and e["loss"] != "none"
+        and e["loss"] not in ("none", "sft")
     ]
     return sorted(found, key=lambda e: e["calls"])
 
@@ -127,10 +128,11 @@ def _best_claim(agg: list[dict], decoder: str, prefix: str, k: int, n: int, gamm
         return "not measured", evidence
     best_ours = ours[0]
     margin = 2 * math.hypot(first["calls_se"] or 0.0, best_ours["calls_se"] or 0.0)
-    if best_ours is first:
-        others = [e for e in ranked if not e["loss"].startswith(prefix)]
-        gap = others[0]["calls"] - first["calls"] if others else math.inf
-        runner_se = others[0]["calls_se"] or 0.0 if others else 0.0
+    others = [e for e in ranked if not e["loss"].startswith(prefix)]
+    if not others:
+        verdict = "not comparable (no other loss measured)"
+    elif best_ours is first:
+        gap, runner_se = others[0]["calls"] - first["calls"], others[0]["calls_se"] or 0.0
         verdict = "yes" if gap > 2 * math.hypot(first["calls_se"] or 0.0, runner_se) else "tied (within 2 SE)"
     else:
         verdict = "tied (within 2 SE)" if best_ours["calls"] - first["calls"] <= margin else "no"
@@ -146,13 +148,10 @@ def claims_table(agg: list[dict], k: int, n: int, gamma: int, levels: int) -> st
         best = ranked[0]
         gap, se = none["calls"] - best["calls"], best["calls_se"] or 0.0
         verdict = "yes" if gap > 2 * se else ("within noise" if gap > 0 else "no")
-        body.append(
-            [
-                "alignment helps (fewer target calls under strict)",
-                verdict,
-                f"K = {k}: none {none['calls']:.2f}, best aligned {best['group']} {_pm(best['calls'], se)}",
-            ]
-        )
+        control = _find(agg, group="sft", decoder="spec_strict", K=k, N=n, gamma=gamma)
+        more_ce = f", CE control sft {_pm(control['calls'], control['calls_se'])}" if control else ""
+        evidence = f"K = {k}: none {none['calls']:.2f}{more_ce}, best aligned {best['group']} {_pm(best['calls'], se)}"
+        body.append(["alignment helps (fewer target calls under strict)", verdict, evidence])
     for claim, decoder, prefix in (
         ("AtSpeed-S is best under strict verification", "spec_strict", "atspeed_s"),
         ("AtSpeed-R is best under relaxed verification", "spec_relaxed", "atspeed_r"),
@@ -195,7 +194,8 @@ def _speedup_claim(agg: list[dict], n: int, gamma: int, levels: int) -> tuple[st
             continue
         ks = sorted(best)
         speedups = [levels / best[k] for k in ks]
-        verdicts.append(f"{decoder} {'shrinks' if speedups[-1] < speedups[0] else 'grows'}")
+        trend = "shrinks" if speedups[-1] < speedups[0] else "grows" if speedups[-1] > speedups[0] else "holds"
+        verdicts.append(f"{decoder} {trend}")
         parts.append(
             f"{decoder} (best draft, beam's {levels} calls / its calls): "
             + ", ".join(f"K={k} x{s:.2f}" for k, s in zip(ks, speedups, strict=True))

@@ -171,6 +171,14 @@ def test_tables_and_claims() -> None:
         "speed-up over beam search vs K"
     ]  # the best draft at each K: 4 / 1.1 -> 4 / 1.0; 4 / 1.2 -> 4 / 1.5
     assert "spec_strict grows" in speedup and "spec_relaxed shrinks" in speedup and "K=10 x4.00" in speedup
+    control = [
+        r | {"loss": "sft", "group": "sft", "target_calls_per_list": 1.0}
+        for r in study_rows()
+        if r["group"] == "seq_kd"
+    ]
+    only = [r for r in study_rows() if r["group"] in (None, "none", "atspeed_s")] + control  # sft: a control
+    lines = claims_table(aggregate(only), 10, 40, 3, 4).splitlines()
+    assert "| not comparable (no other loss measured) |" in lines[3] and "CE control sft 1.00" in lines[2]
     far = [r | {"recall": 0.2} if r["decoder"] == "spec_relaxed" else r for r in study_rows()]
     assert "| no |" in claims_table(aggregate(far), 10, 40, 3, 4).splitlines()[5]
 
