@@ -1,19 +1,25 @@
-"""Draft-alignment study: one draft per alignment loss, each timed in speculative decoding against the same target.
+"""Draft-alignment study (issue 20): aligned drafts per loss and seed, each decoded against the same target.
 
-    python scripts/study_alignment.py                   # Beauty: trains what is missing under runs/beauty, decodes
-    python scripts/study_alignment.py --losses sft atspeed_s --second-losses --requests 16   # a quicker look
+    python scripts/study_alignment.py --requests 1000            # Beauty: trains what is missing, then decodes
+    python scripts/study_alignment.py --losses sft atspeed_s --seeds 0 --sliding-losses --on-policy-losses \\
+        --large-losses --ks 10 --requests 64                      # a quicker look
 
-Training (through atspeed.pipeline stages; a stage whose output exists is skipped, so a rerun continues): the target
-(<configs>/target_sft.yaml), the non-aligned SFT draft (draft_sft.yaml) and the teacher data (teacher.yaml), whose
-configs must write under --runs; then per loss of --losses a draft aligned from the SFT draft (align.yaml, under
-<runs>/study/<loss>), and per loss of --second-losses a draft of the --second-draft sizes aligned from scratch
-(<runs>/study/<loss>@h<hidden>l<layers>). --steps sets every alignment's max_steps; --stage-args (one string) is
-appended to every stage's command. Decoding (batch size 1, the first --requests of a seeded random test subset): the
-references hf_beam and beam once per K, then for every draft (the SFT one as loss "none") spec_strict and spec_relaxed
-at every K of --ks with N = --draft-beams and gamma = --gamma, and at every K of --search-ks over --search-draft-beams
-x --search-gammas ("best" marks the fastest). Writes a JSON report (--out: header with machine and load averages,
-every alignment's last validation metrics, one row per draft, decoder, K, N, gamma), a PNG of target calls per list
-against K (--plot, needs matplotlib), and prints two markdown tables. torch threads come from the environment.
+Training (atspeed.pipeline stages; a stage whose output exists is skipped, so a rerun continues): the target
+(<configs>/target_sft.yaml), the SFT draft (draft_sft.yaml), the teacher data (teacher.yaml, last sample per user);
+the teacher data of every prefix (sliding) when --sliding-losses is not empty; a larger SFT draft (draft_sft.yaml with
+--large-draft sizes, under <runs>/draft_large) when --large-losses is not empty. Then per seed of --seeds: per loss of
+--losses an alignment from the SFT draft (align.yaml, under <runs>/study/<loss>/seed<s>, seed_everything = s), per
+loss of --sliding-losses the same on the sliding teacher data (<loss>+sliding), per loss of --on-policy-losses with
+on-policy batches (<loss>+on_policy), per loss of --large-losses from the larger SFT draft (<loss>@large).
+atspeed_s_authors trains with the authors' train.sh settings (alpha 0.7, ce_on all, top-k --authors-top-k, softmax
+temperature 0.001), every other loss with align.yaml's. --steps sets every alignment's max_steps; --stage-args (one
+string) is appended to every stage's command.
+
+Decoding (batch size 1, --requests test requests of a seeded subset): the references (beam, beam_sample and, where
+the decoder table has it, beam_sample_keyed) once per K, then every draft with every decoder of --decoders at every K
+of --ks (N = --draft-beams, gamma = --gamma). Rows go to <out>.partial.json as they are decoded: a rerun skips the
+rows it holds. Writes the JSON report (--out), a PNG of calls per list against K with error bars (--plot), and
+prints the tables and the "paper claim -> reproduced here? -> evidence" table in markdown.
 """
 
 from __future__ import annotations
@@ -32,18 +38,17 @@ from typing import get_args
 import torch
 
 from atspeed.bench import alignment_study as study
+from atspeed.bench import study_decode, study_tables
+from atspeed.bench.decode_bench import check_grid
 from atspeed.bench.report import check_timing_flags, machine, write_json
 from atspeed.bench.workload import load_workload, parameters
 from atspeed.cli import show_atspeed_logs
 from atspeed.data.sources import SOURCES
+from atspeed.decoding.decoders import DECODERS
 from atspeed.losses import LossName
 from atspeed.pipeline import run_stages
 
 log = logging.getLogger("atspeed.study")
-SETTINGS = (
-    "losses", "second_losses", "second_draft", "steps", "stage_args", "requests", "ks", "draft_beams", "gamma",
-    "search_ks", "search_draft_beams", "search_gammas", "repeats", "warmup", "dtype", "device", "seed",
-)  # fmt: skip
 
 
 def _sizes(text: str) -> dict:
@@ -54,50 +59,37 @@ def _sizes(text: str) -> dict:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 2)[2])
-    p.add_argument(
-        "--configs", type=Path, default=Path("configs/beauty"), help="{target,draft}_sft, teacher, align.yaml"
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 2)[2],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    p.add_argument("--configs", type=Path, default=Path("configs/beauty"), help="{target,draft}_sft, teacher, align")
     p.add_argument("--runs", type=Path, default=Path("runs/beauty"), help="stage outputs (where configs put them)")
     losses = get_args(LossName)
-    p.add_argument(
-        "--losses", nargs="+", choices=losses, default=list(study.DEFAULT_LOSSES), help="one aligned draft each"
-    )
-    p.add_argument(
-        "--second-losses",
-        nargs="*",
-        choices=losses,
-        default=list(study.DEFAULT_SECOND_LOSSES),
-        help="one draft of the second size each (none given: no second size)",
-    )
-    p.add_argument(
-        "--second-draft",
-        type=_sizes,
-        default=dict(study.DEFAULT_SECOND_DRAFT),
-        help="JSON object of the second draft's sizes (ModelSpec fields), trained from scratch",
-    )
+    p.add_argument("--losses", nargs="+", choices=losses, default=list(study.DEFAULT_LOSSES))
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="alignment seeds of every aligned draft")
+    p.add_argument("--sliding-losses", nargs="*", choices=losses, default=list(study.DEFAULT_SLIDING_LOSSES))
+    p.add_argument("--on-policy-losses", nargs="*", choices=losses, default=list(study.DEFAULT_ON_POLICY_LOSSES))
+    p.add_argument("--large-losses", nargs="*", choices=losses, default=list(study.DEFAULT_LARGE_LOSSES))
+    p.add_argument("--large-draft", type=_sizes, default=dict(study.DEFAULT_LARGE_DRAFT), help="JSON ModelSpec sizes")
+    p.add_argument("--authors-top-k", type=int, default=study.AUTHORS_TOP_K, help="atspeed_s_authors' top-k support")
     p.add_argument("--steps", type=int, help="max_steps of every alignment (default: align.yaml's)")
-    p.add_argument(
-        "--stage-args",
-        default="",
-        help="CLI arguments appended to every stage, one string: --stage-args='--data.path d ...'",
-    )
+    p.add_argument("--stage-args", default="", help="appended to every stage, one string: --stage-args='--a b'")
+    p.add_argument("--decoders", nargs="+", choices=sorted(DECODERS), default=list(study_decode.default_decoders()))
     p.add_argument("--source", choices=sorted(SOURCES), default="processed")
     p.add_argument("--data", default="../shared/data/amazon-beauty", help="dataset directory or file (decoding)")
     p.add_argument("--index-key-offset", type=int, default=-1)
     p.add_argument("--split", default="global_time", choices=["global_time", "leave_one_out"])
-    p.add_argument("--requests", type=int, default=64, help="test requests decoded by every configuration")
+    p.add_argument("--requests", type=int, default=1000, help="test requests decoded by every configuration")
     p.add_argument("--ks", nargs="+", type=int, default=[1, 3, 5, 10, 20], help="list lengths K (= beams)")
-    p.add_argument("--draft-beams", type=int, default=40, help="N at every K of --ks")
-    p.add_argument("--gamma", type=int, default=3, help="draft steps per target call at every K of --ks")
-    p.add_argument("--search-ks", nargs="+", type=int, default=[10], help="K values of the (N, gamma) search")
-    p.add_argument("--search-draft-beams", nargs="+", type=int, default=[10, 20, 40])
-    p.add_argument("--search-gammas", nargs="+", type=int, default=[1, 2, 3])
+    p.add_argument("--draft-beams", type=int, default=40, help="N")
+    p.add_argument("--gamma", type=int, default=3, help="draft steps per target call")
     p.add_argument("--repeats", type=int, default=1, help="timed passes per configuration (the median is reported)")
     p.add_argument("--warmup", type=int, default=1, help="untimed decodes of the first request before timing")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="request subset and sampling decoders' seed")
     p.add_argument("--out", type=Path, default=Path("docs/bench/alignment_beauty.json"), help="JSON report")
     p.add_argument("--plot", type=Path, default=Path("docs/bench/alignment_beauty.png"), help="PNG of calls vs K")
     return p
@@ -108,16 +100,13 @@ def resolve(p: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Na
     check_timing_flags(p, args)
     if args.steps is not None and args.steps < 1:
         p.error(f"--steps must be >= 1, got {args.steps}")
+    if args.authors_top_k < 2:
+        p.error(f"--authors-top-k must be >= 2, got {args.authors_top_k}")
     try:
         args.stage_argv = shlex.split(args.stage_args)
+        check_grid(args.ks, [1], [args.draft_beams], [args.gamma], [args.requests])
     except ValueError as err:
-        p.error(f"--stage-args: {err}")
-    args.grid = study.StudyGrid(tuple(args.ks), args.draft_beams, args.gamma, tuple(args.search_ks),
-                          tuple(args.search_draft_beams), tuple(args.search_gammas))  # fmt: skip
-    try:
-        args.grid.check(args.requests)
-    except ValueError as err:
-        p.error(str(err))
+        p.error(str(err) if str(err).startswith("--") else f"--stage-args: {err}")
     if not Path(args.data).exists():
         p.error(f"--data: not found: {args.data}")
     return args
@@ -127,8 +116,18 @@ def main(argv: list[str] | None = None) -> int:
     p = parser()
     args = resolve(p, p.parse_args(argv))
     show_atspeed_logs()  # the stages' own lines and this script's, once each (atspeed.* loggers)
-    drafts = study.study_drafts(args.runs, args.losses, args.second_losses, args.second_draft)
-    stages = study.study_stages(args.configs, args.runs, drafts, args.steps, args.stage_argv)
+    plan = study.StudyPlan(
+        tuple(args.losses),
+        tuple(args.seeds),
+        tuple(args.sliding_losses),
+        tuple(args.on_policy_losses),
+        tuple(args.large_losses),
+    )
+    drafts = plan.drafts()
+    settings = study.StageSettings(
+        args.configs, args.runs, args.steps, tuple(args.stage_argv), tuple(args.large_draft.items()), args.authors_top_k
+    )
+    stages = study.study_stages(settings, drafts)
     if missing := study.missing_configs(stages):
         p.error(f"--configs: config files of stages still to run not found: {', '.join(missing)}")
     started, load_before = time.perf_counter(), os.getloadavg()
@@ -137,49 +136,106 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
     try:
-        work = load_workload(str(args.runs / "target" / "hf"), str(drafts[0].path), args.requests, args.source,
-                             args.data, args.index_key_offset, args.split, args.dtype, args.seed)  # fmt: skip
+        work = load_workload(
+            str(args.runs / "target" / "hf"),
+            str(drafts[0].path(args.runs)),
+            args.requests,
+            args.source,
+            args.data,
+            args.index_key_offset,
+            args.split,
+            args.dtype,
+            args.seed,
+        )
     except ValueError as err:  # DataError included
         print(f"error: {err}", file=sys.stderr)
         return 2
     work = work.to(device)
-    total = len(args.grid.references()) + len(drafts) * len(args.grid.speculative())
-    done = []
+    decode = study_decode.DecodePlan(
+        tuple(args.decoders),
+        study_decode.default_references(),
+        tuple(args.ks),
+        args.draft_beams,
+        args.gamma,
+        args.requests,
+        args.seed,
+        args.repeats,
+        args.warmup,
+        args.dtype,
+    )
+    partial = study_decode.PartialRows(args.out.with_suffix(".partial.json"))
+    rows = study_decode.decode_study(work, args.runs, drafts, decode, partial, device)
+    report = _report(args, argv, work, drafts, ran, rows, started, trained, load_before, partial.decoded)
+    write_json(args.out, report)
+    _print_tables(args, rows, work.levels)
+    print(f"wrote {len(rows)} rows to {args.out} ({partial.decoded} decoded by this run)")
+    return 0
 
-    def progress(row: dict) -> None:
-        done.append(row)
-        spec = f" N={row['N']} gamma={row['gamma']}" if row["N"] is not None else ""
-        log.info("[%d/%d %.0fs] %s K=%d%s: %.2f ms/list", len(done), total, time.perf_counter() - trained,
-                 row["decoder"], row["K"], spec, 1e3 * row["seconds_per_list"])  # fmt: skip
 
-    timing = study.Timing(device, args.repeats, args.warmup, args.seed, args.dtype)
-    rows = study.decode_study(work, drafts, args.grid, timing, progress)
-    host = machine(device) | {"load_average_before": load_before, "load_average_after": os.getloadavg()}
-    report = {
+def _report(args, argv, work, drafts, ran, rows, started, trained, load_before, decoded) -> dict:
+    host = machine(torch.device(args.device)) | {
+        "load_average_before": load_before,
+        "load_average_after": os.getloadavg(),
+    }
+    keys = (
+        "losses",
+        "seeds",
+        "sliding_losses",
+        "on_policy_losses",
+        "large_losses",
+        "large_draft",
+        "authors_top_k",
+        "steps",
+        "stage_args",
+        "decoders",
+        "requests",
+        "ks",
+        "draft_beams",
+        "gamma",
+        "repeats",
+        "warmup",
+        "dtype",
+        "device",
+        "seed",
+    )
+    return {
         "benchmark": "alignment_study",
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": shlex.join([sys.executable, *sys.argv] if argv is None else ["scripts/study_alignment.py", *argv]),
         "machine": host,
-        "models": {"target_parameters": parameters(work.target), "levels": work.levels, **work.info,
-                   "drafts": {d.label: {"loss": d.loss, "path": str(d.path), "sizes": d.sizes} for d in drafts}},
-        "settings": {key: getattr(args, key) for key in SETTINGS} | {"configs": str(args.configs),
-                                                                     "runs": str(args.runs), "batch_size": 1},
+        "models": {
+            "target_parameters": parameters(work.target),
+            "levels": work.levels,
+            **work.info,
+            "drafts": {
+                d.label: {"loss": d.loss, "seed": d.seed, "group": d.group, "path": str(d.path(args.runs))}
+                for d in drafts
+            },
+        },
+        "settings": {key: getattr(args, key) for key in keys}
+        | {"configs": str(args.configs), "runs": str(args.runs), "batch_size": 1},
         "stages": ran,
         "training_seconds": trained - started,
-        "total_seconds": time.perf_counter() - started,
-        "alignment": {d.label: study.last_validation(d.path.parent) for d in drafts[1:]},
+        "decoding_seconds": time.perf_counter() - trained,
+        "rows_decoded_by_this_run": decoded,
+        "alignment": {d.label: study.last_validation(d.path(args.runs).parent) for d in drafts if d.seed is not None},
         "rows": rows,
-    }  # fmt: skip
-    k, n, gamma = args.grid.table_k, args.draft_beams, args.gamma
-    print(study.results_table(rows, k, n, gamma), study.calls_table(rows, n, gamma), sep="\n\n")
-    write_json(args.out, report)
-    print(f"wrote {len(rows)} rows to {args.out}")
-    where = f"{host['device_name'] or host['cpu']}, {host['torch_threads']} threads"
-    if study.plot_calls(args.plot, rows, n, gamma, f"{work.info.get('dataset') or args.data}: {where}"):
+    }
+
+
+def _print_tables(args, rows: list[dict], levels: int) -> None:
+    agg = study_tables.aggregate(rows)
+    k = 10 if 10 in args.ks else max(args.ks)
+    n, gamma = args.draft_beams, args.gamma
+    for decoder in args.decoders:
+        print(study_tables.calls_table(agg, decoder, n, gamma), end="\n\n")
+    print(study_tables.accuracy_table(agg, k, n, gamma), end="\n\n")
+    print(study_tables.claims_table(agg, k, n, gamma, levels), end="\n\n")
+    title = f"{args.data}: {len(rows)} rows, {args.requests} requests"
+    if study_tables.plot_calls(args.plot, agg, tuple(args.decoders), n, gamma, title):
         print(f"wrote {args.plot}")
     else:
         print("matplotlib is not installed: no plot", file=sys.stderr)
-    return 0
 
 
 if __name__ == "__main__":

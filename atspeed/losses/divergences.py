@@ -197,6 +197,30 @@ def atspeed_s(
     Needs the target's full distribution: a truncated teacher that cut one of the draft's top-k codes makes
     KL(q~ || p~) +inf (and NaN where it cut them all), so the alignment module refuses truncated data for it; and
     k = 1 is refused too (a support of one code: zero loss and zero gradient everywhere).
+
+    Deliberate differences from the authors' released setting (``AtSpeedSModel.loss_strict`` run by their
+    ``train.sh`` with ``--constrained_loss --constrained_softmax --temperature_softmax 0.001``; reproduced as
+    ``atspeed_s_authors``):
+
+    1. q~, p~: q and p renormalised on S (the paper's formula); theirs softmax(probability / 0.001) on S, nearly
+       one-hot on each side's most likely code of S, so their density weight p~(v_k) is about exp(-(p(v_1) -
+       p(v_k)) / 0.001) (1e-15 for a gap of 0.035: the regulariser is effectively off) and their KL between two
+       near-one-hot distributions is 1-2 orders of magnitude larger, with another gradient direction.
+    2. Averaging: a mean over the identifier's L code positions; theirs a mean over L + 1 slots whose last (the EOS
+       position, every code masked there, NaN zeroed by ``nan_to_num``) is 0: theirs = ours x L / (L + 1).
+    3. Cross-entropy (the module's, ``model.ce_on``): over the identifier's codes by default (``item``); theirs over
+       the prompt, the identifier and EOS (``all``), which with the same alpha weighs the CE about prompt length / 5
+       times more against the alignment term.
+    4. Support size k: ``options.top_k`` (the shipped configs: 8); theirs ``--topK`` 20, the number of teacher beams.
+    5. Logit temperature: ``options.temperature`` divides both logits (default 1); their strict loss has none.
+
+    Differences ``atspeed_s_authors`` keeps as well (our data cannot give theirs):
+
+    6. Codes: the trie's codes after each prefix (``allowed``), p renormalised on them as the teacher data stores it;
+       theirs every code of the position's level, whatever the prefix, with p over all of them.
+    7. Where a prefix has fewer than k children the support is all of them; their level masks always hold >= k codes.
+    8. On-policy data: the module's ``teacher on_policy`` (a share of batches on the draft's own sampled beams);
+       theirs ``--r_original`` / ``--r_student``, both 0 in ``train.sh`` (always the teacher's beams).
     """
     allowed = _checked(student_logits, teacher_logits, allowed, labels)
     ranked = student_logits.detach().masked_fill(~allowed, float("-inf"))
@@ -209,3 +233,41 @@ def atspeed_s(
     p_k = p.gather(-1, last).squeeze(-1)
     entropy = -(q * log_q).sum(-1)
     return kl(log_q, q, log_p) + p_k * entropy
+
+
+def atspeed_s_authors(
+    student_logits: Tensor, teacher_logits: Tensor, allowed: Tensor, labels: Tensor, options: LossOptions
+) -> Tensor:
+    """AtSpeed-S as the authors' code computes it (their ``train.sh``: ``--constrained_softmax``,
+    ``--temperature_softmax 0.001``), on [..., L, V] inputs whose second-last axis is the identifier's L levels.
+
+    With q, p the draft's and the target's distributions over the allowed codes, S = {v_1, ..., v_k} the draft's k
+    most likely allowed codes (k = ``options.top_k``, best first, as ``atspeed_s``) and tau =
+    ``options.support_temperature``::
+
+        q~ = softmax(q(S) / tau),  p~ = softmax(p(S) / tau)          (probabilities, not logits, over tau)
+        loss = (KL(q~ || p~) + p~(v_k) * H(q~)) * L / (L + 1)
+
+    The factor L / (L + 1) is their averaging: a mean over L + 1 slots per beam, the last (EOS) always 0, so that the
+    module's mean over the L code positions equals theirs. Gradients flow through q on every allowed code (q(S) is
+    not renormalised on S before the division, as in their code). With tau = 0.001, q~ and p~ are nearly one-hot;
+    p~(v_k) is about 1e-15 as soon as p(v_1) - p(v_k) > 0.035, so the density term is effectively off, and the KL
+    term is large (tens to hundreds) where the draft's and the target's favourite codes differ. Every deliberate
+    difference from their setting is listed in ``atspeed_s``'s docstring (items 6-8 hold for this loss too).
+    Needs the target's full distribution (a reverse KL), as ``atspeed_s``; k = 1 is refused (zero loss).
+    """
+    allowed = _checked(student_logits, teacher_logits, allowed, labels)
+    _, q_all = masked_log_softmax(student_logits, allowed, options.temperature)  # [..., V]
+    _, p_all = masked_log_softmax(teacher_logits.detach(), allowed, options.temperature)
+    ranked = student_logits.detach().masked_fill(~allowed, float("-inf"))
+    k = ranked.shape[-1] if options.top_k is None else min(options.top_k, ranked.shape[-1])
+    rank = ranked.topk(k, dim=-1, sorted=True).indices  # [..., k] draft's codes, best first
+    support = allowed.gather(-1, rank)  # [..., k]
+    tau = options.support_temperature
+    log_q, q = masked_log_softmax(q_all.gather(-1, rank), support, tau)
+    log_p, p = masked_log_softmax(p_all.gather(-1, rank), support, tau)
+    last = (support.sum(-1, keepdim=True) - 1).clamp_min(0)  # [..., 1] rank of v_k within the support
+    p_k = p.gather(-1, last).squeeze(-1)
+    entropy = -(q * log_q).sum(-1)
+    levels = student_logits.shape[-2] if student_logits.dim() >= 2 else 1
+    return (kl(log_q, q, log_p) + p_k * entropy) * (levels / (levels + 1))

@@ -17,6 +17,7 @@ class LossOptions:
     temperature: float = 1.0  # T: both the draft's and the target's logits are divided by T before the softmax
     top_k: int | None = None  # atspeed_s: size of the draft's top-k support; None = all allowed codes
     beta: float = 0.5  # jsd: 0 = forward KL(p || q), 1 = reverse KL(q || p), between = generalised JSD
+    support_temperature: float = 0.001  # atspeed_s_authors: softmax(probabilities / this) on the top-k support
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.temperature) and self.temperature > 0):
@@ -25,6 +26,10 @@ class LossOptions:
             raise ValueError(f"{OPTIONS_KEY}.top_k must be an integer or null, got {self.top_k!r}")
         if self.top_k is not None and self.top_k < 1:
             raise ValueError(f"{OPTIONS_KEY}.top_k must be >= 1 (or null for all allowed codes), got {self.top_k}")
+        if not (math.isfinite(self.support_temperature) and self.support_temperature > 0):
+            raise ValueError(
+                f"{OPTIONS_KEY}.support_temperature must be > 0 and finite, got {self.support_temperature}"
+            )
         if not 0.0 <= self.beta <= 1.0:
             raise ValueError(f"{OPTIONS_KEY}.beta must be in [0, 1], got {self.beta}")
 

@@ -1,17 +1,19 @@
 """The table of alignment losses, chosen by name (``LOSSES``), and where each one trains.
 
-==============  ================  ======  =========================================================================
-name            positions         trunc.  per-position loss (p = target, q = draft, over the trie-allowed codes)
-==============  ================  ======  =========================================================================
-``atspeed_s``   ``beams``         no      KL(q~ || p~) + p~(v_k) * H(q~) on the draft's top-k support (AtSpeed-S)
-``atspeed_r``   ``beams``         yes     TVD 0.5 * sum_v |q(v) - p(v)| (AtSpeed-R, relaxed)
-``sft``         ``none``          yes     0: no alignment term (the module trains on the full CE; alpha unused)
-``word_kd``     ``ground_truth``  yes     forward KL(p || q)
-``seq_kd``      ``beams``         yes     cross-entropy -log q(label) on the target's beams (p not read)
-``tvd_kd``      ``ground_truth``  yes     TVD 0.5 * sum_v |q(v) - p(v)| (DistillSpec style)
-``rkl``         ``beams``         no      reverse KL(q || p) on all allowed codes
-``jsd``         ``beams``         beta<1  generalised JSD, beta = 0 forward KL, beta = 1 reverse KL (TRL's convention)
-==============  ================  ======  =========================================================================
+=====================  ================  ======  ==================================================================
+name                   positions         trunc.  per-position loss (p = target, q = draft, on the trie's codes)
+=====================  ================  ======  ==================================================================
+``atspeed_s``          ``beams``         no      KL(q~ || p~) + p~(v_k) * H(q~) on the draft's top-k (AtSpeed-S)
+``atspeed_s_authors``  ``beams``         no      the same two terms as the authors' code computes them:
+                                                 softmax(q / 0.001), softmax(p / 0.001) on the top-k, x L / (L + 1)
+``atspeed_r``          ``beams``         yes     TVD 0.5 * sum_v |q(v) - p(v)| (AtSpeed-R, relaxed)
+``sft``                ``none``          yes     0: no alignment term (the module trains on the full CE; alpha unused)
+``word_kd``            ``ground_truth``  yes     forward KL(p || q)
+``seq_kd``             ``beams``         yes     cross-entropy -log q(label) on the target's beams (p not read)
+``tvd_kd``             ``ground_truth``  yes     TVD 0.5 * sum_v |q(v) - p(v)| (DistillSpec style)
+``rkl``                ``beams``         no      reverse KL(q || p) on all allowed codes
+``jsd``                ``beams``         beta<1  generalised JSD (TRL): beta = 0 forward KL, beta = 1 reverse KL
+=====================  ================  ======  ==================================================================
 
 ``positions`` says which sequences the module scores: ``beams`` along each of the target's stored beams
 (conditioned on (x, y_<t)), ``ground_truth`` along the ground-truth identifier, ``none`` nowhere. ``trunc.`` says
@@ -33,7 +35,7 @@ import torch
 from atspeed.losses import divergences
 from atspeed.losses.options import OPTIONS_KEY, LossOptions
 
-LossName = Literal["atspeed_s", "atspeed_r", "sft", "word_kd", "seq_kd", "tvd_kd", "rkl", "jsd"]
+LossName = Literal["atspeed_s", "atspeed_s_authors", "atspeed_r", "sft", "word_kd", "seq_kd", "tvd_kd", "rkl", "jsd"]
 Positions = Literal["ground_truth", "beams", "none"]
 
 # (student_logits [..., V], teacher_logits [..., V], allowed [..., V] bool, labels [...] long, options) -> loss [...]
@@ -64,6 +66,7 @@ def _at_beta_1(options: LossOptions) -> bool:  # jsd: reverse KL at beta = 1 onl
 
 LOSSES: dict[LossName, LossSpec] = {
     "atspeed_s": LossSpec(divergences.atspeed_s, "beams", _always),
+    "atspeed_s_authors": LossSpec(divergences.atspeed_s_authors, "beams", _always),
     "atspeed_r": LossSpec(divergences.tvd, "beams"),
     "sft": LossSpec(divergences.sft, "none"),
     "word_kd": LossSpec(divergences.word_kd, "ground_truth"),
@@ -77,9 +80,9 @@ assert set(LOSSES) == set(get_args(LossName))
 
 def check_loss(name: LossName, options: LossOptions) -> None:
     """Fail at construction on options that make the loss ``name`` train nothing."""
-    if name == "atspeed_s" and options.top_k == 1:
+    if name in ("atspeed_s", "atspeed_s_authors") and options.top_k == 1:
         raise ValueError(
-            f"{OPTIONS_KEY}.top_k = 1 with model.loss atspeed_s: a top-1 support gives a zero loss and a zero "
+            f"{OPTIONS_KEY}.top_k = 1 with model.loss {name}: a top-1 support gives a zero loss and a zero "
             "gradient at every position; set top_k >= 2, or null for all allowed codes"
         )
 

@@ -52,9 +52,11 @@ from atspeed.errors import DataError
 from atspeed.losses import LOSSES, LossName, LossOptions, beam_weights, check_loss, check_support, check_top_k, reduce
 from atspeed.models.build import DType, ModelSpec, build_causal_lm, load_model, outside_zero_init, unpartitioned
 from atspeed.modules.optim import adamw_cosine
+from atspeed.modules.sequence_ce import sequence_ce
 from atspeed.tables import text_table
 
 TeacherMode = Literal["cached", "recompute", "on_policy"]
+CeOn = Literal["item", "all"]
 GENERATOR_KEY = "on_policy_generator"  # checkpoint entry: the on-policy mixing generator's state
 
 
@@ -84,6 +86,7 @@ class Align(pl.LightningModule):
         draft_init: str | None = None,
         loss: LossName = "atspeed_s",
         alpha: float = 0.5,
+        ce_on: CeOn = "item",
         loss_options: LossOptions | None = None,
         weight_beams: bool = False,
         lr: PositiveFloat = 1e-3,
@@ -107,6 +110,8 @@ class Align(pl.LightningModule):
             loss: the alignment loss, a name of ``atspeed.losses.LOSSES``.
             alpha: weight of the alignment loss; 1 - alpha weighs the ground-truth cross-entropy (``sft``: the full
                 cross-entropy, alpha unused).
+            ce_on: the cross-entropy's tokens: ``item`` the identifier's codes; ``all`` the prompt, the identifier and
+                EOS (the AtSpeed authors' setting, ``atspeed.modules.sequence_ce``; one more draft forward a batch).
             loss_options: temperature, top-k support (atspeed_s), beta (jsd).
             weight_beams: weigh the target's beams by their normalised probabilities instead of uniformly.
             lr: peak AdamW learning rate.
@@ -248,7 +253,7 @@ class Align(pl.LightningModule):
         student = gather_codes(logits, codes[forest.depth])  # [B, M, C]
         truth_nodes = forest.slot_node[:, -1:]  # [B, 1, L]
         truth_logits = along(logits, truth_nodes)[:, 0]  # [B, L, V]
-        ce = torch.nn.functional.cross_entropy(truth_logits.flatten(0, 1), teaching.truth.flatten())
+        ce = self._ce(batch, teaching.truth, truth_logits)
         flag = torch.tensor(float(teaching.on_policy), device=self.device)
         mode = {"on_policy": flag} if hp.teacher == "on_policy" else {}  # logged: which batches were on-policy
         spec = LOSSES[hp.loss]
@@ -264,6 +269,14 @@ class Align(pl.LightningModule):
         weights = beam_weights(teaching.scores) if hp.weight_beams and on_beams else None
         aligned = reduce(per, weights, allowed.any(-1))
         return {"loss": (1 - hp.alpha) * ce + hp.alpha * aligned, "ce": ce, "align": aligned, **mode}
+
+    def _ce(self, batch: dict, truth: torch.Tensor, truth_logits: torch.Tensor) -> torch.Tensor:
+        """The ground-truth cross-entropy on the identifier's codes (``item``; truth_logits [B, L, V] from the tree
+        forward), or on prompt, identifier and EOS (``all``: one more, teacher-forced, draft forward)."""
+        if self.hparams.ce_on == "item":
+            return torch.nn.functional.cross_entropy(truth_logits.flatten(0, 1), truth.flatten())
+        eos = torch.full_like(truth[:, :1], self.dm.prepared.tokenizer.eos_token_id)
+        return sequence_ce(self.draft, batch["input_ids"], batch["attention_mask"], torch.cat([truth, eos], 1))
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[GENERATOR_KEY] = self.mixing.get_state()  # a resumed run draws the same on-policy batches

@@ -121,3 +121,30 @@ def test_teacher_data_without_distributions(exported, teacher_data, tmp_path, ca
 def test_bad_teacher_mode_settings(exported, teacher_data, tmp_path, capsys, extra, message) -> None:
     err = fails(align_args(exported, teacher_data, tmp_path / "run", *extra), capsys)
     assert message in err
+
+
+def test_ce_on_all_is_the_cross_entropy_over_prompt_identifier_and_eos(on_policy, monkeypatch) -> None:
+    """``ce_on: all`` (the AtSpeed authors' CE) equals a hand-computed mean over every label token (each request
+    alone, unpadded: the prompt after BOS, the identifier's codes, EOS); ``item`` is another number; the alignment
+    term is the same under both."""
+    cli, _ = on_policy
+    model = cli.model
+    batch = next(iter(cli.datamodule.train_dataloader()))
+    lengths = batch["attention_mask"].sum(1)
+    assert lengths.min() < lengths.max(), "the batch should mix prompt lengths (left padding)"
+    monkeypatch.setitem(model.hparams, "teacher", "cached")
+    with torch.no_grad():
+        item = model._losses(batch)
+        monkeypatch.setitem(model.hparams, "ce_on", "all")
+        every = model._losses(batch)
+        truth = model._cached(batch["request_ids"])["truth"]
+        eos = torch.tensor([cli.datamodule.prepared.tokenizer.eos_token_id])
+        total, count = torch.zeros((), dtype=torch.float64), 0
+        for ids, mask, codes in zip(batch["input_ids"], batch["attention_mask"], truth, strict=True):
+            sequence = torch.cat([ids[mask.bool()], codes, eos])  # [BOS] prompt identifier EOS
+            log_probs = model.draft(input_ids=sequence[None]).logits[0].double().log_softmax(-1)
+            total -= log_probs[:-1].gather(1, sequence[1:, None]).sum()
+            count += len(sequence) - 1
+    torch.testing.assert_close(every["ce"].double(), total / count, rtol=1e-5, atol=1e-6)
+    assert abs(float(every["ce"]) - float(item["ce"])) > 1e-3
+    assert torch.equal(every["align"], item["align"])

@@ -335,7 +335,9 @@ def test_teacher_data_needs_the_training_samples(exported, tmp_path, capsys) -> 
     ("extra", "message"),
     [
         (["--model.init_args.alpha", "1.5"], "model.alpha must be in [0, 1]"),
-        (["--model.init_args.loss", "atspeed_x"], "'atspeed_s', 'atspeed_r', 'sft', 'word_kd'"),
+        (["--model.init_args.loss", "atspeed_x"], "'atspeed_s', 'atspeed_s_authors', 'atspeed_r', 'sft', 'word_kd'"),
+        (["--model.init_args.ce_on", "prompt"], "'item', 'all'"),
+        (["--model.init_args.loss_options.support_temperature", "0"], "support_temperature must be > 0"),
         (["--model.init_args.loss_options.temperature", "0"], "temperature"),
         (["--model.init_args.loss_options.top_k", "9"], "top_k"),
         (["--data.train_batches", "pairs"], "data.train_batches must be requests"),

@@ -73,6 +73,7 @@ def test_the_table_matches_the_literal_and_says_where_each_loss_trains() -> None
     positions = {name: spec.positions for name, spec in LOSSES.items()}
     assert positions == {
         "atspeed_s": "beams",
+        "atspeed_s_authors": "beams",
         "atspeed_r": "beams",
         "sft": "none",
         "word_kd": "ground_truth",
@@ -266,7 +267,8 @@ def test_half_precision_inputs_are_computed_in_float32(name: str, dtype: torch.d
     loss = call(name, student.to(dtype), teacher.to(dtype), allowed, labels, top_k=3)
     assert loss.dtype == torch.float32
     close(loss, call(name, student.to(dtype).float(), teacher.to(dtype).float(), allowed, labels, top_k=3), atol=1e-6)
-    close(loss, call(name, student, teacher, allowed, labels, top_k=3), atol=0.05)
+    if name != "atspeed_s_authors":  # its probabilities / 0.001 amplify the inputs' half-precision rounding 1000-fold
+        close(loss, call(name, student, teacher, allowed, labels, top_k=3), atol=0.05)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -332,7 +334,7 @@ def test_options_reject_out_of_range_values(kwargs: dict, message: str) -> None:
 
 def test_options_defaults_and_frozen() -> None:
     options = LossOptions()
-    assert (options.temperature, options.top_k, options.beta) == (1.0, None, 0.5)
+    assert (options.temperature, options.top_k, options.beta, options.support_temperature) == (1.0, None, 0.5, 1e-3)
     with pytest.raises(dataclasses.FrozenInstanceError):
         options.temperature = 2.0
 

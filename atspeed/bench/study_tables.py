@@ -1,0 +1,248 @@
+"""Tables and the plot of the alignment study, pure functions of its rows (``atspeed.bench.study_decode``).
+
+``aggregate`` folds the seeds of each draft group into means with standard errors across seeds (call counts,
+accepted depth) and a request-level standard error for Recall/NDCG (the root mean square of the seeds' own). The
+markdown tables and ``claims_table`` ("paper claim -> reproduced here? -> evidence") read the aggregate.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from pathlib import Path
+
+from atspeed.atomic import atomic_file
+from atspeed.bench.report import matplotlib_available
+from atspeed.bench.study_decode import Z95, mean_se
+
+RELAXED = ("spec_relaxed", "spec_relaxed_exact", "spec_keyed")
+
+
+def aggregate(rows: list[dict]) -> list[dict]:
+    """One entry per (group, decoder, K, N, gamma): seeds, requests, mean and SE of calls, depth, recall, ndcg."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["group"], row["decoder"], row["K"], row["N"], row["gamma"]), []).append(row)
+    out = []
+    for (group, decoder, k, n, gamma), mine in groups.items():
+        entry = {
+            "group": group,
+            "loss": mine[0]["loss"],
+            "decoder": decoder,
+            "K": k,
+            "N": n,
+            "gamma": gamma,
+            "seeds": [r["seed"] for r in mine],
+            "requests": mine[0]["requests"],
+            "metric_at": mine[0]["metric_at"],
+        }
+        for field, name in (("target_calls_per_list", "calls"), ("accepted_depth", "depth")):
+            values = [r[field] for r in mine if r[field] is not None]
+            entry[name], entry[f"{name}_se"] = mean_se(values) if values else (None, None)
+        for name in ("recall", "ndcg"):
+            entry[name] = sum(r[name] for r in mine) / len(mine)
+            ses = [r[f"{name}_se"] for r in mine if r[f"{name}_se"] is not None]
+            entry[f"{name}_se"] = math.sqrt(sum(s * s for s in ses) / len(ses)) if ses else None
+        out.append(entry)
+    return out
+
+
+def _find(agg: list[dict], **where) -> dict | None:
+    return next((e for e in agg if all(e[k] == v for k, v in where.items())), None)
+
+
+def _pm(mean: float | None, se: float | None, spec: str = ".2f") -> str:
+    if mean is None:
+        return "-"
+    return format(mean, spec) if se is None else f"{mean:{spec}} ± {se:{spec}}"
+
+
+def _markdown(header: list[str], body: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(cells) + " |" for cells in body])
+
+
+def _groups(agg: list[dict]) -> list[str]:
+    return list(dict.fromkeys(e["group"] for e in agg if e["group"] is not None))
+
+
+def calls_table(agg: list[dict], decoder: str, n: int, gamma: int) -> str:
+    """Markdown: target calls per list (mean ± SE over seeds) by K, one line per draft group; beam search last."""
+    ks = sorted({e["K"] for e in agg if e["decoder"] == decoder})
+    body = []
+    for group in _groups(agg):
+        found = [_find(agg, group=group, decoder=decoder, K=k, N=n, gamma=gamma) for k in ks]
+        seeds = max((len(e["seeds"]) for e in found if e), default=0)
+        body.append([group, str(seeds), *(_pm(e["calls"], e["calls_se"]) if e else "-" for e in found)])
+    body.append(["beam search", "-", *(_pm((_find(agg, decoder="beam", K=k) or {}).get("calls"), None) for k in ks)])
+    title = f"{decoder}: target calls per list (N = {n}, γ = {gamma}; mean ± standard error over seeds)"
+    return "\n".join([title, "", _markdown(["draft", "seeds", *(f"K={k}" for k in ks)], body)])
+
+
+def accuracy_table(agg: list[dict], k: int, n: int, gamma: int) -> str:
+    """Markdown: Recall and NDCG at min(10, K) with 95 % intervals, references first, then every draft's decoders."""
+    body = []
+    for e in [x for x in agg if x["group"] is None and x["K"] == k]:
+        body.append(["-", e["decoder"], *_accuracy(e)])
+    for group in _groups(agg):
+        for e in [x for x in agg if x["group"] == group and (x["K"], x["N"], x["gamma"]) == (k, n, gamma)]:
+            body.append([group, e["decoder"], *_accuracy(e)])
+    at = min(10, k)
+    header = ["draft", "decoder", f"Recall@{at} (95 % CI)", f"NDCG@{at} (95 % CI)", "requests"]
+    return "\n".join([f"Accuracy at K = {k} against the ground truth", "", _markdown(header, body)])
+
+
+def _accuracy(e: dict) -> list[str]:
+    cells = []
+    for name in ("recall", "ndcg"):
+        se = e[f"{name}_se"]
+        half = "" if se is None else f" ± {Z95 * se:.4f}"
+        cells.append(f"{e[name]:.4f}{half}")
+    return [*cells, str(e["requests"])]
+
+
+def _ranked(agg: list[dict], decoder: str, k: int, n: int, gamma: int) -> list[dict]:
+    """Aligned groups (a divergence to the target: not the SFT draft, not the CE control ``sft``) of the small draft
+    on the configs' teacher data, fewest calls first."""
+    found = [
+        e
+        for e in agg
+        if e["decoder"] == decoder
+        and (e["K"], e["N"], e["gamma"]) == (k, n, gamma)
+        and e["group"] is not None
+        and "+" not in e["group"]
+        and "@" not in e["group"]
+        and e["loss"] not in ("none", "sft")
+    ]
+    return sorted(found, key=lambda e: e["calls"])
+
+
+def _best_claim(agg: list[dict], decoder: str, prefix: str, k: int, n: int, gamma: int) -> tuple[str, str]:
+    ranked = _ranked(agg, decoder, k, n, gamma)
+    if not ranked:
+        return "not measured", "-"
+    first = ranked[0]
+    ours = [e for e in ranked if e["loss"].startswith(prefix)]
+    evidence = ", ".join(f"{e['group']} {_pm(e['calls'], e['calls_se'])}" for e in ranked)
+    if not ours:
+        return "not measured", evidence
+    best_ours = ours[0]
+    margin = 2 * math.hypot(first["calls_se"] or 0.0, best_ours["calls_se"] or 0.0)
+    others = [e for e in ranked if not e["loss"].startswith(prefix)]
+    if not others:
+        verdict = "not comparable (no other loss measured)"
+    elif best_ours is first:
+        gap, runner_se = others[0]["calls"] - first["calls"], others[0]["calls_se"] or 0.0
+        verdict = "yes" if gap > 2 * math.hypot(first["calls_se"] or 0.0, runner_se) else "tied (within 2 SE)"
+    else:
+        verdict = "tied (within 2 SE)" if best_ours["calls"] - first["calls"] <= margin else "no"
+    return verdict, f"calls/list at K = {k}: {evidence}"
+
+
+def claims_table(agg: list[dict], k: int, n: int, gamma: int, levels: int) -> str:
+    """Markdown "paper claim -> reproduced here? -> evidence" for the five claims of issue 20."""
+    body = []
+    none = _find(agg, group="none", decoder="spec_strict", K=k, N=n, gamma=gamma)
+    ranked = _ranked(agg, "spec_strict", k, n, gamma)
+    if none and ranked:
+        best = ranked[0]
+        gap, se = none["calls"] - best["calls"], best["calls_se"] or 0.0
+        verdict = "yes" if gap > 2 * se else ("within noise" if gap > 0 else "no")
+        control = _find(agg, group="sft", decoder="spec_strict", K=k, N=n, gamma=gamma)
+        more_ce = f", CE control sft {_pm(control['calls'], control['calls_se'])}" if control else ""
+        evidence = f"K = {k}: none {none['calls']:.2f}{more_ce}, best aligned {best['group']} {_pm(best['calls'], se)}"
+        body.append(["alignment helps (fewer target calls under strict)", verdict, evidence])
+    for claim, decoder, prefix in (
+        ("AtSpeed-S is best under strict verification", "spec_strict", "atspeed_s"),
+        ("AtSpeed-R is best under relaxed verification", "spec_relaxed", "atspeed_r"),
+    ):
+        body.append([claim, *_best_claim(agg, decoder, prefix, k, n, gamma)])
+    body.append(["relaxed verification keeps accuracy", *_accuracy_claim(agg, k)])
+    body.append(["speed-up over beam search vs K", *_speedup_claim(agg, n, gamma, levels)])
+    return _markdown(["paper claim", "reproduced here?", "evidence"], body)
+
+
+def _accuracy_claim(agg: list[dict], k: int) -> tuple[str, str]:
+    refs = {e["decoder"]: e for e in agg if e["group"] is None and e["K"] == k}
+    ref = refs.get("beam_sample") or refs.get("beam")
+    relaxed = [e for e in agg if e["decoder"] in RELAXED and e["K"] == k and e["group"] is not None]
+    if ref is None or not relaxed:
+        return "not measured", "-"
+    outside = []
+    for e in relaxed:
+        se = math.hypot(e["recall_se"] or 0.0, ref["recall_se"] or 0.0)
+        if abs(e["recall"] - ref["recall"]) > Z95 * se:
+            outside.append(f"{e['group']} {e['decoder']} {e['recall']:.4f}")
+    low, high = min(e["recall"] for e in relaxed), max(e["recall"] for e in relaxed)
+    evidence = (
+        f"Recall@{min(10, k)}: {ref['decoder']} {_pm(ref['recall'], ref['recall_se'], '.4f')}, beam "
+        f"{(refs.get('beam') or {}).get('recall', float('nan')):.4f}; relaxed decoders {low:.4f}-{high:.4f}"
+    )
+    if outside:
+        return "no", evidence + "; outside the 95 % interval: " + ", ".join(outside)
+    return "yes (every relaxed row within the 95 % interval)", evidence
+
+
+def _speedup_claim(agg: list[dict], n: int, gamma: int, levels: int) -> tuple[str, str]:
+    parts, verdicts = [], []
+    for decoder in ("spec_strict", "spec_relaxed"):
+        best = {}
+        for e in agg:
+            if e["decoder"] == decoder and (e["N"], e["gamma"]) == (n, gamma) and e["calls"]:
+                best[e["K"]] = min(best.get(e["K"], math.inf), e["calls"])
+        if len(best) < 2:
+            continue
+        ks = sorted(best)
+        speedups = [levels / best[k] for k in ks]
+        trend = "shrinks" if speedups[-1] < speedups[0] else "grows" if speedups[-1] > speedups[0] else "holds"
+        verdicts.append(f"{decoder} {trend}")
+        parts.append(
+            f"{decoder} (best draft, beam's {levels} calls / its calls): "
+            + ", ".join(f"K={k} x{s:.2f}" for k, s in zip(ks, speedups, strict=True))
+        )
+    return ("; ".join(verdicts) or "not measured"), ("; ".join(parts) or "-")
+
+
+def plot_calls(path: str | Path, agg: list[dict], decoders: tuple[str, ...], n: int, gamma: int, title: str) -> bool:
+    """PNG: target calls per list against K with standard-error bars, one panel per decoder, one line per draft
+    group, beam search dashed; False without matplotlib."""
+    if not matplotlib_available():
+        return False
+    from matplotlib.figure import Figure  # a bare Figure renders through Agg: no pyplot, no global backend
+
+    fig = Figure(figsize=(4.5 * len(decoders) + 1, 4.5), layout="constrained")
+    axes = fig.subplots(1, len(decoders), sharey=True, squeeze=False)[0]
+    beam = sorted((e["K"], e["calls"]) for e in agg if e["decoder"] == "beam")
+    for ax, decoder in zip(axes, decoders, strict=True):
+        for group in _groups(agg):
+            points = sorted(
+                (e["K"], e["calls"], e["calls_se"] or 0.0)
+                for e in agg
+                if e["group"] == group and e["decoder"] == decoder and (e["N"], e["gamma"]) == (n, gamma)
+            )
+            if points:
+                ax.errorbar(
+                    [p[0] for p in points],
+                    [p[1] for p in points],
+                    yerr=[p[2] for p in points],
+                    marker="o",
+                    markersize=3,
+                    capsize=2,
+                    label=group,
+                )
+        ax.plot([p[0] for p in beam], [p[1] for p in beam], "--", color="black", label="beam search")
+        ks = sorted({p[0] for p in beam})
+        ax.set_xscale("log")
+        ax.set_xticks(ks, [str(k) for k in ks])
+        ax.minorticks_off()
+        ax.set_xlabel("K (list length = beams)")
+        ax.set_title(f"{decoder}, N = {n}, γ = {gamma}", fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("target calls per list (mean ± SE over seeds)")
+    axes[-1].legend(fontsize=6)
+    fig.suptitle(title, fontsize=9)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
+    with atomic_file(path) as tmp:
+        tmp.write_bytes(buffer.getvalue())
+    return True
