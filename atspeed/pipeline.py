@@ -32,74 +32,21 @@ import gc
 import json
 import logging
 import os
-import shlex
 import signal
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from atspeed.atomic import write_text_atomic
 from atspeed.errors import SIGTERM_EXIT, DataError
+from atspeed.parsing import fail
+from atspeed.pipeline_file import Pipeline, Stage, file_label, parse_pipeline, pipeline_args
+from atspeed.pipeline_file import read_pipeline as read_pipeline  # the pipeline file, read as the command does
 from atspeed.preflight import check_new_file
 from atspeed.run_lock import lock_file, locked, sibling_lock_file
-from atspeed.yaml_file import read_yaml
 
 log = logging.getLogger("atspeed.pipeline")
-SUBCOMMANDS = ("fit", "validate", "test", "predict")
 SUMMARY_K = 10
-
-
-@dataclass(frozen=True)
-class Stage:
-    name: str
-    argv: list[str]  # what follows ``python -m atspeed``
-    output: Path
-
-    @property
-    def command(self) -> str:
-        return shlex.join(["python", "-m", "atspeed", *self.argv])
-
-
-@dataclass(frozen=True)
-class Pipeline:
-    stages: list[Stage]
-    summary: Path | None
-
-
-def read_pipeline(path: str | Path) -> Pipeline:
-    """The stages of a pipeline file; a malformed one raises ``DataError`` naming the file and key."""
-    path = Path(path)
-    raw = read_yaml(path, "pipeline file")
-    if not isinstance(raw, dict) or not isinstance(raw.get("stages"), list) or not raw["stages"]:
-        raise DataError(f"{path}: stages: expected a non-empty list of stages")
-    unknown = set(raw) - {"stages", "summary"}
-    if unknown:
-        raise DataError(f"{path}: unknown keys {sorted(unknown)} (expected stages, summary)")
-    stages, names = [], set()
-    for i, entry in enumerate(raw["stages"]):
-        key = f"{path}: stages[{i}]"
-        if not isinstance(entry, dict) or set(entry) != {"name", "run", "output"}:
-            raise DataError(f"{key}: expected exactly the keys name, run, output")
-        name, run, output = entry["name"], entry["run"], entry["output"]
-        if not isinstance(name, str) or not name or name in names:
-            raise DataError(f"{key}.name: expected a unique non-empty name, got {name!r}")
-        try:
-            argv = shlex.split(run) if isinstance(run, str) else run
-        except ValueError as err:  # shlex: "No closing quotation", "No escaped character"
-            raise DataError(f"{key}.run: not a command line ({err}): {run}") from None
-        if not isinstance(argv, list) or not all(isinstance(a, str) for a in argv) or not argv:
-            raise DataError(f"{key}.run: expected a command line (string or list of strings)")
-        if argv[0] not in SUBCOMMANDS:
-            raise DataError(f"{key}.run: must start with one of {', '.join(SUBCOMMANDS)}, got {argv[0]!r}")
-        if not isinstance(output, str) or not output:
-            raise DataError(f"{key}.output: expected the path that a finished run of the stage leaves")
-        names.add(name)
-        stages.append(Stage(name, list(argv), Path(output)))
-    summary = raw.get("summary")
-    if summary is not None and not isinstance(summary, str):
-        raise DataError(f"{path}: summary: expected a path for the summary JSON")
-    return Pipeline(stages, Path(summary) if summary else None)
 
 
 def run_stage(stage: Stage) -> None:
@@ -266,25 +213,22 @@ def _stop(signum, frame) -> None:
 
 
 def main(args: list[str]) -> None:
-    """``python -m atspeed pipeline FILE``: exit 2 on a bad pipeline file or one whose run directory is in use, 143
-    when stopped by SIGTERM, else the first failing stage's code."""
-    if len(args) != 1 or args[0] in ("-h", "--help"):
-        print(__doc__.split("\n\n")[0], "\nusage: python -m atspeed pipeline FILE", file=sys.stderr)
-        raise SystemExit(0 if args and args[0] in ("-h", "--help") else 2)
+    """``python -m atspeed pipeline FILE`` (or ``--config FILE``): exit 2 on a bad pipeline file or one whose run
+    directory is in use, 143 when stopped by SIGTERM, else the first failing stage's code."""
     from atspeed.cli import show_atspeed_logs
 
     show_atspeed_logs()
+    label = file_label(pipeline_args(args))
     previous = signal.signal(signal.SIGTERM, _stop)
     try:
         with contextlib.ExitStack() as locks:
             try:
-                pipeline = read_pipeline(args[0])
-                check_outputs(pipeline, args[0])
-                directory, lock = run_directory(pipeline, args[0])
-                locks.enter_context(locked(directory, f"pipeline {args[0]}", lock))
+                pipeline = parse_pipeline(args)
+                check_outputs(pipeline, label)
+                directory, lock = run_directory(pipeline, label)
+                locks.enter_context(locked(directory, f"pipeline {label}", lock))
             except DataError as err:
-                print(f"error: {err}", file=sys.stderr)
-                raise SystemExit(2) from None
+                raise fail(err) from None
             run_pipeline(pipeline)
     except Stopped:
         print("pipeline: stopped by SIGTERM; rerun the pipeline to continue", file=sys.stderr)

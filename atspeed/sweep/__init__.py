@@ -1,4 +1,4 @@
-"""``python -m atspeed sweep FILE [--count N] [--dir DIR]``: run a W&B sweep file with no W&B server.
+"""``python -m atspeed sweep FILE [--count N] [--dir DIR] [--config FILE]``: run a W&B sweep file with no W&B server.
 
 The same ``sweeps/*.yaml`` runs on W&B (``wandb sweep FILE``, then ``wandb agent ENTITY/PROJECT/ID``) and here:
 W&B's own search engine (the ``sweeps`` package, grid / random / bayes) proposes each run's parameters from the
@@ -16,36 +16,46 @@ rerun to resume); 143 stopped by SIGTERM (the unfinished run is rerun on resume)
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 from pathlib import Path
 
+from jsonargparse.typing import PositiveInt
+
 from atspeed.errors import SIGTERM_EXIT, DataError
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m atspeed sweep", description=__doc__.split("\n\n")[0])
-    parser.add_argument("file", type=Path, help="a W&B sweep YAML (sweeps/*.yaml)")
-    parser.add_argument("--count", type=int, default=None, help="finished runs to reach (needed by random/bayes)")
-    parser.add_argument("--dir", type=Path, default=None, help="output directory (default runs/sweeps/<file stem>)")
+def sweep_options(file: str, count: PositiveInt | None = None, dir: str | None = None) -> None:
+    """A sweep's run.
+
+    Args:
+        file: a W&B sweep YAML (sweeps/*.yaml).
+        count: finished runs to reach (needed by random and bayes; a grid stops when every point has run).
+        dir: the output directory (default runs/sweeps/<file name without .yaml>).
+    """
+
+
+def _parser():
+    from atspeed.parsing import command_parser
+
+    parser = command_parser("python -m atspeed sweep", __doc__.split("\n\n")[0])
+    parser.add_function_arguments(sweep_options, as_positional=True)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Check, run and tabulate a sweep; returns the exit code (see the module docstring)."""
     from atspeed.cli import show_atspeed_logs
+    from atspeed.parsing import parse
     from atspeed.run_lock import locked
     from atspeed.sweep.spec import read_sweep
 
     show_atspeed_logs()
     log = logging.getLogger("atspeed.sweep")
-    args = _parser().parse_args(argv)
     try:
-        if args.count is not None and args.count < 1:
-            raise DataError(f"--count must be >= 1, got {args.count}")
+        args = parse(_parser(), sys.argv[1:] if argv is None else argv)
         sweep = read_sweep(args.file, args.count)
-        out_dir = args.dir or Path("runs/sweeps") / sweep.name
+        out_dir = Path(args.dir) if args.dir else Path("runs/sweeps") / sweep.name
         with locked(out_dir, "--dir"):  # one sweep per directory; its runs lock their own directories inside it
             return _run(sweep, out_dir, args.count, log)
     except DataError as err:
