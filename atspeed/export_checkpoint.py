@@ -14,6 +14,9 @@ are those the optimizer held: fp32 from ZeRO (a bf16 fit's own export holds thei
     python -m atspeed export runs/beauty/target/checkpoints/last.ckpt --out runs/beauty/target/hf_last \\
         --single-file runs/beauty/target/last_fp32.ckpt
 
+The options are ``export_checkpoint``'s typed signature, parsed by jsonargparse like every command (``--help``,
+``--print_config``, ``--config FILE``; ``--single-file`` and ``--single_file`` alike).
+
 Every file of CKPT loads with ``weights_only=True``: tensors, plain containers, atspeed's config types and, in a ZeRO
 directory, the three DeepSpeed types of ``zero_safe_globals``; a file holding anything else (a pickle that would run
 code) is refused before anything of it is built, and the conversion itself runs with weights-only loading forced.
@@ -27,10 +30,10 @@ being written by another export, FILE present; 1 failed.
 from __future__ import annotations
 
 import contextlib
-import importlib
 import logging
 import os
 import pickle
+import pkgutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -167,12 +170,11 @@ def build_datamodule(checkpoint: dict[str, Any], name: Path) -> RecDataModule:
 
 def module_class(class_path: str, name: Path) -> type[pl.LightningModule]:
     """The LightningModule class the checkpoint names; only atspeed's own modules are imported."""
-    module_name, _, class_name = class_path.rpartition(".")
     cls = None
-    if module_name.startswith("atspeed."):
+    if class_path.startswith("atspeed."):
         try:
-            cls = getattr(importlib.import_module(module_name), class_name, None)
-        except ImportError:
+            cls = pkgutil.resolve_name(class_path)
+        except (ImportError, AttributeError, ValueError):
             cls = None
     if not (isinstance(cls, type) and issubclass(cls, pl.LightningModule) and hasattr(cls, "export_model")):
         raise DataError(f"CKPT: {name} names {class_path!r}, not an atspeed training module with export_model")

@@ -16,6 +16,8 @@ from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 
 from atspeed.errors import DataError
 
+STAGES = ("fit", "validate", "test", "predict")  # the LightningCLI's subcommands: what a pipeline stage or sweep runs
+
 # jsonargparse's lines that explain its own search (through Union types and class paths), not the user's mistake
 _PARSER_NOISE = (
     "Does not validate against any of the Union subtypes",
@@ -35,8 +37,9 @@ def readable_error(message: str) -> str:
         line = line.removeprefix("- ")
         if key := re.fullmatch(r'Parser key "([^"]+)":', line):
             keys.append(key.group(1))
-        elif path := re.fullmatch(r"Problem with given class_path '([^']+)':", line):
-            keys += [] if _is_dataclass(path.group(1)) else ["init_args"]  # a dataclass's keys are not in init_args
+        elif line.startswith("Problem with given class_path"):
+            path = re.search(r"'([^']+)'", line)  # a dataclass's keys are its own, not under init_args
+            keys += [] if path and _is_dataclass(path.group(1)) else ["init_args"]
         elif line and not line.startswith(_PARSER_NOISE):
             details.append(line.rstrip(":"))
     text = "; ".join(dict.fromkeys(details)) or message.strip().splitlines()[0]

@@ -12,6 +12,10 @@ and the output that only a finished run of it leaves (an export directory, a ``m
         output: runs/quickstart/decode/beam/report.json
     summary: runs/quickstart/summary.json
 
+The file is the command's config (``pipeline FILE`` is ``pipeline --config FILE``; its schema is
+``atspeed.pipeline_file``'s, parsed by jsonargparse like every command): ``--help`` lists its keys, ``--print_config``
+prints it as parsed, and ``--summary PATH`` or ``--stages`` after it override its keys.
+
 A stage whose output exists is skipped; the others run in order, in this process, exactly as the printed
 ``python -m atspeed ...`` command would run them on their own. Fit stages given ``--ckpt_path last`` continue from
 their last checkpoint and the teacher stage after its complete shards, so rerunning the pipeline after an

@@ -14,10 +14,8 @@ from jsonargparse import ArgumentParser, Namespace
 from jsonargparse.typing import NotEmptyStr
 
 from atspeed.errors import DataError
-from atspeed.parsing import command_parser, config_files, parse
+from atspeed.parsing import STAGES, command_parser, config_files, parse
 from atspeed.yaml_file import read_yaml
-
-SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
 
 @dataclass(frozen=True)
@@ -113,8 +111,8 @@ def _checked(parsed: Namespace, label: str) -> Pipeline:
             argv = shlex.split(run) if isinstance(run, str) else list(run)
         except ValueError as err:  # shlex: "No closing quotation", "No escaped character"
             raise DataError(f"{key}.run: not a command line ({err}): {run}") from None
-        if not argv or argv[0] not in SUBCOMMANDS:
+        if not argv or argv[0] not in STAGES:
             got = repr(argv[0]) if argv else "nothing"
-            raise DataError(f"{key}.run: must start with one of {', '.join(SUBCOMMANDS)}, got {got}")
+            raise DataError(f"{key}.run: must start with one of {', '.join(STAGES)}, got {got}")
         stages.append(Stage(str(entry.name), [str(word) for word in argv], Path(entry.output)))
     return Pipeline(stages, Path(parsed.summary) if parsed.summary else None)

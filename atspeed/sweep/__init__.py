@@ -1,4 +1,4 @@
-"""``python -m atspeed sweep FILE [--count N] [--dir DIR] [--config FILE]``: run a W&B sweep file with no W&B server.
+"""``python -m atspeed sweep FILE [--count N] [--dir DIR]``: run a W&B sweep file with no W&B server.
 
 The same ``sweeps/*.yaml`` runs on W&B (``wandb sweep FILE``, then ``wandb agent ENTITY/PROJECT/ID``) and here:
 W&B's own search engine (the ``sweeps`` package, grid / random / bayes) proposes each run's parameters from the
@@ -8,6 +8,9 @@ is parsed by the CLI (a parameter that is not a CLI key, a value the CLI refuses
 stage logs. Outputs in ``--dir`` (default ``runs/sweeps/<file name>``): each run's directory and log, ``state.json``
 (rerunning the same command resumes: unfinished runs first, then new ones up to ``--count`` finished runs),
 ``results.csv`` / ``results.json`` (the table, best run) and ``<metric>.png`` (the metric against each parameter).
+
+The options are ``sweep_options``'s typed signature, parsed by jsonargparse like every command (``--help``,
+``--print_config``, ``--config FILE`` holding ``file``, ``count``, ``dir``): ``--count 0`` stops while parsing.
 
 One sweep per directory: ``--dir`` is locked while the sweep runs (``atspeed.run_lock``). Exit codes: 0 done; 2 bad
 input (one message naming the file and key; ``--dir`` in use by another sweep); 1 a run failed (its log is named;
