@@ -48,15 +48,16 @@ def _parser():
 
 def main(argv: list[str] | None = None) -> int:
     """Check, run and tabulate a sweep; returns the exit code (see the module docstring)."""
-    from atspeed.cli import show_atspeed_logs
     from atspeed.parsing import parse
-    from atspeed.run_lock import locked
-    from atspeed.sweep.spec import read_sweep
 
-    show_atspeed_logs()
     log = logging.getLogger("atspeed.sweep")
     try:
-        args = parse(_parser(), sys.argv[1:] if argv is None else argv)
+        args = parse(_parser(), sys.argv[1:] if argv is None else argv)  # before the CLI's imports: --help at once
+        from atspeed.cli import show_atspeed_logs
+        from atspeed.run_lock import locked
+        from atspeed.sweep.spec import read_sweep
+
+        show_atspeed_logs()
         sweep = read_sweep(args.file, args.count)
         out_dir = Path(args.dir) if args.dir else Path("runs/sweeps") / sweep.name
         with locked(out_dir, "--dir"):  # one sweep per directory; its runs lock their own directories inside it
