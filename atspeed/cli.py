@@ -22,14 +22,12 @@ import contextlib
 import io
 import logging
 import os
-import re
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
+import jsonargparse.typing
 import torch
-from jsonargparse.typing import NonNegativeInt, PositiveFloat, PositiveInt
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -48,46 +46,22 @@ from atspeed.deepspeed_config import check_deepspeed_config, needs_cuda, strateg
 from atspeed.errors import SIGTERM_EXIT, DataError
 from atspeed.losses import LossOptions
 from atspeed.models.build import LoraSpec, ModelSpec
+from atspeed.parsing import check_config_files, readable_error
 from atspeed.preflight import check_accelerator, check_checkpoint, check_launch, check_output_dir
 from atspeed.run_lock import leads_run, lock_file, locked, sibling_lock_file
 
+# jsonargparse's restricted number types (the ranges of the config keys: the parsed values are instances of them)
+RANGE_TYPES = tuple(getattr(jsonargparse.typing, name) for name in (
+    "PositiveInt", "NonNegativeInt", "PositiveFloat", "NonNegativeFloat", "ClosedUnitInterval", "OpenUnitInterval",
+))  # fmt: skip
 # Config dataclasses travel in checkpoint hyper-parameters; allow them through torch.load(weights_only=True).
-torch.serialization.add_safe_globals(
-    [ModelSpec, LoraSpec, SemanticIdSpec, EvalSpec, LossOptions, PositiveInt, NonNegativeInt, PositiveFloat]
-)
+torch.serialization.add_safe_globals([ModelSpec, LoraSpec, SemanticIdSpec, EvalSpec, LossOptions, *RANGE_TYPES])
 
 MatmulPrecision = Literal["highest", "high", "medium"]
 
 TRAINER_DEFAULTS = {
     "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "runs"}},
 }
-
-
-# jsonargparse's lines that explain its own search (through Union types and class paths), not the user's mistake
-_PARSER_NOISE = (
-    "Does not validate against any of the Union subtypes",
-    "Subtypes:",
-    "Errors:",
-    "Expected a <class 'NoneType'>",
-    "Given value type:",
-    "Given value: Namespace(",
-    "Given value: NestedArg(",
-)
-
-
-def readable_error(message: str) -> str:
-    """jsonargparse's nested error report as one line: ``<dotted key>: <what is wrong>``."""
-    keys, details = [], []
-    for line in (raw.strip() for raw in message.strip().splitlines()):
-        line = line.removeprefix("- ")
-        if key := re.fullmatch(r'Parser key "([^"]+)":', line):
-            keys.append(key.group(1))
-        elif line.startswith("Problem with given class_path"):
-            keys.append("init_args")
-        elif line and not line.startswith(_PARSER_NOISE):
-            details.append(line.rstrip(":"))
-    text = "; ".join(dict.fromkeys(details)) or message.strip().splitlines()[0]
-    return f"{'.'.join(keys)}: {text}" if keys else text
 
 
 class AtspeedParser(LightningArgumentParser):
@@ -244,24 +218,6 @@ def show_atspeed_logs() -> None:
         logger.setLevel(logging.INFO)
 
 
-def _config_files(args: list[str]) -> Iterator[Path]:
-    for i, arg in enumerate(args):
-        if arg in ("--config", "-c") and i + 1 < len(args):
-            yield Path(args[i + 1])
-        elif arg.startswith("--config="):
-            yield Path(arg.split("=", 1)[1])
-
-
-def _check_config_files(args: list[str]) -> None:
-    """Each ``--config`` file that exists must be UTF-8 text (jsonargparse would end in a decoding traceback)."""
-    for path in _config_files(args):
-        if path.is_file():
-            try:
-                path.read_text(encoding="utf-8")
-            except UnicodeDecodeError as err:
-                raise DataError(f"--config {path}: not a text YAML file (byte {err.start} is not UTF-8)") from None
-
-
 CLI_OPTIONS = {
     "datamodule_class": RecDataModule,
     "subclass_mode_model": True,
@@ -294,7 +250,7 @@ class _ParseOnlyCLI(AtspeedCLI):
 def parse_command(args: list[str]):
     """The parsed config of ``python -m atspeed <args>`` (the subcommand's part), built from nothing; a command
     that would stop with bad input raises ``DataError`` with the message the run would print."""
-    _check_config_files(args)
+    check_config_files(args)
     captured = io.StringIO()
     try:
         with contextlib.redirect_stderr(captured):
@@ -309,7 +265,7 @@ def main(args: list[str] | None = None, run: bool = True) -> AtspeedCLI:
     """Run the CLI (``args`` default to ``sys.argv[1:]``): exit 2 on bad input, 143 when stopped by SIGTERM."""
     show_atspeed_logs()
     try:
-        _check_config_files(sys.argv[1:] if args is None else args)
+        check_config_files(sys.argv[1:] if args is None else args)
         return AtspeedCLI(**CLI_OPTIONS, args=args, run=run)
     except DataError as err:
         print(f"error: {err}", file=sys.stderr)

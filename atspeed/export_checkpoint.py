@@ -14,6 +14,9 @@ are those the optimizer held: fp32 from ZeRO (a bf16 fit's own export holds thei
     python -m atspeed export runs/beauty/target/checkpoints/last.ckpt --out runs/beauty/target/hf_last \\
         --single-file runs/beauty/target/last_fp32.ckpt
 
+The options are ``export_checkpoint``'s typed signature, parsed by jsonargparse like every command (``--help``,
+``--print_config``, ``--config FILE``; ``--single-file`` and ``--single_file`` alike).
+
 Every file of CKPT loads with ``weights_only=True``: tensors, plain containers, atspeed's config types and, in a ZeRO
 directory, the three DeepSpeed types of ``zero_safe_globals``; a file holding anything else (a pickle that would run
 code) is refused before anything of it is built, and the conversion itself runs with weights-only loading forced.
@@ -31,7 +34,6 @@ import logging
 import os
 import pickle
 import pkgutil
-import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -45,6 +47,7 @@ from atspeed.atomic import atomic_file, check_replaceable
 from atspeed.callbacks.export import plain_model, write_export
 from atspeed.data.datamodule import RecDataModule
 from atspeed.errors import DataError
+from atspeed.parsing import command_parser, fail, parse
 from atspeed.preflight import check_checkpoint, load_weights_only, weights_only_refusal
 from atspeed.run_lock import locked, sibling_lock_file
 
@@ -198,8 +201,14 @@ def build_module(checkpoint: dict[str, Any], dm: RecDataModule, name: Path) -> p
     return module
 
 
-def export_checkpoint(ckpt: str | Path, out: str | Path, single_file: str | Path | None = None) -> None:
-    """Write the Hugging Face export of checkpoint ``ckpt`` to ``out`` (the module docstring)."""
+def export_checkpoint(ckpt: str, *, out: str, single_file: str | None = None) -> None:
+    """A fit's checkpoint as a Hugging Face export (the module docstring says how).
+
+    Args:
+        ckpt: a fit's checkpoint: a DeepSpeed ZeRO directory or a single file.
+        out: the Hugging Face export directory to write.
+        single_file: also keep the consolidated fp32 checkpoint of a ZeRO directory here (a new file).
+    """
     ckpt, out = Path(ckpt), Path(out)
     single_file = Path(single_file) if single_file is not None else None
     check_inputs(ckpt, out, single_file)
@@ -216,14 +225,11 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, single_file: str | Path
 
 
 def _parser() -> ArgumentParser:
-    parser = ArgumentParser(prog="python -m atspeed export", description=__doc__.split("\n\n")[0],
-                            exit_on_error=False)  # fmt: skip
-    parser.add_argument("ckpt", type=str, metavar="CKPT",
-                        help="a fit's checkpoint: a DeepSpeed ZeRO directory or a single file")  # fmt: skip
-    parser.add_argument("--out", type=str, required=True, metavar="DIR",
-                        help="the Hugging Face export directory to write")  # fmt: skip
-    parser.add_argument("--single-file", type=str | None, default=None, metavar="FILE",
-                        help="also keep the consolidated fp32 checkpoint of a ZeRO directory here")  # fmt: skip
+    """The command's options: ``export_checkpoint``'s signature (``--single-file`` also spelled as before)."""
+    parser = command_parser("python -m atspeed export", __doc__.split("\n\n")[0])
+    parser.add_function_arguments(export_checkpoint, as_positional=True, skip={"single_file"})
+    keep = "also keep the consolidated fp32 checkpoint of a ZeRO directory here (a new file)"
+    parser.add_argument("--single_file", "--single-file", type=str | None, default=None, metavar="FILE", help=keep)
     return parser
 
 
@@ -233,13 +239,8 @@ def main(args: list[str]) -> None:
 
     atspeed.cli.show_atspeed_logs()
     try:
-        parsed = _parser().parse_args(args)
-    except Exception as err:  # jsonargparse's ArgumentError: a missing or unknown option
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
-    try:
+        parsed = parse(_parser(), args)
         with locked(parsed.out, "--out", sibling_lock_file(parsed.out)):  # one export into DIR at a time
-            export_checkpoint(parsed.ckpt, parsed.out, parsed.single_file)
+            export_checkpoint(parsed.ckpt, out=parsed.out, single_file=parsed.single_file)
     except DataError as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+        raise fail(err) from None

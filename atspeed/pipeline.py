@@ -12,6 +12,10 @@ and the output that only a finished run of it leaves (an export directory, a ``m
         output: runs/quickstart/decode/beam/report.json
     summary: runs/quickstart/summary.json
 
+The file is the command's config (``pipeline FILE`` is ``pipeline --config FILE``; its schema is
+``atspeed.pipeline_file``'s, parsed by jsonargparse like every command): ``--help`` lists its keys, ``--print_config``
+prints it as parsed, and ``--summary PATH`` or ``--stages`` after it override its keys.
+
 A stage whose output exists is skipped; the others run in order, in this process, exactly as the printed
 ``python -m atspeed ...`` command would run them on their own. Fit stages given ``--ckpt_path last`` continue from
 their last checkpoint and the teacher stage after its complete shards, so rerunning the pipeline after an
@@ -32,84 +36,22 @@ import gc
 import json
 import logging
 import os
-import shlex
 import signal
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
-
 from atspeed.atomic import write_text_atomic
-from atspeed.data.json_file import validated
 from atspeed.errors import SIGTERM_EXIT, DataError
+from atspeed.parsing import fail
+from atspeed.pipeline_file import Pipeline, Stage, file_label, parse_pipeline, pipeline_args
+from atspeed.pipeline_file import read_pipeline as read_pipeline  # the pipeline file, read as the command does
 from atspeed.preflight import check_new_file
 from atspeed.run_lock import lock_file, locked, sibling_lock_file
 from atspeed.tables import text_table
-from atspeed.yaml_file import read_yaml
 
 log = logging.getLogger("atspeed.pipeline")
-SUBCOMMANDS = ("fit", "validate", "test", "predict")
 SUMMARY_K = 10
-
-
-@dataclass(frozen=True)
-class Stage:
-    name: str
-    argv: list[str]  # what follows ``python -m atspeed``
-    output: Path
-
-    @property
-    def command(self) -> str:
-        return shlex.join(["python", "-m", "atspeed", *self.argv])
-
-
-@dataclass(frozen=True)
-class Pipeline:
-    stages: list[Stage]
-    summary: Path | None
-
-
-class StageEntry(BaseModel):
-    """One entry of a pipeline file's ``stages``."""
-
-    model_config = ConfigDict(strict=True, extra="forbid")
-
-    name: str = Field(min_length=1)
-    run: str | list[str]
-    output: str = Field(min_length=1)
-
-    @field_validator("run")
-    @classmethod
-    def _command(cls, run: str | list[str]) -> list[str]:
-        try:
-            argv = shlex.split(run) if isinstance(run, str) else run
-        except ValueError as err:  # shlex: "No closing quotation", "No escaped character"
-            raise ValueError(f"not a command line ({err}): {run}") from None
-        if not argv or argv[0] not in SUBCOMMANDS:
-            raise ValueError(f"must start with one of {', '.join(SUBCOMMANDS)}, got {(argv or [''])[0]!r}")
-        return argv
-
-
-class PipelineFile(BaseModel):
-    """A pipeline file: the stages in order and where the summary goes."""
-
-    model_config = ConfigDict(strict=True, extra="forbid")
-
-    stages: list[StageEntry] = Field(min_length=1)
-    summary: str | None = None
-
-
-def read_pipeline(path: str | Path) -> Pipeline:
-    """The stages of a pipeline file; a malformed one raises ``DataError`` naming the file and key."""
-    path = Path(path)
-    raw = validated(PipelineFile, read_yaml(path, "pipeline file"), path)
-    for i, entry in enumerate(raw.stages):
-        if entry.name in (earlier.name for earlier in raw.stages[:i]):
-            raise DataError(f"{path}: stages[{i}].name: {entry.name!r} names an earlier stage too")
-    stages = [Stage(entry.name, list(entry.run), Path(entry.output)) for entry in raw.stages]
-    return Pipeline(stages, Path(raw.summary) if raw.summary else None)
 
 
 def run_stage(stage: Stage) -> None:
@@ -272,25 +214,22 @@ def _stop(signum, frame) -> None:
 
 
 def main(args: list[str]) -> None:
-    """``python -m atspeed pipeline FILE``: exit 2 on a bad pipeline file or one whose run directory is in use, 143
-    when stopped by SIGTERM, else the first failing stage's code."""
-    if len(args) != 1 or args[0] in ("-h", "--help"):
-        print(__doc__.split("\n\n")[0], "\nusage: python -m atspeed pipeline FILE", file=sys.stderr)
-        raise SystemExit(0 if args and args[0] in ("-h", "--help") else 2)
+    """``python -m atspeed pipeline FILE`` (or ``--config FILE``): exit 2 on a bad pipeline file or one whose run
+    directory is in use, 143 when stopped by SIGTERM, else the first failing stage's code."""
     from atspeed.cli import show_atspeed_logs
 
     show_atspeed_logs()
+    label = file_label(pipeline_args(args))
     previous = signal.signal(signal.SIGTERM, _stop)
     try:
         with contextlib.ExitStack() as locks:
             try:
-                pipeline = read_pipeline(args[0])
-                check_outputs(pipeline, args[0])
-                directory, lock = run_directory(pipeline, args[0])
-                locks.enter_context(locked(directory, f"pipeline {args[0]}", lock))
+                pipeline = parse_pipeline(args)
+                check_outputs(pipeline, label)
+                directory, lock = run_directory(pipeline, label)
+                locks.enter_context(locked(directory, f"pipeline {label}", lock))
             except DataError as err:
-                print(f"error: {err}", file=sys.stderr)
-                raise SystemExit(2) from None
+                raise fail(err) from None
             run_pipeline(pipeline)
     except Stopped:
         print("pipeline: stopped by SIGTERM; rerun the pipeline to continue", file=sys.stderr)

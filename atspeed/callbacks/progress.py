@@ -8,6 +8,7 @@ import time
 from typing import Literal
 
 import lightning.pytorch as pl
+from jsonargparse.typing import PositiveFloat
 from lightning.pytorch.utilities import rank_zero_only
 
 log = logging.getLogger("atspeed.progress")
@@ -16,15 +17,13 @@ log = logging.getLogger("atspeed.progress")
 class ProgressLog(pl.Callback):
     """A line every ``every_seconds`` while training, validating, testing or predicting (rank 0)."""
 
-    def __init__(self, every_seconds: float = 10.0, when: Literal["auto", "always", "never"] = "auto") -> None:
+    def __init__(self, every_seconds: PositiveFloat = 10.0, when: Literal["auto", "always", "never"] = "auto") -> None:
         """
         Args:
             every_seconds: at most one line per this many seconds per loop.
             when: ``auto``: only when stderr is not a terminal (a terminal has the bar); ``always``; ``never``.
         """
         super().__init__()
-        if every_seconds <= 0:
-            raise ValueError(f"progress.every_seconds must be > 0, got {every_seconds}")
         self.every_seconds = every_seconds
         self.when = when
         self._clocks: dict[str, tuple[float, float]] = {}  # loop -> (started, last line)

@@ -12,6 +12,7 @@ import time
 
 import lightning.pytorch as pl
 import torch
+from jsonargparse.typing import PositiveInt
 from lightning.pytorch.callbacks import BasePredictionWriter
 from safetensors import safe_open
 
@@ -30,15 +31,13 @@ log = logging.getLogger(__name__)
 class TeacherShardWriter(BasePredictionWriter):
     """Shards of teacher data in ``dirpath`` (``shard-r<rank>-<n>.safetensors`` + ``manifest.json``)."""
 
-    def __init__(self, dirpath: str, shard_samples: int = 4096) -> None:
+    def __init__(self, dirpath: str, shard_samples: PositiveInt = 4096) -> None:
         """
         Args:
             dirpath: directory of the teacher data (created; reused by a resumed run of the same target and settings).
             shard_samples: samples per shard (a shard is written once it holds at least this many).
         """
         super().__init__(write_interval="batch")
-        if shard_samples < 1:
-            raise ValueError(f"TeacherShardWriter.shard_samples must be >= 1, got {shard_samples}")
         self.dirpath = dirpath
         self.shard_samples = shard_samples
         self._pending: list[dict[str, torch.Tensor]] = []

@@ -30,7 +30,7 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-from jsonargparse.typing import PositiveFloat, PositiveInt
+from jsonargparse.typing import ClosedUnitInterval, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
 from lightning.pytorch.utilities import rank_zero_info
 from transformers import PreTrainedModel
 
@@ -81,17 +81,17 @@ class Align(pl.LightningModule):
         target: str,
         teacher_dir: str,
         teacher: TeacherMode = "cached",
-        on_policy_ratio: float = 0.5,
+        on_policy_ratio: ClosedUnitInterval = 0.5,
         draft: ModelSpec | None = None,
         draft_init: str | None = None,
         loss: LossName = "atspeed_s",
-        alpha: float = 0.5,
+        alpha: ClosedUnitInterval = 0.5,
         ce_on: CeOn = "item",
         loss_options: LossOptions | None = None,
         weight_beams: bool = False,
         lr: PositiveFloat = 1e-3,
-        weight_decay: float = 0.01,
-        warmup_steps: int = 100,
+        weight_decay: NonNegativeFloat = 0.01,
+        warmup_steps: NonNegativeInt = 100,
         num_beams: PositiveInt = 20,
         draft_beams: PositiveInt = 40,
         gamma: PositiveInt = 3,
@@ -125,12 +125,6 @@ class Align(pl.LightningModule):
                 only, outside the optimizer and DeepSpeed's partition).
         """
         super().__init__()
-        if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"model.alpha must be in [0, 1], got {alpha}")
-        if not 0.0 <= on_policy_ratio <= 1.0:
-            raise ValueError(f"model.on_policy_ratio must be in [0, 1], got {on_policy_ratio}")
-        if warmup_steps < 0:
-            raise ValueError(f"model.warmup_steps must be >= 0, got {warmup_steps}")
         if draft_beams < num_beams:
             raise ValueError(f"model.draft_beams (N = {draft_beams}) must be >= model.num_beams (K = {num_beams})")
         self.options = loss_options or LossOptions()

@@ -7,7 +7,7 @@ from typing import Literal
 
 import lightning.pytorch as pl
 import torch
-from jsonargparse.typing import PositiveFloat, PositiveInt
+from jsonargparse.typing import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
 from lightning.pytorch.utilities import rank_zero_info
 from transformers import PreTrainedModel
 
@@ -37,8 +37,8 @@ class SFT(pl.LightningModule):
         lora: LoraSpec | None = None,
         loss_on: Literal["response", "all"] = "response",
         lr: PositiveFloat = 1e-3,
-        weight_decay: float = 0.01,
-        warmup_steps: int = 100,
+        weight_decay: NonNegativeFloat = 0.01,
+        warmup_steps: NonNegativeInt = 100,
         eval_ks: Sequence[PositiveInt] = (5, 10, 20),
         seed: int = 0,
     ) -> None:
@@ -54,8 +54,6 @@ class SFT(pl.LightningModule):
             seed: initialisation seed of a model built from scratch.
         """
         super().__init__()
-        if warmup_steps < 0:
-            raise ValueError(f"model.warmup_steps must be >= 0, got {warmup_steps}")
         if not eval_ks:
             raise ValueError("model.eval_ks must name at least one K")
         self.save_hyperparameters()

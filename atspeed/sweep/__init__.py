@@ -9,6 +9,9 @@ stage logs. Outputs in ``--dir`` (default ``runs/sweeps/<file name>``): each run
 (rerunning the same command resumes: unfinished runs first, then new ones up to ``--count`` finished runs),
 ``results.csv`` / ``results.json`` (the table, best run) and ``<metric>.png`` (the metric against each parameter).
 
+The options are ``sweep_options``'s typed signature, parsed by jsonargparse like every command (``--help``,
+``--print_config``, ``--config FILE`` holding ``file``, ``count``, ``dir``): ``--count 0`` stops while parsing.
+
 One sweep per directory: ``--dir`` is locked while the sweep runs (``atspeed.run_lock``). Exit codes: 0 done; 2 bad
 input (one message naming the file and key; ``--dir`` in use by another sweep); 1 a run failed (its log is named;
 rerun to resume); 143 stopped by SIGTERM (the unfinished run is rerun on resume).
@@ -16,36 +19,47 @@ rerun to resume); 143 stopped by SIGTERM (the unfinished run is rerun on resume)
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 from pathlib import Path
 
+from jsonargparse.typing import PositiveInt
+
 from atspeed.errors import SIGTERM_EXIT, DataError
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m atspeed sweep", description=__doc__.split("\n\n")[0])
-    parser.add_argument("file", type=Path, help="a W&B sweep YAML (sweeps/*.yaml)")
-    parser.add_argument("--count", type=int, default=None, help="finished runs to reach (needed by random/bayes)")
-    parser.add_argument("--dir", type=Path, default=None, help="output directory (default runs/sweeps/<file stem>)")
+def sweep_options(file: str, count: PositiveInt | None = None, dir: str | None = None) -> None:
+    """A sweep's run.
+
+    Args:
+        file: a W&B sweep YAML (sweeps/*.yaml).
+        count: finished runs to reach (needed by random and bayes; a grid stops when every point has run).
+        dir: the output directory (default runs/sweeps/<file name without .yaml>).
+    """
+
+
+def _parser():
+    from atspeed.parsing import command_parser
+
+    parser = command_parser("python -m atspeed sweep", __doc__.split("\n\n")[0])
+    parser.add_function_arguments(sweep_options, as_positional=True)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Check, run and tabulate a sweep; returns the exit code (see the module docstring)."""
-    from atspeed.cli import show_atspeed_logs
-    from atspeed.run_lock import locked
-    from atspeed.sweep.spec import read_sweep
+    from atspeed.parsing import parse
 
-    show_atspeed_logs()
     log = logging.getLogger("atspeed.sweep")
-    args = _parser().parse_args(argv)
     try:
-        if args.count is not None and args.count < 1:
-            raise DataError(f"--count must be >= 1, got {args.count}")
+        args = parse(_parser(), sys.argv[1:] if argv is None else argv)  # before the CLI's imports: --help at once
+        from atspeed.cli import show_atspeed_logs
+        from atspeed.run_lock import locked
+        from atspeed.sweep.spec import read_sweep
+
+        show_atspeed_logs()
         sweep = read_sweep(args.file, args.count)
-        out_dir = args.dir or Path("runs/sweeps") / sweep.name
+        out_dir = Path(args.dir) if args.dir else Path("runs/sweeps") / sweep.name
         with locked(out_dir, "--dir"):  # one sweep per directory; its runs lock their own directories inside it
             return _run(sweep, out_dir, args.count, log)
     except DataError as err:

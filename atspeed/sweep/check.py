@@ -9,9 +9,8 @@ from typing import Any
 
 from atspeed.cli import parse_command
 from atspeed.errors import DataError
+from atspeed.parsing import STAGES
 from atspeed.sweep.spec import Sweep, plain, probe_values
-
-SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
 
 def _module_class(class_path: str) -> type | None:
@@ -36,8 +35,8 @@ def parse_run(sweep: Sweep, values: dict[str, Any], run_dir: Path) -> Any:
     """The CLI's parsed config of the run with these values, writing to ``run_dir``; ``DataError`` naming the
     sweep file and the run's parameters if the CLI would refuse it."""
     argv = sweep.argv(values)
-    if not argv or argv[0] not in SUBCOMMANDS:
-        raise DataError(f"{sweep.path}: command: `python -m atspeed` must be followed by one of {SUBCOMMANDS}")
+    if not argv or argv[0] not in STAGES:
+        raise DataError(f"{sweep.path}: command: `python -m atspeed` must be followed by one of {STAGES}")
     shown = ", ".join(f"{name}={plain(value)}" for name, value in values.items())
     try:
         return parse_command([*argv, f"--trainer.default_root_dir={run_dir}"])

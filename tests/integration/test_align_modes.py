@@ -113,8 +113,14 @@ def test_teacher_data_without_distributions(exported, teacher_data, tmp_path, ca
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["--model.init_args.on_policy_ratio", "1.5"], "model.on_policy_ratio must be in [0, 1]"),
-        (["--model.init_args.on_policy_ratio", "-0.1"], "model.on_policy_ratio must be in [0, 1]"),
+        (
+            ["--model.init_args.on_policy_ratio", "1.5"],
+            "model.init_args.on_policy_ratio: Not of type ClosedUnitInterval",
+        ),
+        (
+            ["--model.init_args.on_policy_ratio", "-0.1"],
+            "model.init_args.on_policy_ratio: Not of type ClosedUnitInterval",
+        ),
         (["--model.init_args.teacher", "offline"], "'cached', 'recompute', 'on_policy'"),
     ],
 )

@@ -334,7 +334,7 @@ def test_teacher_data_needs_the_training_samples(exported, tmp_path, capsys) -> 
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["--model.init_args.alpha", "1.5"], "model.alpha must be in [0, 1]"),
+        (["--model.init_args.alpha", "1.5"], "model.init_args.alpha: Not of type ClosedUnitInterval"),
         (["--model.init_args.loss", "atspeed_x"], "'atspeed_s', 'atspeed_s_authors', 'atspeed_r', 'sft', 'word_kd'"),
         (["--model.init_args.ce_on", "prompt"], "'item', 'all'"),
         (["--model.init_args.loss_options.support_temperature", "0"], "support_temperature must be > 0"),

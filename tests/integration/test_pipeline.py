@@ -87,11 +87,12 @@ def test_interrupted_pipeline_continues_and_summarises(tmp_path) -> None:
 @pytest.mark.parametrize(
     ("content", "message"),
     [
-        ("stages: []", "stages: List should have at least 1 item"),
-        ("stages:\n  - {name: a, run: fit}", "stages[0].output: Field required"),
+        ("stages: []", "stages: expected a non-empty list"),
+        ("stages:\n  - {name: a, run: fit}", "stages: the following arguments are required: output"),
+        ("stages:\n  - {name: a, run: fit, output: o, x: 1}", "stages: Option 'x' is not accepted"),
         ("stages:\n  - {name: a, run: train --x 1, output: o}", "stages[0].run: must start with one of fit"),
         ("stages:\n  - {name: a, run: fit, output: o}\n  - {name: a, run: fit, output: p}", "stages[1].name"),
-        ("stages:\n  - {name: a, run: fit, output: o}\nextra: 1", "extra: Extra inputs are not permitted"),
+        ("stages:\n  - {name: a, run: fit, output: o}\nextra: 1", "Option 'extra' is not accepted"),
         ("stages: [unclosed", "not a YAML pipeline file"),
         ("stages:\n  - {name: a, run: [fit, 1], output: o}", "stages[0].run"),
         ("stages:\n  - {name: a, run: fit, output: o}\nsummary: [s.json]", "summary: Input should be a valid string"),

@@ -127,8 +127,20 @@ def test_random_and_bayes_propose_values_inside_the_space(tmp_path, method) -> N
     json.dumps(state.runs[-1].values)  # plain Python values, as state.json stores them
 
 
+ALIGN = {  # an alignment sweep: its runs are parsed, not built (the tiny config's target need not exist)
+    "metric": {"name": "val/mean_accepted_depth", "goal": "maximize"},
+    "command": [*COMMAND, "fit", "--config", str(ROOT / "configs/tiny/align.yaml"), "${args}"],
+}
 BAD = [
     ({"parameters": {"model.init_args.lrr": {"values": [0.1]}}}, "lrr"),  # not a CLI key
+    # values out of a key's range: the parser refuses them by their type (alpha: ClosedUnitInterval), in a grid ...
+    (
+        {**ALIGN, "parameters": {"model.init_args.alpha": {"values": [0.5, 1.5]}, "data.batch_size": {"values": [4]}}},
+        "the run with data.batch_size=4, model.init_args.alpha=1.5 would stop: model.init_args.alpha: Not of type "
+        "ClosedUnitInterval",
+    ),
+    # ... and at the end of a range
+    ({**ALIGN, "parameters": {"model.init_args.on_policy_ratio": {"min": 0.0, "max": 1.2}}}, "on_policy_ratio=1.2"),
     ({"parameters": {"model.init_args.lr": {"values": ["fast"]}}}, "model.init_args.lr"),  # a value the CLI refuses
     ({"metric": {"name": "val/los", "goal": "minimize"}}, "val/los is never logged by atspeed.modules.sft.SFT"),
     ({"method": "bays"}, "not a valid W&B sweep configuration"),
