@@ -39,15 +39,8 @@ from atspeed.data.export_dir import check_same_identifiers
 from atspeed.data.teacher_store import TeacherStore, stack_padded, teacher_fingerprint
 from atspeed.decoding.decoders import DecodeSettings, check_list_length
 from atspeed.decoding.speed_metrics import speed_metrics
-from atspeed.decoding.teacher import (
-    Teaching,
-    along,
-    gather_codes,
-    level_codes,
-    node_logits,
-    on_policy_teaching,
-    target_teaching,
-)
+from atspeed.decoding.teacher import Teaching, node_logits, on_policy_teaching, target_teaching
+from atspeed.decoding.teacher_forest import along, gather_codes, level_codes
 from atspeed.errors import DataError
 from atspeed.losses import LOSSES, LossName, LossOptions, beam_weights, check_loss, check_support, check_top_k, reduce
 from atspeed.models.build import DType, ModelSpec, build_causal_lm, load_model, outside_zero_init, unpartitioned

@@ -21,16 +21,12 @@ from atspeed.decoding.decoders import DecodeSettings, decode
 from atspeed.decoding.teacher import (
     TeacherTargets,
     Teaching,
-    expand_to_vocab,
-    gather_codes,
-    level_codes,
     node_logprobs,
     on_policy_teaching,
-    prefix_forest,
     target_teaching,
     teacher_targets,
-    truncate_top_k,
 )
+from atspeed.decoding.teacher_forest import expand_to_vocab, gather_codes, level_codes, prefix_forest, truncate_top_k
 from atspeed.items.trie import PrefixTrie
 
 VOCAB = 60
