@@ -94,9 +94,9 @@ def test_interrupted_pipeline_continues_and_summarises(tmp_path) -> None:
         ("stages:\n  - {name: a, run: fit, output: o}\n  - {name: a, run: fit, output: p}", "stages[1].name"),
         ("stages:\n  - {name: a, run: fit, output: o}\nextra: 1", "Option 'extra' is not accepted"),
         ("stages: [unclosed", "not a YAML pipeline file"),
-        ("stages:\n  - {name: a, run: [fit, 1], output: o}", "stages[0].run"),
-        ("stages:\n  - {name: a, run: fit, output: o}\nsummary: [s.json]", "summary: Input should be a valid string"),
-        ("- {name: a, run: fit, output: o}", "top level: Input should be a valid dictionary"),
+        ("stages:\n  - {name: a, run: [fit, 1], output: o}", "stages.run: Expected a <class 'str'>"),
+        ("stages:\n  - {name: a, run: fit, output: o}\nsummary: [s.json]", "summary: Expected a <class 'str'>"),
+        ("- {name: a, run: fit, output: o}", "Unexpected config: - {name: a"),
     ],
 )
 def test_bad_pipeline_file_names_the_key(tmp_path, content, message) -> None:
