@@ -40,8 +40,11 @@ def decide(
     trie: PrefixTrie,
     verify_level: VerifyLevel,
     generator: torch.Generator | None,
+    grid=None,
 ) -> Verdict:
-    """Walk the tree's G levels and the bonus level with ``verify_level``; a row stops at its first rejection."""
+    """Walk the tree's G levels and the bonus level with ``verify_level``; a row stops at its first rejection.
+    ``grid`` (node logits [B, K, V], nodes [B, K], their scores, trie states) -> scores [B, K * V] of every extension
+    (None: ``candidates``; ``keyed.TreeKeys.grid``: keyed Gumbel keys)."""
     b, k = beams.scores.shape
     remaining = levels - beams.depth  # [B]
     reachable = remaining.clamp(max=tree.levels)
@@ -52,7 +55,10 @@ def decide(
     chosen: list[torch.Tensor] = []
     for g in range(1, tree.levels + 2):  # fixed count: no row's progress is read back
         node_logits = logits.gather(1, current[..., None].expand(b, k, logits.shape[2]))  # [B, K, V]
-        cand = candidates(node_logits, scores, trie_states, trie)
+        if grid is None:
+            cand = candidates(node_logits, scores, trie_states, trie)
+        else:
+            cand = grid(node_logits, current, scores, trie_states)
         d = verify_level(LevelInput(cand, current, g, active & (g <= reachable), tree, generator))
         ok = active & d.ok
         stop = (active & ~ok)[:, None]  # [B, 1]
@@ -75,10 +81,15 @@ def decide(
     return dataclasses.replace(verdict, chosen=tuple(chosen))
 
 
-def beam_step(logits: torch.Tensor, beams: BeamState, trie: PrefixTrie, select) -> Verdict:
-    """The verdict of a call with an empty tree: K new beams chosen from the beams' next-token ``logits`` [B, K, V]."""
+def beam_step(logits: torch.Tensor, beams: BeamState, trie: PrefixTrie, select, grid=None) -> Verdict:
+    """The verdict of a call with an empty tree: K new beams chosen from the beams' next-token ``logits`` [B, K, V]
+    (``grid`` as in ``decide``)."""
     b, k, vocab = logits.shape
-    parents, tokens, scores = select(candidates(logits, beams.scores, beams.trie_states, trie), k, vocab)
+    if grid is None:
+        cand = candidates(logits, beams.scores, beams.trie_states, trie)
+    else:
+        cand = grid(logits, torch.arange(k, device=logits.device).expand(b, k), beams.scores, beams.trie_states)
+    parents, tokens, scores = select(cand, k, vocab)
     none = torch.zeros(b, dtype=torch.long, device=logits.device)
     return Verdict(none, parents, tokens, scores, none.bool())
 

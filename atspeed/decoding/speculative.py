@@ -29,10 +29,10 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
-from atspeed.decoding import kv_cache
+from atspeed.decoding import keyed, kv_cache
 from atspeed.decoding.accept import Verdict, beam_step, decide, needed
 from atspeed.decoding.adaptive import BudgetPlanner
-from atspeed.decoding.beam import BeamState, extend, root_state, select_sample, select_top
+from atspeed.decoding.beam import BeamState, extend, plain_grid, root_state, select_sample, select_top
 from atspeed.decoding.draft_tree import NodeTable, TokenTree, draft_tree, within_budget
 from atspeed.decoding.header import PromptHeader, Prompts
 from atspeed.decoding.output import DecodeOutput, StageClock
@@ -121,7 +121,7 @@ def _retire(
     order = torch.sort((t_beams.depth >= levels).long(), stable=True).indices  # going rows first, in order
     done, kept = order[going:], order[:going]
     out.sequences[rows[done]] = t_beams.sequences[done, :, : out.sequences.shape[2]]
-    out.scores[rows[done]] = t_beams.scores[done]
+    out.scores[rows[done]] = t_beams.list_scores[done]
     for cache in caches:
         kv_cache.select_rows(cache, kept)
     return rows[kept], (t_beams.select_rows(kept), d_beams.select_rows(kept))
@@ -142,13 +142,20 @@ def _advance(
     node_visible: torch.Tensor,
     g: int,
     trie: PrefixTrie,
+    tree_keys: keyed.TreeKeys | None,
 ) -> tuple[BeamState, BeamState]:
     """The new beams: parent node (depth + accepted) + token, except rows already complete; the draft's view of the
-    same beams differs only in what they attend in its cache and in how much of them it has fed."""
+    same beams differs only in what they attend in its cache and in how much of them it has fed. Keyed beams
+    (``tree_keys``) also carry their log-probabilities and their requests' keys."""
     depth = t_beams.depth + verdict.accepted
     nodes = verdict.nodes[..., None]
-    view = table.as_beams(node_visible, depth, t_beams.prompt_lengths)
-    new = extend(view, verdict.nodes, verdict.tokens, verdict.scores, trie, grow=~verdict.complete)
+    view = dataclasses.replace(
+        table.as_beams(node_visible, depth, t_beams.prompt_lengths), noise_keys=t_beams.noise_keys
+    )
+    log_probs = None
+    if tree_keys is not None:
+        log_probs = tree_keys.new_log_probs(verdict.nodes, verdict.tokens, verdict.scores, ~verdict.complete)
+    new = extend(view, verdict.nodes, verdict.tokens, verdict.scores, trie, grow=~verdict.complete, log_probs=log_probs)
     return new, dataclasses.replace(
         new,
         visible=table.draft_visible.gather(1, nodes.expand(-1, -1, table.draft_visible.shape[2])),
@@ -209,13 +216,16 @@ def speculative_decode(
     planner: BudgetPlanner | None = None,
     header: PromptHeader | None = None,
     synced_clock: bool = False,
+    noise_keys: torch.Tensor | None = None,
 ) -> DecodeOutput:
     """Top-K identifiers of L tokens per left-padded prompt [B, P], N beams drafted gamma deep (``settings``).
 
     Each call verifies at most ``settings.budget`` drafted nodes (None: all; 0: plain beam steps, nothing drafted);
     with ``budget="auto"``, what the ``planner`` plans from the calls it has observed (``adaptive``). A ``header``
     that has learned the prompts' shared header puts its cached keys/values in both caches instead of recomputing it.
-    ``synced_clock`` waits for the device at each stage switch (the benchmark's stage split).
+    ``synced_clock`` waits for the device at each stage switch (the benchmark's stage split). ``noise_keys`` [B]
+    (``keyed.request_keys``): both models rank by keyed Gumbel keys and ``verify_level`` is strict: the lists are
+    the target's keyed stochastic beam search (``keyed``).
     """
     num_beams, levels, draft_beams, gamma = settings.num_beams, settings.levels, settings.draft_beams, settings.gamma
     budget = None if settings.budget == "auto" else settings.budget
@@ -228,6 +238,7 @@ def speculative_decode(
     # neither model has seen the prompts: the target's first call takes them with the first tree (first_forward);
     # the draft prefills when it first drafts (never, while a budget of 0 keeps to plain beam steps)
     root = root_state(prompts.visible, levels + gamma + 1, width=num_beams)
+    root, grid = (root, plain_grid) if noise_keys is None else (keyed.keyed_root(root, noise_keys), keyed.beam_grid)
     loop = _Loop(root, root, [prompts.cache(target, b), kv_cache.new_cache()], torch.arange(b, device=device),
                  list(range(b)))  # fmt: skip
     out = DecodeOutputBuffer(
@@ -246,7 +257,7 @@ def speculative_decode(
         tree, table = draft_tree(
             draft, loop.caches[1], loop.d_beams, trie, draft_beams, g, select, keep_distributions=sample,
             root_logits=root_logits if first else None,
-            longest_unfed=loop.seen.widest(loop.seen.draft_unfed) if loop.seen else 0,
+            longest_unfed=loop.seen.widest(loop.seen.draft_unfed) if loop.seen else 0, grid=grid,
         )  # fmt: skip
         tree = within_budget(tree, m, by_score=not sample)
         clock.switch("verify")
@@ -254,12 +265,14 @@ def speculative_decode(
             logits, node_visible = first_forward(target, loop.caches[0], prompts, tree)
         else:
             logits, node_visible = verify_forward(target, loop.caches[0], loop.t_beams, tree)
+        tree_keys = keyed.TreeKeys.build(logits, tree, table, loop.t_beams, trie) if noise_keys is not None else None
+        on_tree = tree_keys.grid if tree_keys is not None else None
         if g:
-            verdict = decide(logits, tree, table, loop.t_beams, levels, trie, verify_level, generator)
+            verdict = decide(logits, tree, table, loop.t_beams, levels, trie, verify_level, generator, on_tree)
         else:  # nothing drafted: the target's own beam step (what every rule's bonus step is)
-            verdict = beam_step(logits[:, :num_beams], loop.t_beams, trie, select)
+            verdict = beam_step(logits[:, :num_beams], loop.t_beams, trie, select, on_tree)
         clock.switch("other")
-        t_beams, loop.d_beams = _advance(loop.t_beams, loop.d_beams, verdict, table, node_visible, g, trie)
+        t_beams, loop.d_beams = _advance(loop.t_beams, loop.d_beams, verdict, table, node_visible, g, trie, tree_keys)
         need = needed(tree, verdict, not sample) if planner is not None and g else None
         loop.t_beams, loop.seen = t_beams, _read_back(t_beams, loop.d_beams, verdict, tree, need, levels)
         count.record(loop.host_rows, drafts, loop.seen, drafted=g > 0)

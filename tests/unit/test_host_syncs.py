@@ -15,8 +15,8 @@ from atspeed.decoding.decoders import BoundDecoder
 from atspeed.decoding.settings import DecodeSettings
 from atspeed.items.trie import PrefixTrie
 
-SPECULATIVE = ("spec_strict", "spec_relaxed", "spec_relaxed_exact")
-LIMIT = {"beam": 1.0, "beam_sample": 1.0, **dict.fromkeys(SPECULATIVE, 2.0)}
+SPECULATIVE = ("spec_strict", "spec_relaxed", "spec_relaxed_exact", "spec_keyed")
+LIMIT = {"beam": 1.0, "beam_sample": 1.0, "beam_sample_keyed": 1.0, **dict.fromkeys(SPECULATIVE, 2.0)}
 
 
 def test_the_counter_sees_each_kind_of_read_back_and_nothing_else() -> None:
@@ -78,7 +78,7 @@ def world():
 
 
 CASES = [(name, 1, None) for name in LIMIT] + [("beam", 16, None), ("spec_strict", 16, 4), ("spec_relaxed", 16, 4),
-                                              ("spec_relaxed_exact", 16, None)]  # fmt: skip
+                                              ("spec_relaxed_exact", 16, None), ("spec_keyed", 16, 4)]  # fmt: skip
 
 
 @pytest.mark.parametrize(("name", "batch", "budget"), CASES)
