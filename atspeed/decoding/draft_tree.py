@@ -179,9 +179,8 @@ def draft_tree(
     0..G-1 (G forwards); level G stays unfed, so ``NodeTable.draft_visible`` of a level-G node is its parent's.
     From the root (``beams`` with nothing unfed), ``root_logits`` [B, V] are the draft's prefill logits: they give
     level 1 without a forward, so G levels cost the prefill and G - 1 forwards. ``longest_unfed``: the longest unfed
-    tail of ``beams`` when the caller knows it (later levels feed one token each), so nothing is read back.
-    ``grid`` scores the extensions the draft ranks (``keyed.beam_grid``: its keyed Gumbel keys).
-    """
+    tail of ``beams`` when the caller knows it (later levels feed one token each), so nothing is read back. ``grid``
+    scores the extensions the draft ranks (``keyed.beam_grid``: its keyed Gumbel keys)."""
     if levels == 0:  # a plain target step: nothing drafted, nothing fed
         empty = beams.scores.new_zeros(beams.scores.shape[0], 0, width)
         tree = TokenTree(beams.width, empty.long(), empty.long(), empty, (), empty)
