@@ -5,12 +5,13 @@
     python scripts/bench_decode.py --preset smoke       # tiny random models, small grid, under a minute
 
 For each batch size b and K: hf_beam (``generate(num_beams=K, num_return_sequences=K, prefix_allowed_tokens_fn)``),
-beam, beam_sample, then spec_strict / spec_relaxed / spec_relaxed_exact for every N in --draft-beams with N >= K,
-every gamma in --gammas and every budget M in --budgets (--self-draft adds spec_strict with the target as its own
-draft). Each configuration decodes the same requests (the first --requests of a seeded random test subset): --warmup
-decodes of one batch, then --repeats timed passes; rows report the median seconds per list, speedups vs HF generate
-and vs beam search at the same K and b, target/draft calls per list, drafted nodes verified per call, accepted depths
-and, for beam and spec_strict, whether every list equals HF generate's (identifiers equal, scores within 1e-3).
+beam, beam_sample, beam_sample_keyed, then spec_strict / spec_relaxed / spec_relaxed_exact / spec_keyed for every N in
+--draft-beams with N >= K, every gamma in --gammas and every budget M in --budgets (--self-draft adds spec_strict with
+the target as its own draft). Each configuration decodes the same requests (the first --requests of a seeded random test
+subset): --warmup decodes of one batch, then --repeats timed passes; rows report the median seconds per list, speedups
+vs HF generate and vs beam search at the same K and b, target/draft calls per list, drafted nodes verified per call,
+accepted depths and, for beam and spec_strict, whether every list equals HF generate's (identifiers equal, scores within
+1e-3).
 Writes a JSON report (--out), a PNG of speedup vs K (--plot, needs matplotlib) and prints the table; with
 --wandb-project the rows also go to a W&B run as a table and the plot as an image (offline unless WANDB_MODE says
 otherwise or an API key is configured; the run lands under --wandb-dir). torch threads

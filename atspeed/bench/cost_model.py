@@ -22,7 +22,7 @@ def predicted_ms_per_list(row: dict, target: dict[str, float], draft: dict[str, 
     """What a batch-1 list should cost from the forward costs and the row's own call counts (None for rows the
     model does not cover: batches > 1, HF generate).
 
-    beam / beam_sample: the target's prefill, then L - 1 forwards of K tokens. spec_*: the draft's prefill and a
+    beam / beam_sample(_keyed): the target's prefill, then L - 1 forwards of K tokens. spec_*: the draft's prefill and a
     forward of N tokens per further draft call; the target's first call reads the prompt and the first tree in one
     forward, counted as the prefill plus a tree forward less a 1-token forward (what appending the tree to the
     prefill adds, without a second call's fixed cost); every call verifies K + the row's mean verified drafted nodes
@@ -31,7 +31,7 @@ def predicted_ms_per_list(row: dict, target: dict[str, float], draft: dict[str, 
     if row["batch_size"] != 1 or row["decoder"] == "hf_beam":
         return None
     k = row["K"]
-    if row["decoder"] in ("beam", "beam_sample"):
+    if row["decoder"] in ("beam", "beam_sample", "beam_sample_keyed"):
         return target["prefill"] + (levels - 1) * ms_at(target, k)
     verified = row.get("verified_nodes_per_call")
     tree = k + (row["gamma"] * row["N"] if verified is None else verified)

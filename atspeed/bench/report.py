@@ -143,6 +143,8 @@ def plot_speedups(path: str | Path, rows: list[dict], title: str) -> bool:
         "spec_relaxed": "tab:orange",
         "beam_sample": "tab:green",
         "spec_relaxed_exact": "tab:red",
+        "beam_sample_keyed": "tab:olive",
+        "spec_keyed": "tab:purple",
     }
     styles = ["-", "--", ":", "-."]
     sizes = sorted({r["batch_size"] for r in rows})

@@ -40,11 +40,14 @@ def decide(
     trie: PrefixTrie,
     verify_level: VerifyLevel,
     generator: torch.Generator | None,
+    grid=None,
 ) -> Verdict:
     """Walk the tree's G levels and the bonus level with ``verify_level``; a row stops at its first rejection.
 
     Every row walks all G + 1 levels (a row that stopped goes on with meaningless beams, never read): the verdict
-    is gathered at each row's stopping level once, after the walk."""
+    is gathered at each row's stopping level once, after the walk. ``grid`` (node logits [B, K, V], nodes [B, K],
+    their scores, trie states) -> scores [B, K * V] of every extension (None: ``candidates``; ``keyed.TreeKeys.grid``:
+    keyed Gumbel keys)."""
     b, k = beams.scores.shape
     reachable = (levels - beams.depth).clamp(max=tree.levels)  # [B]
     current = constants.arange(k, logits.device).expand(b, k)
@@ -52,8 +55,12 @@ def decide(
     at: dict[str, list[torch.Tensor]] = {"ok": [], "current": [], "scores": [], "parents": [], "tokens": [],
                                          "stop_scores": []}  # fmt: skip
     for g in range(1, tree.levels + 2):  # fixed count: no row's progress is read back
-        node_logits = logits.gather(1, current.unsqueeze(2).expand(b, k, logits.shape[2]))  # [B, K, V]
-        cand = candidates(node_logits, scores, trie_states, trie)
+        # [B, K, V] the current nodes' logits (level 1: the roots, nodes 0..K-1)
+        node_logits = logits[:, :k] if g == 1 else logits.gather(1, current.unsqueeze(2).expand(b, k, logits.shape[2]))
+        if grid is None:
+            cand = candidates(node_logits, scores, trie_states, trie)
+        else:
+            cand = grid(node_logits, current, scores, trie_states)
         d = verify_level(LevelInput(cand, current, g, g <= reachable, tree, generator))
         for key, value in (("ok", d.ok), ("current", current), ("scores", scores), ("parents", d.stop_parents),
                            ("tokens", d.stop_tokens), ("stop_scores", d.stop_scores)):  # fmt: skip
@@ -79,10 +86,15 @@ def decide(
     )
 
 
-def beam_step(logits: torch.Tensor, beams: BeamState, trie: PrefixTrie, select) -> Verdict:
-    """The verdict of a call with an empty tree: K new beams chosen from the beams' next-token ``logits`` [B, K, V]."""
+def beam_step(logits: torch.Tensor, beams: BeamState, trie: PrefixTrie, select, grid=None) -> Verdict:
+    """The verdict of a call with an empty tree: K new beams chosen from the beams' next-token ``logits`` [B, K, V]
+    (``grid`` as in ``decide``)."""
     b, k, vocab = logits.shape
-    parents, tokens, scores = select(candidates(logits, beams.scores, beams.trie_states, trie), k, vocab)
+    if grid is None:
+        cand = candidates(logits, beams.scores, beams.trie_states, trie)
+    else:
+        cand = grid(logits, torch.arange(k, device=logits.device).expand(b, k), beams.scores, beams.trie_states)
+    parents, tokens, scores = select(cand, k, vocab)
     none = torch.zeros(b, dtype=torch.long, device=logits.device)
     return Verdict(none, parents, tokens, scores, none.bool())
 

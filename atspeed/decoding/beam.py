@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -38,6 +39,14 @@ class BeamState:
     depth: torch.Tensor  # [B] tokens generated per beam
     fed: torch.Tensor  # [B] how many of them the cache holds (the rest are fed next)
     prompt_lengths: torch.Tensor  # [B] real prompt tokens (position of generated token d is length + d - 1)
+    # keyed sampling (``keyed``) only: ``scores`` are then the Gumbel keys the beams are ranked by
+    log_probs: torch.Tensor | None = None  # [B, W] cumulative log-probabilities (what the lists report)
+    noise_keys: torch.Tensor | None = None  # [B] int64 key of each request's noise
+
+    @property
+    def list_scores(self) -> torch.Tensor:
+        """[B, W] the scores a finished list reports: the cumulative log-probabilities."""
+        return self.scores if self.log_probs is None else self.log_probs
 
     @property
     def width(self) -> int:
@@ -45,7 +54,8 @@ class BeamState:
 
     def select_rows(self, rows: torch.Tensor) -> BeamState:
         """The requests ``rows`` [B'] only, in that order."""
-        return BeamState(*(getattr(self, f.name).index_select(0, rows) for f in dataclasses.fields(self)))
+        values = (getattr(self, f.name) for f in dataclasses.fields(self))
+        return BeamState(*(v if v is None else v.index_select(0, rows) for v in values))
 
     def gather_visible(self, index: torch.Tensor, kept: torch.Tensor) -> BeamState:
         """``visible`` re-expressed after the cache kept positions ``index`` [B, S'] (``kept`` marks real ones)."""
@@ -81,6 +91,21 @@ def candidates(logits: torch.Tensor, scores: torch.Tensor, trie_states: torch.Te
     b, w, v = logits.shape
     logprobs = torch.log_softmax(logits.float(), dim=-1).masked_fill(trie.forbidden(trie_states), float("-inf"))
     return (logprobs + scores.unsqueeze(2)).view(b, w * v)
+
+
+Grid = Callable[[torch.Tensor, BeamState, PrefixTrie], tuple[torch.Tensor, torch.Tensor | None]]
+"""(next-token logits [B, W, V], beams, trie) -> (ranking scores [B, W * V] of every extension, their cumulative
+log-probabilities when the ranking scores are not (keyed beams), else None)."""
+
+
+def plain_grid(logits: torch.Tensor, state: BeamState, trie: PrefixTrie) -> tuple[torch.Tensor, None]:
+    """The beam step's grid: ``candidates``, ranked by their cumulative log-probabilities."""
+    return candidates(logits, state.scores, state.trie_states, trie), None
+
+
+def pick(values: torch.Tensor | None, parents: torch.Tensor, tokens: torch.Tensor, vocab: int) -> torch.Tensor | None:
+    """``values`` [B, W * V] at the chosen (``parents``, ``tokens``) [B, k] (None stays None)."""
+    return None if values is None else values.gather(1, parents * vocab + tokens)
 
 
 def ordered_keys(cand: torch.Tensor) -> torch.Tensor:
@@ -124,8 +149,10 @@ def extend(
     scores: torch.Tensor,
     trie: PrefixTrie,
     grow: torch.Tensor | None = None,
+    log_probs: torch.Tensor | None = None,
 ) -> BeamState:
-    """New beams [B, k]: beam ``parents`` followed by ``tokens`` (not yet fed), with cumulative ``scores``.
+    """New beams [B, k]: beam ``parents`` followed by ``tokens`` (not yet fed), with cumulative ``scores`` (and, for
+    keyed beams, ``log_probs``).
 
     Rows where ``grow`` [B] is false take the parents as they are (no token appended).
     """
@@ -142,7 +169,13 @@ def extend(
         depth = state.depth + grow.long()
     visible = state.visible.gather(1, parents.unsqueeze(2).expand(b, k, state.visible.shape[2]))
     return dataclasses.replace(
-        state, sequences=sequences, scores=scores, trie_states=trie_states, visible=visible, depth=depth
+        state,
+        sequences=sequences,
+        scores=scores,
+        trie_states=trie_states,
+        visible=visible,
+        depth=depth,
+        log_probs=log_probs,
     )
 
 

@@ -3,7 +3,8 @@
 All K beams of a request live in one cache row: the prompt is computed once (prefill), then each step feeds the K
 newest tokens as one tree-masked forward, where each token sees the prompt and its own beam's tokens only. L
 identifier tokens cost the prefill plus L - 1 forwards of K tokens. With ``sample=True`` the step draws its K
-beams without replacement instead of taking the top K (the target side of relaxed decoding). ``lockstep_coverage``
+beams without replacement instead of taking the top K (the target side of relaxed decoding); with ``noise_keys`` it
+is the keyed stochastic beam search (``keyed``: ``beam_sample_keyed``). ``lockstep_coverage``
 runs the target's search with the draft alongside, measuring at every depth how much of the target's top-K the
 draft's top-N covers (what strict verification needs).
 """
@@ -12,7 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from atspeed.decoding.beam import candidates, extend, feed, root_state, select_sample, select_top
+from atspeed.decoding import keyed
+from atspeed.decoding.beam import candidates, extend, feed, pick, plain_grid, root_state, select_sample, select_top
 from atspeed.decoding.header import PromptHeader, Prompts
 from atspeed.decoding.kv_cache import new_cache
 from atspeed.decoding.output import DecodeOutput, StageClock
@@ -32,10 +34,11 @@ def beam_search(
     generator: torch.Generator | None = None,
     header: PromptHeader | None = None,
     synced_clock: bool = False,
+    noise_keys: torch.Tensor | None = None,
 ) -> DecodeOutput:
     """Top-``num_beams`` identifiers of ``levels`` tokens for each left-padded prompt [B, P] (the shared ``header``'s
     cached keys/values reused when it has one). Nothing is read back to the host: every step feeds exactly one
-    token per beam."""
+    token per beam. ``noise_keys`` [B] (``keyed.request_keys``): the keyed stochastic beam search."""
     if sample and generator is None:
         raise ValueError("sampling beam search needs a generator")
     clock = StageClock(input_ids.device, sync=synced_clock)
@@ -44,19 +47,22 @@ def beam_search(
     clock.switch("verify")
     logits = prefill(model, cache, prompts.input_ids, prompts.mask, prompts.past)[:, None]  # [B, 1, V]
     state = root_state(prompts.visible, levels)
+    step = plain_grid if noise_keys is None else keyed.beam_grid
+    if noise_keys is not None:
+        state = keyed.keyed_root(state, noise_keys)
     vocab = logits.shape[-1]
     for t in range(levels):
         if t:
             clock.switch("verify")
             logits, state = feed(model, cache, state, longest=1)  # [B, K, V]
         clock.switch("other")
-        cand = candidates(logits, state.scores, state.trie_states, trie)
+        cand, log_probs = step(logits, state, trie)
         if sample:
             parents, tokens, scores = select_sample(cand, num_beams, vocab, generator)
         else:
             parents, tokens, scores = select_top(cand, num_beams, vocab)
-        state = extend(state, parents, tokens, scores, trie)
-    scores, order = state.scores.sort(dim=1, descending=True, stable=True)
+        state = extend(state, parents, tokens, scores, trie, log_probs=pick(log_probs, parents, tokens, vocab))
+    scores, order = state.list_scores.sort(dim=1, descending=True, stable=True)
     sequences = state.sequences.gather(1, order[..., None].expand_as(state.sequences))
     calls = torch.full((input_ids.shape[0],), levels, dtype=torch.long)
     stats = clock.stats(calls, torch.zeros_like(calls), [])

@@ -7,6 +7,10 @@
 ``spec_relaxed_exact``    speculative sampling beam search, recursive rejection sampling (``recursive``): keeps
                           the distribution of the target's sampling beam search exactly
 ``beam_sample``           the target's own sampling beam search (the baseline of the relaxed decoders)
+``beam_sample_keyed``     the target's stochastic beam search with keyed Gumbel noise (``keyed``): K identifiers
+                          drawn without replacement from the target's distribution, a function of the seed
+``spec_keyed``            speculative beam search on the same keyed noise, strict verification of the target's
+                          Gumbel keys: exactly ``beam_sample_keyed``'s lists for the same seed
 ``hf_beam``               Hugging Face ``generate`` beam search (the independent oracle / baseline)
 ========================  ===============================================================================
 """
@@ -19,7 +23,7 @@ from typing import Literal, get_args
 
 import torch
 
-from atspeed.decoding import recursive, relaxed, strict
+from atspeed.decoding import keyed, recursive, relaxed, strict
 from atspeed.decoding.adaptive import BudgetPlanner
 from atspeed.decoding.beam_search import beam_search
 from atspeed.decoding.costs import forward_costs
@@ -32,9 +36,15 @@ from atspeed.decoding.tree_attention import check_attention
 from atspeed.errors import DataError
 from atspeed.items.trie import PrefixTrie
 
-DecoderName = Literal["beam", "spec_strict", "spec_relaxed", "spec_relaxed_exact", "hf_beam", "beam_sample"]
-SPECULATIVE: tuple[DecoderName, ...] = ("spec_strict", "spec_relaxed", "spec_relaxed_exact")
-SAMPLING: tuple[DecoderName, ...] = ("spec_relaxed", "spec_relaxed_exact", "beam_sample")  # seeded from settings.seed
+DecoderName = Literal[
+    "beam", "spec_strict", "spec_relaxed", "spec_relaxed_exact", "hf_beam", "beam_sample", "beam_sample_keyed",
+    "spec_keyed",
+]  # fmt: skip
+SPECULATIVE: tuple[DecoderName, ...] = ("spec_strict", "spec_relaxed", "spec_relaxed_exact", "spec_keyed")
+# seeded from settings.seed (the keyed ones need no generator: their noise is a function of the seed)
+SAMPLING: tuple[DecoderName, ...] = ("spec_relaxed", "spec_relaxed_exact", "beam_sample", "beam_sample_keyed",
+                                     "spec_keyed")  # fmt: skip
+KEYED: tuple[DecoderName, ...] = ("beam_sample_keyed", "spec_keyed")  # noise keyed by (seed, request, prefix, token)
 
 
 def check_settings(name: DecoderName, settings: DecodeSettings) -> None:
@@ -63,17 +73,26 @@ def _beam_sample(d: BoundDecoder, input_ids, attention_mask, generator) -> Decod
                        generator=generator, header=d.header, synced_clock=d.synced_clock)  # fmt: skip
 
 
-def _spec(verify, sample: bool) -> Decoder:
+def _beam_sample_keyed(d: BoundDecoder, input_ids, attention_mask, generator) -> DecodeOutput:
+    s, trie = d.settings, d.trie.on(input_ids.device)
+    return beam_search(d.target, input_ids, attention_mask, trie, s.num_beams, s.levels, header=d.header,
+                       synced_clock=d.synced_clock, noise_keys=d.noise_keys(input_ids))  # fmt: skip
+
+
+def _spec(verify, sample: bool, keys: bool = False) -> Decoder:
     def run(d: BoundDecoder, input_ids, attention_mask, generator) -> DecodeOutput:
         s, trie = d.settings, d.trie.on(input_ids.device)
+        noise_keys = d.noise_keys(input_ids) if keys else None
         if d.planner is not None and d.planner.beam_list(s.levels):  # the plan is beam steps for the whole list
             out = beam_search(d.target, input_ids, attention_mask, trie, s.num_beams, s.levels, sample=sample,
-                              generator=generator, header=d.header, synced_clock=d.synced_clock)  # fmt: skip
+                              generator=generator, header=d.header, synced_clock=d.synced_clock,
+                              noise_keys=noise_keys)  # fmt: skip
             none = torch.zeros_like(out.stats.target_calls)
             return dataclasses.replace(out, stats=dataclasses.replace(out.stats, verified_nodes=none))
         return speculative_decode(
             d.target, d.draft, input_ids, attention_mask, trie, d.settings, verify, sample=sample,
             generator=generator, planner=d.planner, header=d.header, synced_clock=d.synced_clock,
+            noise_keys=noise_keys,
         )  # fmt: skip
 
     return run
@@ -92,6 +111,8 @@ DECODERS: dict[DecoderName, Decoder] = {
     "spec_relaxed_exact": _spec(recursive.verify_level, sample=True),
     "hf_beam": _hf,
     "beam_sample": _beam_sample,  # the target's own sampling beam search: what relaxed decoding is measured against
+    "beam_sample_keyed": _beam_sample_keyed,  # its keyed stochastic beam search (``keyed``)
+    "spec_keyed": _spec(strict.verify_level, sample=False, keys=True),  # = beam_sample_keyed, drafted
 }
 assert set(DECODERS) == set(get_args(DecoderName))
 
@@ -208,6 +229,7 @@ class BoundDecoder:
         self.planner: BudgetPlanner | None = None
         self.header = PromptHeader() if share_header and name != "hf_beam" else None
         self.synced_clock = synced_clock  # wait for the device at every stage switch (benchmarks' stage split)
+        self.requests_seen = 0  # requests decoded so far: the keyed decoders number requests in this order
 
     def _check_batch(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
         """Check the prompts and let the header learn from them: one host sync per batch for both."""
@@ -247,7 +269,15 @@ class BoundDecoder:
         # into inference tensors that the next training step cannot use
         with torch.no_grad():
             self._plan(input_ids, attention_mask)
-            return DECODERS[self.name](self, input_ids, attention_mask, generator)
+            out = DECODERS[self.name](self, input_ids, attention_mask, generator)
+        self.requests_seen += input_ids.shape[0]
+        return out
+
+    def noise_keys(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """[B] keys of the batch's requests for the keyed decoders: (seed, request number), requests numbered in the
+        order this decoder sees them, so a list does not depend on how the requests are batched."""
+        numbers = self.requests_seen + torch.arange(input_ids.shape[0], device=input_ids.device)
+        return keyed.request_keys(self.settings.seed, numbers)
 
 
 def decode(

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 from atspeed.decoding import constants
-from atspeed.decoding.beam import BeamState, candidates, extend, feed
+from atspeed.decoding.beam import BeamState, Grid, extend, feed, pick, plain_grid
 from atspeed.decoding.kv_cache import cache_length
 from atspeed.items.trie import PrefixTrie
 
@@ -81,7 +81,7 @@ class TokenTree:
 
     @functools.cached_property
     def _drafted(self) -> torch.Tensor:
-        ok = torch.isfinite(self.log_q)  # [B, G, N]
+        ok = self.log_q > float("-inf")  # [B, G, N] (log q is never +inf or NaN)
         return ok if self.verified is None else ok & self.verified
 
     def drafted_count(self) -> torch.Tensor:
@@ -192,6 +192,7 @@ def draft_tree(
     keep_distributions: bool = False,
     root_logits: torch.Tensor | None = None,
     longest_unfed: int | None = None,
+    grid: Grid = plain_grid,
 ) -> tuple[TokenTree, NodeTable]:
     """Draft ``levels`` steps of ``width`` beams from ``beams`` (the target's K beams, their target scores).
 
@@ -199,8 +200,8 @@ def draft_tree(
     0..G-1 (G forwards); level G stays unfed, so ``NodeTable.draft_visible`` of a level-G node is its parent's.
     From the root (``beams`` with nothing unfed), ``root_logits`` [B, V] are the draft's prefill logits: they give
     level 1 without a forward, so G levels cost the prefill and G - 1 forwards. ``longest_unfed``: the longest unfed
-    tail of ``beams`` when the caller knows it (later levels feed one token each), so nothing is read back.
-    """
+    tail of ``beams`` when the caller knows it (later levels feed one token each), so nothing is read back. ``grid``
+    scores the extensions the draft ranks (``keyed.beam_grid``: its keyed Gumbel keys)."""
     if levels == 0:  # a plain target step: nothing drafted, nothing fed
         empty = beams.scores.new_zeros(beams.scores.shape[0], 0, width)
         tree = TokenTree(beams.width, empty.long(), empty.long(), empty, (), empty)
@@ -214,7 +215,7 @@ def draft_tree(
             logits, state = feed(draft, cache, state, longest_unfed if g == 0 else 1)  # [B, W, V]
         fed_states.append(state)
         vocab = logits.shape[-1]
-        cand = candidates(logits, state.scores, state.trie_states, trie)  # [B, W * V]
+        cand, cand_log_probs = grid(logits, state, trie)  # [B, W * V]
         p, t, s = select(cand, width, vocab)
         parents.append(p)
         tokens.append(t)
@@ -223,7 +224,7 @@ def draft_tree(
             norm = torch.logsumexp(cand, dim=1, keepdim=True).nan_to_num(neginf=0.0)  # [B, 1]
             log_q.append(s - norm)
             cand_log_q.append((cand - norm).view(cand.shape[0], -1, vocab))
-        state = extend(state, p, t, s, trie)
+        state = extend(state, p, t, s, trie, log_probs=pick(cand_log_probs, p, t, vocab))
     levels_states = [*fed_states, state]
     s_final = cache_length(cache)
     table = NodeTable(

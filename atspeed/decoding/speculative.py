@@ -16,7 +16,7 @@ call of its own: a list whose first tree holds the target's whole beam search (a
 costs one target call.
 
 Host work: every shape the loop needs (rows still decoding, cache widths after compaction, the longest unfed
-draft tail, levels left) and every counter comes back in ONE read-back per call (``_read_back``), after the
+draft tail, levels left) and every counter comes back in ONE read-back per call (``read_back``), after the
 verdict; nothing else in the loop waits for the device.
 """
 
@@ -24,84 +24,24 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
 
-from atspeed.decoding import kv_cache
+from atspeed.decoding import keyed, kv_cache
 from atspeed.decoding.accept import Verdict, beam_step, decide, needed
 from atspeed.decoding.adaptive import BudgetPlanner
-from atspeed.decoding.beam import BeamState, extend, root_state, select_sample, select_top
+from atspeed.decoding.beam import BeamState, Grid, extend, plain_grid, root_state, select_sample, select_top
 from atspeed.decoding.draft_tree import NodeTable, Select, TokenTree, draft_tree, within_budget
 from atspeed.decoding.header import PromptHeader, Prompts
 from atspeed.decoding.output import DecodeOutput, StageClock
+from atspeed.decoding.readback import Counters, Seen, read_back
 from atspeed.decoding.settings import DecodeSettings
 from atspeed.decoding.tree_attention import prefill
 from atspeed.decoding.tree_forward import first_forward, verify_forward
 from atspeed.decoding.verify import VerifyLevel
 from atspeed.items.trie import PrefixTrie
-
-
-@dataclass(frozen=True)
-class _Seen:
-    """What the host learns after a call, in one read-back, for each row of the batch (in batch order)."""
-
-    depth: list[int]  # tokens generated (>= levels: finished)
-    accepted: list[int]
-    verified: list[int]  # drafted nodes verified
-    target_kept: list[int]  # target-cache positions the row's beams attend (the compaction width is their max)
-    draft_kept: list[int]
-    draft_unfed: list[int]  # tokens the draft has not fed yet
-    needed: torch.Tensor | None  # [B, G] for the budget planner (host)
-
-    levels: int  # L: a row with depth >= L is finished
-
-    @functools.cached_property
-    def going(self) -> list[bool]:
-        """Per row: still decoding."""
-        return [d < self.levels for d in self.depth]
-
-    def widest(self, values: list[int]) -> int:
-        """The largest of ``values`` over the rows still decoding."""
-        return max((v for v, go in zip(values, self.going, strict=True) if go), default=0)
-
-
-def _read_back(t_beams: BeamState, d_beams: BeamState, verdict: Verdict, tree: TokenTree, need, levels: int) -> _Seen:
-    """One device-to-host copy of everything the next iteration and the counters need."""
-    b = t_beams.depth.shape[0]
-    columns = [
-        t_beams.depth, verdict.accepted, tree.drafted_count(), t_beams.visible.any(1).sum(1),
-        d_beams.visible.any(1).sum(1), d_beams.depth - d_beams.fed,
-    ]  # fmt: skip
-    flat = torch.cat([c.long() for c in columns] + ([need.reshape(-1)] if need is not None else []))
-    values = flat.tolist()  # the call's one host sync
-    per_row = [values[i * b : (i + 1) * b] for i in range(len(columns))]
-    host_need = torch.tensor(values[len(columns) * b :]).view(b, -1) if need is not None else None
-    return _Seen(*per_row, needed=host_need, levels=levels)
-
-
-@dataclass
-class _Counters:
-    """Per list (original batch order): target calls, draft calls, drafted nodes verified; per verification (a call
-    that drafted): the accepted depth. Kept on the host from the read-backs."""
-
-    target_calls: list[int]
-    draft_calls: list[int]
-    verified: list[int]
-    accepted: list[int] = field(default_factory=list)
-
-    def record(self, rows: list[int], drafts: int, seen: _Seen, drafted: bool) -> None:
-        for i, row in enumerate(rows):
-            self.target_calls[row] += 1
-            self.draft_calls[row] += drafts
-            self.verified[row] += seen.verified[i]
-        if drafted:
-            self.accepted.extend(seen.accepted)
-
-    def tensors(self) -> tuple:
-        long = functools.partial(torch.tensor, dtype=torch.long)
-        return long(self.target_calls), long(self.draft_calls), [long(self.accepted)], long(self.verified)
 
 
 @dataclass(frozen=True)
@@ -121,7 +61,7 @@ def _retire(
     order = torch.sort((t_beams.depth >= levels).long(), stable=True).indices  # going rows first, in order
     done, kept = order[going:], order[:going]
     out.sequences[rows[done]] = t_beams.sequences[done, :, : out.sequences.shape[2]]
-    out.scores[rows[done]] = t_beams.scores[done]
+    out.scores[rows[done]] = t_beams.list_scores[done]
     for cache in caches:
         kv_cache.select_rows(cache, kept)
     return rows[kept], (t_beams.select_rows(kept), d_beams.select_rows(kept))
@@ -142,13 +82,20 @@ def _advance(
     node_visible: torch.Tensor,
     g: int,
     trie: PrefixTrie,
+    tree_keys: keyed.TreeKeys | None,
 ) -> tuple[BeamState, BeamState]:
     """The new beams: parent node (depth + accepted) + token, except rows already complete; the draft's view of the
-    same beams differs only in what they attend in its cache and in how much of them it has fed."""
+    same beams differs only in what they attend in its cache and in how much of them it has fed. Keyed beams
+    (``tree_keys``) also carry their log-probabilities and their requests' keys."""
     depth = t_beams.depth + verdict.accepted
     nodes = verdict.nodes[..., None]
-    view = table.as_beams(node_visible, depth, t_beams.prompt_lengths)
-    new = extend(view, verdict.nodes, verdict.tokens, verdict.scores, trie, grow=~verdict.complete)
+    view = dataclasses.replace(
+        table.as_beams(node_visible, depth, t_beams.prompt_lengths), noise_keys=t_beams.noise_keys
+    )
+    log_probs = None
+    if tree_keys is not None:
+        log_probs = tree_keys.new_log_probs(verdict.nodes, verdict.tokens, verdict.scores, ~verdict.complete)
+    new = extend(view, verdict.nodes, verdict.tokens, verdict.scores, trie, grow=~verdict.complete, log_probs=log_probs)
     return new, dataclasses.replace(
         new,
         visible=table.draft_visible.gather(1, nodes.expand(-1, -1, table.draft_visible.shape[2])),
@@ -168,7 +115,7 @@ class _Loop:
     rows: torch.Tensor  # [B'] original index of each row still decoding (device)
     host_rows: list[int]
     prefilled: bool = False
-    seen: _Seen | None = None
+    seen: Seen | None = None
 
     def next_call(self, levels: int, out: DecodeOutputBuffer) -> int:
         """Retire finished rows, compact both caches; the most levels any row has left (0: all done)."""
@@ -209,6 +156,8 @@ class _Run:
     sample: bool
     generator: torch.Generator | None
     clock: StageClock
+    grid: Grid = plain_grid  # how the draft scores extensions (``keyed.beam_grid``: keyed Gumbel keys)
+    keyed: bool = False  # the target ranks by keyed Gumbel keys too (``keyed.TreeKeys``)
 
     def call(self, loop: _Loop, prompts: Prompts, g: int, m: int) -> tuple[TokenTree, Verdict, int]:
         """One target call: propose ``g`` levels (``m`` verified nodes at most), verify, accept; the loop's beams
@@ -220,7 +169,7 @@ class _Run:
         tree, table = draft_tree(
             self.draft, loop.caches[1], loop.d_beams, self.trie, s.draft_beams, g, self.select,
             keep_distributions=self.sample, root_logits=root_logits if first else None,
-            longest_unfed=loop.seen.widest(loop.seen.draft_unfed) if loop.seen else 0,
+            longest_unfed=loop.seen.widest(loop.seen.draft_unfed) if loop.seen else 0, grid=self.grid,
         )  # fmt: skip
         tree = within_budget(tree, m, by_score=not self.sample)
         self.clock.switch("verify")
@@ -228,13 +177,16 @@ class _Run:
             logits, node_visible = first_forward(self.target, loop.caches[0], prompts, tree)
         else:
             logits, node_visible = verify_forward(self.target, loop.caches[0], loop.t_beams, tree)
+        tree_keys = keyed.TreeKeys.build(logits, tree, table, loop.t_beams, self.trie) if self.keyed else None
+        on_tree = tree_keys.grid if tree_keys is not None else None
         if g:
             verdict = decide(logits, tree, table, loop.t_beams, s.levels, self.trie, self.verify_level,
-                             self.generator)  # fmt: skip
+                             self.generator, on_tree)  # fmt: skip
         else:  # nothing drafted: the target's own beam step (what every rule's bonus step is)
-            verdict = beam_step(logits[:, : s.num_beams], loop.t_beams, self.trie, self.select)
+            verdict = beam_step(logits[:, : s.num_beams], loop.t_beams, self.trie, self.select, on_tree)
         self.clock.switch("other")
-        loop.t_beams, loop.d_beams = _advance(loop.t_beams, loop.d_beams, verdict, table, node_visible, g, self.trie)
+        loop.t_beams, loop.d_beams = _advance(loop.t_beams, loop.d_beams, verdict, table, node_visible, g, self.trie,
+                                              tree_keys)  # fmt: skip
         return tree, verdict, drafts
 
 
@@ -251,13 +203,16 @@ def speculative_decode(
     planner: BudgetPlanner | None = None,
     header: PromptHeader | None = None,
     synced_clock: bool = False,
+    noise_keys: torch.Tensor | None = None,
 ) -> DecodeOutput:
     """Top-K identifiers of L tokens per left-padded prompt [B, P], N beams drafted gamma deep (``settings``).
 
     Each call verifies at most ``settings.budget`` drafted nodes (None: all; 0: plain beam steps, nothing drafted);
     with ``budget="auto"``, what the ``planner`` plans from the calls it has observed (``adaptive``). A ``header``
     that has learned the prompts' shared header puts its cached keys/values in both caches instead of recomputing it.
-    ``synced_clock`` waits for the device at each stage switch (the benchmark's stage split).
+    ``synced_clock`` waits for the device at each stage switch (the benchmark's stage split). ``noise_keys`` [B]
+    (``keyed.request_keys``): both models rank by keyed Gumbel keys and ``verify_level`` is strict: the lists are
+    the target's keyed stochastic beam search (``keyed``).
     """
     num_beams, levels, draft_beams, gamma = settings.num_beams, settings.levels, settings.draft_beams, settings.gamma
     budget = None if settings.budget == "auto" else settings.budget
@@ -270,20 +225,22 @@ def speculative_decode(
     # neither model has seen the prompts: the target's first call takes them with the first tree (first_forward);
     # the draft prefills when it first drafts (never, while a budget of 0 keeps to plain beam steps)
     root = root_state(prompts.visible, levels + gamma + 1, width=num_beams)
+    root, grid = (root, plain_grid) if noise_keys is None else (keyed.keyed_root(root, noise_keys), keyed.beam_grid)
     loop = _Loop(root, root, [prompts.cache(target, b), kv_cache.new_cache()], torch.arange(b, device=device),
                  list(range(b)))  # fmt: skip
     out = DecodeOutputBuffer(
         torch.zeros(b, num_beams, levels, dtype=torch.long, device=device), torch.zeros(b, num_beams, device=device)
     )
-    run = _Run(target, draft, trie, settings, verify_level, select, sample, generator, clock)
-    count = _Counters([0] * b, [0] * b, [0] * b)
+    keys = noise_keys is not None
+    run = _Run(target, draft, trie, settings, verify_level, select, sample, generator, clock, grid, keys)
+    count = Counters([0] * b, [0] * b, [0] * b)
     depth_before = [0] * b
     while left := loop.next_call(levels, out):
         m = planner.plan() if planner is not None else budget
         m = m if m is not None else gamma * draft_beams
         tree, verdict, drafts = run.call(loop, prompts, min(gamma, left) if m != 0 else 0, m)
         need = needed(tree, verdict, not sample) if planner is not None and tree.levels else None
-        loop.seen = _read_back(loop.t_beams, loop.d_beams, verdict, tree, need, levels)
+        loop.seen = read_back(loop.t_beams, loop.d_beams, verdict, tree, need, levels)
         count.record(loop.host_rows, drafts, loop.seen, drafted=tree.levels > 0)
         if need is not None:  # a beam step always gains one token: nothing to learn
             accepted = torch.tensor(loop.seen.accepted)

@@ -70,8 +70,10 @@ class Recommender(pl.LightningModule):
             target: directory of the target exported by the SFT stage (weights, tokenizer, index.json).
             draft: directory of the draft (same tokenizer and index); needed by the speculative decoders.
             decoder: beam (the target's beam search), spec_strict (lossless), spec_relaxed, hf_beam (HF generate),
-                beam_sample (the target's sampling beam search, seeded), spec_relaxed (speculative, keeps
-                beam_sample's distribution exactly; seeded).
+                beam_sample (the target's sampling beam search, seeded), spec_relaxed (the paper's relaxed
+                verification; seeded), spec_relaxed_exact (speculative, keeps beam_sample's distribution exactly;
+                seeded), beam_sample_keyed (the target's stochastic beam search on noise keyed by the seed: K items
+                drawn without replacement), spec_keyed (speculative, returns beam_sample_keyed's lists exactly).
             num_beams: K, the length of each list.
             draft_beams: N, draft beams per step (speculative decoders; at least K).
             gamma: draft steps per target call (speculative decoders).

@@ -13,7 +13,8 @@ from atspeed.bench.report import matplotlib_available
 from tests.integration.tiny_data import load_script
 
 ROOT = Path(__file__).resolve().parents[2]
-DECODERS = {"hf_beam", "beam", "spec_strict", "spec_relaxed", "spec_relaxed_exact", "beam_sample"}
+DECODERS = {"hf_beam", "beam", "spec_strict", "spec_relaxed", "spec_relaxed_exact", "beam_sample", "beam_sample_keyed",
+            "spec_keyed"}  # fmt: skip
 
 
 def _script():

@@ -11,7 +11,7 @@ from atspeed.cli import main
 from atspeed.decoding.decoders import BoundDecoder
 from tests.integration.tiny_data import decode_args
 
-LIMIT = {"beam": 1.0, "spec_strict": 2.0, "spec_relaxed": 2.0, "spec_relaxed_exact": 2.0}
+LIMIT = {"beam": 1.0, "spec_strict": 2.0, "spec_relaxed": 2.0, "spec_relaxed_exact": 2.0, "spec_keyed": 2.0}
 
 
 @pytest.mark.parametrize("decoder", list(LIMIT))

@@ -30,9 +30,10 @@ def target() -> LlamaForCausalLM:
     return tiny_llama(VOCAB, seed=0)
 
 
-def test_the_decoder_table_lists_the_six_decoders() -> None:
-    assert set(DECODERS) == {"beam", "spec_strict", "spec_relaxed", "spec_relaxed_exact", "hf_beam", "beam_sample"}
-    assert set(SPECULATIVE) == {"spec_strict", "spec_relaxed", "spec_relaxed_exact"}
+def test_the_decoder_table_lists_the_eight_decoders() -> None:
+    assert set(DECODERS) == {"beam", "spec_strict", "spec_relaxed", "spec_relaxed_exact", "hf_beam", "beam_sample",
+                             "beam_sample_keyed", "spec_keyed"}  # fmt: skip
+    assert set(SPECULATIVE) == {"spec_strict", "spec_relaxed", "spec_relaxed_exact", "spec_keyed"}
 
 
 @pytest.mark.parametrize(
@@ -71,7 +72,8 @@ def test_non_speculative_decoders_ignore_the_draft_settings(name: str) -> None:
 
 def test_unknown_decoder_name_is_refused_with_the_choices() -> None:
     with pytest.raises(
-        ValueError, match=r"unknown decoder 'beam_search'; choose one of \['beam', 'beam_sample', 'hf_beam'"
+        ValueError,
+        match=r"unknown decoder 'beam_search'; choose one of \['beam', 'beam_sample', 'beam_sample_keyed', 'hf_beam'",
     ):
         check_settings("beam_search", DecodeSettings(num_beams=1, levels=1))  # type: ignore[arg-type]
 

@@ -241,3 +241,37 @@ def test_stats_merge_histogram_and_summary(worlds) -> None:
     assert summary["mean_accepted_depth"] == pytest.approx(merged.accepted.float().mean().item())
     with pytest.raises(ValueError, match="nothing to merge"):
         DecodeStats.merge([])
+
+
+@pytest.fixture(scope="module")
+def narrow_trie() -> PrefixTrie:
+    """3 first codes, 12 two-token prefixes, 60 identifiers: K = 5 or 20 exceeds the live extensions of level 1
+    (and, for K = 20, of level 2), so the target's top-K there holds -inf entries."""
+    gen = torch.Generator().manual_seed(3)
+    firsts = torch.tensor([4, 5, 6]).repeat_interleave(4)
+    seconds = torch.arange(10, 22)
+    rows = [[int(a), int(b), int(c)] for a, b in zip(firsts, seconds, strict=True)
+            for c in torch.randperm(12, generator=gen)[:5] + 30]  # fmt: skip
+    return PrefixTrie.build(torch.tensor(rows), VOCAB, eos_token_id=EOS)
+
+
+@pytest.mark.parametrize("k", [5, 20])
+def test_strict_accepts_levels_with_fewer_live_extensions_than_k(worlds, narrow_trie, k: int) -> None:
+    """Draft = target, N = K, gamma = L on a trie with fewer than K live extensions at level 1: every live entry of
+    the target's top-K is drafted, so the whole list takes one target call (before: level 1 was never accepted,
+    2 calls or more); the lists still equal beam and hf_beam. A weaker draft keeps the lists too."""
+    world = worlds[0]
+    settings = DecodeSettings(num_beams=k, levels=3, draft_beams=k, gamma=3)
+    ids, mask = world.input_ids, world.mask
+    beam = decode("beam", world.target, ids, mask, narrow_trie, settings)
+    assert torch.isfinite(beam.scores).all()
+    out = decode("spec_strict", world.target, ids, mask, narrow_trie, settings, draft=world.target)
+    assert_same_lists(out, beam)
+    assert_same_lists(out, decode("hf_beam", world.target, ids, mask, narrow_trie, settings))
+    assert check_spec_stats(out.stats, 3, 3, 3) == [[3]] * 3
+    assert out.stats.target_calls.tolist() == [1, 1, 1]
+    for n, gamma in ((k, 1), (2 * k + 3, 2)):
+        settings = DecodeSettings(num_beams=k, levels=3, draft_beams=n, gamma=gamma)
+        other = decode("spec_strict", world.target, ids, mask, narrow_trie, settings, draft=world.other)
+        assert_same_lists(other, beam)
+        check_spec_stats(other.stats, 3, 3, gamma)

@@ -15,8 +15,8 @@ from atspeed.decoding.decoders import BoundDecoder
 from atspeed.decoding.settings import DecodeSettings
 from atspeed.items.trie import PrefixTrie
 
-SPECULATIVE = ("spec_strict", "spec_relaxed", "spec_relaxed_exact")
-LIMIT = {"beam": 1.0, "beam_sample": 1.0, **dict.fromkeys(SPECULATIVE, 2.0)}
+SPECULATIVE = ("spec_strict", "spec_relaxed", "spec_relaxed_exact", "spec_keyed")
+LIMIT = {"beam": 1.0, "beam_sample": 1.0, "beam_sample_keyed": 1.0, **dict.fromkeys(SPECULATIVE, 2.0)}
 
 
 def test_the_counter_sees_each_kind_of_read_back_and_nothing_else() -> None:
@@ -78,7 +78,7 @@ def world():
 
 
 CASES = [(name, 1, None) for name in LIMIT] + [("beam", 16, None), ("spec_strict", 16, 4), ("spec_relaxed", 16, 4),
-                                              ("spec_relaxed_exact", 16, None)]  # fmt: skip
+                                              ("spec_relaxed_exact", 16, None), ("spec_keyed", 16, 4)]  # fmt: skip
 
 
 @pytest.mark.parametrize(("name", "batch", "budget"), CASES)
@@ -99,10 +99,11 @@ def test_a_llama_sized_vocabulary_masks_from_the_identifier_span_without_read_ba
     target, draft = tiny_llama(vocab, seed=3, hidden=8, layers=1), tiny_llama(vocab, seed=4, hidden=8, layers=1)
     prompts = random_prompts(200, [10, 10], seed=5)
     settings = DecodeSettings(num_beams=3, levels=levels, draft_beams=6, gamma=3)
-    assert _syncs_per_call("spec_strict", target, draft, trie, prompts, settings) <= LIMIT["spec_strict"]
+    for name in ("spec_strict", "spec_keyed"):
+        assert _syncs_per_call(name, target, draft, trie, prompts, settings) <= LIMIT[name], name
 
 
-LAUNCH_LIMIT = {"beam": 100, "spec_strict": 300}  # kernels per target call outside the models (ops that are not views)
+LAUNCH_LIMIT = {"beam": 100, "spec_strict": 300, "spec_keyed": 300}  # kernels per target call outside the models (ops that are not views)
 
 
 @pytest.mark.parametrize("name", sorted(LAUNCH_LIMIT))
