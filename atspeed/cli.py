@@ -48,8 +48,7 @@ from atspeed.errors import SIGTERM_EXIT, DataError
 from atspeed.preflight import check_accelerator, check_checkpoint, check_launch, check_output_dir
 from atspeed.run_lock import leads_run, lock_file, locked, sibling_lock_file
 
-# The stages' LightningModules: with the data module, what checkpoints hold the typed __init__ arguments of. Those
-# types (options dataclasses, PositiveInt, ...) load through torch.load(weights_only=True), read from the signatures.
+# Checkpoints hold these modules' and the data module's typed __init__ arguments: allow their types to torch.load.
 STAGE_MODULES = (
     atspeed.modules.sft.SFT,
     atspeed.modules.align.Align,

@@ -80,7 +80,7 @@ class LoraSpec:
     """Train the identifier tokens' embedding and output rows (peft trainable tokens)."""
 
 
-def model_config(spec_or_path: ModelSpec | str | Path, key: str = "model.path") -> PretrainedConfig | None:
+def model_config(spec_or_path: ModelSpec | str | Path, key: str = "model") -> PretrainedConfig | None:
     """The config of a local checkpoint (read without loading weights), refused (``DataError`` naming ``key``) when its
     attention cannot take the tree mask (``families.check_attention``); None for a model built from sizes."""
     path = spec_or_path.path if isinstance(spec_or_path, ModelSpec) else spec_or_path

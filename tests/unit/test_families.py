@@ -103,3 +103,10 @@ class NewOptions:
 class NewStage:
     def __init__(self, options: NewOptions | None = None, sizes: list[ModelSpec] | None = None, k: int = 1) -> None:
         pass
+
+
+def test_the_cli_allows_every_type_its_stages_save() -> None:
+    import atspeed.cli as cli
+
+    wanted = checkpoint_types([*cli.STAGE_MODULES, RecDataModule])
+    assert ModelSpec in wanted and set(wanted) <= set(torch.serialization.get_safe_globals())
