@@ -26,7 +26,6 @@ import sys
 from pathlib import Path
 from typing import Literal
 
-import jsonargparse.typing
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -35,27 +34,27 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 import atspeed.modules.align
 import atspeed.modules.recommend
 import atspeed.modules.sft
-import atspeed.modules.teacher  # noqa: F401
+import atspeed.modules.teacher
 from atspeed.callbacks.checkpoint import SaveLast
 from atspeed.callbacks.progress import ProgressLog
 from atspeed.callbacks.signals import StopPredictOnSigterm
 from atspeed.callbacks.summary import MetricsSummary
-from atspeed.data.datamodule import EvalSpec, RecDataModule
-from atspeed.data.item_index import SemanticIdSpec
+from atspeed.checkpoint_types import checkpoint_types
+from atspeed.data.datamodule import RecDataModule
 from atspeed.deepspeed_config import check_deepspeed_config, needs_cuda, strategy_config
 from atspeed.errors import SIGTERM_EXIT, DataError
-from atspeed.losses import LossOptions
-from atspeed.models.build import LoraSpec, ModelSpec
 from atspeed.parsing import check_config_files, readable_error
 from atspeed.preflight import check_accelerator, check_checkpoint, check_launch, check_output_dir
 from atspeed.run_lock import leads_run, lock_file, locked, sibling_lock_file
 
-# jsonargparse's restricted number types (the ranges of the config keys: the parsed values are instances of them)
-RANGE_TYPES = tuple(getattr(jsonargparse.typing, name) for name in (
-    "PositiveInt", "NonNegativeInt", "PositiveFloat", "NonNegativeFloat", "ClosedUnitInterval", "OpenUnitInterval",
-))  # fmt: skip
-# Config dataclasses travel in checkpoint hyper-parameters; allow them through torch.load(weights_only=True).
-torch.serialization.add_safe_globals([ModelSpec, LoraSpec, SemanticIdSpec, EvalSpec, LossOptions, *RANGE_TYPES])
+# Checkpoints hold these modules' and the data module's typed __init__ arguments: allow their types to torch.load.
+STAGE_MODULES = (
+    atspeed.modules.sft.SFT,
+    atspeed.modules.align.Align,
+    atspeed.modules.recommend.Recommender,
+    atspeed.modules.teacher.Teacher,
+)
+torch.serialization.add_safe_globals(checkpoint_types([*STAGE_MODULES, RecDataModule]))
 
 MatmulPrecision = Literal["highest", "high", "medium"]
 

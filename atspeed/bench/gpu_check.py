@@ -31,7 +31,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig
 
 from atspeed.atomic import write_text_atomic
 from atspeed.bench.decode_bench import add_speedups, build_grid, run_grid
@@ -39,10 +38,12 @@ from atspeed.bench.gpu_check_report import markdown
 from atspeed.bench.report import machine, write_json
 from atspeed.bench.workload import BOS, EOS, PAD, Workload, parameters
 from atspeed.items.trie import PrefixTrie
+from atspeed.models.families import family_config, random_model
 
 ROOT = Path(__file__).resolve().parents[2]
 LEVELS = 4
 FULL = {
+    "family": "llama",  # atspeed.models.families: the shapes below are Llama-7B's and its draft's
     "target": {"hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32, "intermediate_size": 11008},
     "draft": {"hidden_size": 768, "num_hidden_layers": 2, "num_attention_heads": 12, "intermediate_size": 3072},
     "base_vocab": 32000, "id_tokens": 1024, "items": 12000, "prompt": 150, "requests": {1: 4, 8: 16},
@@ -65,14 +66,13 @@ class OutOfTime(RuntimeError):
     """A section used up its time budget (what it finished is kept)."""
 
 
-def _random_llama(shape: dict, vocab: int, device: torch.device, seed: int) -> torch.nn.Module:
-    """Random bf16 weights built on ``device`` directly (a 7B model is never materialised on the host)."""
-    config = LlamaConfig(vocab_size=vocab, max_position_embeddings=1024, pad_token_id=PAD, bos_token_id=BOS,
-                         eos_token_id=EOS, **shape)  # fmt: skip
-    torch.manual_seed(seed)
+def _random_model(p: dict, shape: dict, vocab: int, device: torch.device, seed: int) -> torch.nn.Module:
+    """Random bf16 weights of the check's family built on ``device`` directly (a 7B model is never materialised on
+    the host)."""
+    config = family_config(p["family"], vocab_size=vocab, max_position_embeddings=1024, pad_token_id=PAD,
+                           bos_token_id=BOS, eos_token_id=EOS, **shape)  # fmt: skip
     with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    return model.eval()
+        return random_model(config, seed, dtype=torch.bfloat16)
 
 
 def random_workload(p: dict, device: torch.device, seed: int = 0) -> Workload:
@@ -85,7 +85,10 @@ def random_workload(p: dict, device: torch.device, seed: int = 0) -> Workload:
     lengths = torch.randint(p["prompt"] - 10, p["prompt"] + 11, (count,), generator=gen).tolist()
     prompts = [[BOS, *torch.randint(3, p["base_vocab"], (n - 1,), generator=gen).tolist()] for n in lengths]
     targets = torch.randint(0, codes.shape[0], (count, 1), generator=gen).tolist()
-    target, draft = _random_llama(p["target"], vocab, device, seed), _random_llama(p["draft"], vocab, device, seed + 1)
+    target, draft = (
+        _random_model(p, p["target"], vocab, device, seed),
+        _random_model(p, p["draft"], vocab, device, seed + 1),
+    )
     work = Workload(
         target=target, draft=draft, trie=PrefixTrie.build(codes, vocab, eos_token_id=EOS), levels=LEVELS,
         pad_token_id=PAD, prompts=prompts, targets=targets,

@@ -19,22 +19,27 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from atspeed.bench.cost_model import forward_costs, predicted_ms_per_list, tree_sizes
+from atspeed.models.families import Family, family_config, family_of, random_model
 from atspeed.tables import markdown_table
 
-# random Llamas of the issue's cost model: a 34.5 M-parameter target, and the Beauty target's shape as the draft
+# random models of the issue's cost model (of the trained target's family): a 34.5 M-parameter target (as a Llama),
+# and the Beauty target's shape as the draft
 SHAPES = {
     "target": {"hidden_size": 512, "num_hidden_layers": 8, "num_attention_heads": 8, "intermediate_size": 2048},
     "draft": {"hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 512},
 }
 
 
-def random_llama(vocab: int, shape: dict, context: int, seed: int) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=vocab, max_position_embeddings=context, **shape)
-    return LlamaForCausalLM(config).eval()
+def random_ratio_model(family: Family, vocab: int, shape: dict, context: int, seed: int) -> torch.nn.Module:
+    return random_model(family_config(family, vocab_size=vocab, max_position_embeddings=context, **shape), seed)
+
+
+def target_config(report: dict) -> dict:
+    """The exported target's config.json the report names ({} when the report's models are not on disk)."""
+    path = Path(report["models"].get("target", "")) / "config.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def vocab_size(report: dict) -> int:
@@ -42,7 +47,12 @@ def vocab_size(report: dict) -> int:
     models = report["models"]
     if "vocab_size" in models:
         return int(models["vocab_size"])
-    return int(json.loads((Path(models["target"]) / "config.json").read_text())["vocab_size"])
+    return int(target_config(report)["vocab_size"])
+
+
+def ratio_family(report: dict) -> Family:
+    """The family of the trained target (its config.json), Llama when it is not on disk or not in the table."""
+    return family_of(target_config(report)) or "llama"
 
 
 def ratio_costs(report: dict, repeats: int, seed: int = 0) -> dict:
@@ -53,9 +63,10 @@ def ratio_costs(report: dict, repeats: int, seed: int = 0) -> dict:
     vocab = vocab_size(report)
     length = int(report["cost_model"]["prompt_tokens"])
     prompt = [random.Random(seed).randrange(vocab) for _ in range(length)]
-    out: dict = {"prompt_tokens": length, "parameters": {}, "ms": {}}
+    family = ratio_family(report)
+    out: dict = {"prompt_tokens": length, "family": family, "parameters": {}, "ms": {}}
     for name, shape in SHAPES.items():
-        model = random_llama(vocab, shape, length + 256, seed)
+        model = random_ratio_model(family, vocab, shape, length + 256, seed)
         out["parameters"][name] = sum(p.numel() for p in model.parameters())
         out["ms"][name] = forward_costs(model, prompt, sizes, repeats)
     return out

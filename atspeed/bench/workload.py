@@ -1,7 +1,8 @@
 """What the benchmark decodes: a target, a draft, the trie and the prompts of a fixed set of test requests.
 
 ``load_workload`` reads exported model directories and the test requests of a dataset (through ``RecDataModule``
-with ``model_dir``, so prompts match training); ``smoke_workload`` builds tiny random Llamas and prompts in memory.
+with ``model_dir``, so prompts match training); ``smoke_workload`` builds tiny random models (Llama unless another
+family is asked) and prompts in memory.
 """
 
 from __future__ import annotations
@@ -9,13 +10,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from atspeed.data.datamodule import EvalSpec, RecDataModule
 from atspeed.data.export_dir import ExportMeta, check_same_identifiers
 from atspeed.errors import DataError
 from atspeed.items.trie import PrefixTrie
 from atspeed.models.build import load_model
+from atspeed.models.families import Family, family_config, random_model
 
 
 @dataclass(frozen=True)
@@ -103,20 +104,17 @@ PAD, BOS, EOS = 0, 1, 2
 SMOKE_VOCAB, SMOKE_LEVELS, SMOKE_ITEMS = 60, 4, 300
 
 
-def _tiny_llama(hidden: int, layers: int, seed: int, dtype: str) -> LlamaForCausalLM:
-    """A seeded random Llama; initializer_range 0.2 makes its distributions peaked (few near-ties)."""
-    config = LlamaConfig(
-        vocab_size=SMOKE_VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128, initializer_range=0.2,
-        pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS,
+def _tiny_model(family: Family, hidden: int, layers: int, seed: int, dtype: str) -> torch.nn.Module:
+    """A seeded random model; initializer_range 0.2 makes its distributions peaked (few near-ties)."""
+    config = family_config(
+        family, vocab_size=SMOKE_VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=2, max_position_embeddings=128, initializer_range=0.2, pad_token_id=PAD,
+        bos_token_id=BOS, eos_token_id=EOS,
     )  # fmt: skip
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = LlamaForCausalLM(config)
-    return model.to(getattr(torch, dtype)).eval()
+    return random_model(config, seed).to(getattr(torch, dtype))
 
 
-def smoke_workload(requests: int, dtype: str = "float32", seed: int = 0) -> Workload:
+def smoke_workload(requests: int, dtype: str = "float32", seed: int = 0, family: Family = "llama") -> Workload:
     """A 2-layer target (hidden 32) and a 1-layer draft (hidden 16), random L = 4 identifiers, prompts of 20-40."""
     gen = torch.Generator().manual_seed(seed)
     identifiers = torch.unique(torch.randint(4, SMOKE_VOCAB, (SMOKE_ITEMS, SMOKE_LEVELS), generator=gen), dim=0)
@@ -124,13 +122,14 @@ def smoke_workload(requests: int, dtype: str = "float32", seed: int = 0) -> Work
     prompts = [[BOS, *torch.randint(3, SMOKE_VOCAB, (n - 1,), generator=gen).tolist()] for n in lengths]
     targets = torch.randint(0, identifiers.shape[0], (requests, 1), generator=gen).tolist()
     return Workload(
-        target=_tiny_llama(32, 2, seed, dtype),
-        draft=_tiny_llama(16, 1, seed + 1, dtype),
+        target=_tiny_model(family, 32, 2, seed, dtype),
+        draft=_tiny_model(family, 16, 1, seed + 1, dtype),
         trie=PrefixTrie.build(identifiers, SMOKE_VOCAB, eos_token_id=EOS),
         levels=SMOKE_LEVELS,
         pad_token_id=PAD,
         prompts=prompts,
         targets=targets,
-        info={"target": "random tiny Llama (hidden 32, 2 layers)", "draft": "random tiny Llama (hidden 16, 1 layer)",
-              "data": "random prompts of 20-40 tokens", "items": int(identifiers.shape[0])},
+        info={"target": f"random tiny {family} (hidden 32, 2 layers)",
+              "draft": f"random tiny {family} (hidden 16, 1 layer)", "data": "random prompts of 20-40 tokens",
+              "items": int(identifiers.shape[0])},
     )  # fmt: skip

@@ -108,8 +108,5 @@ class PromptHeader:
             cache = kv_cache.new_cache()
             tokens = self.tokens.to(next(model.parameters()).device)[None]
             prefill(model, cache, tokens, torch.ones_like(tokens))
-            self._kv[key] = [(layer.keys, layer.values) for layer in cache.layers]
-        cache = kv_cache.new_cache()
-        for i, (keys, values) in enumerate(self._kv[key]):
-            cache.update(keys.expand(rows, -1, -1, -1), values.expand(rows, -1, -1, -1), i)
-        return cache
+            self._kv[key] = kv_cache.layer_states(cache)
+        return kv_cache.cache_holding(self._kv[key], rows)

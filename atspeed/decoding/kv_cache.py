@@ -5,7 +5,9 @@ The cache holds, per layer, ``keys``/``values`` of shape [B, H, S, D]. Decoding 
 - ``crop``: drop the last n positions (5.x ``DynamicCache.crop(-n)`` semantics, checked here);
 - ``gather_positions``: keep, per row, a chosen list of positions (an accepted tree path, or the union of the
   live beams' paths) and drop everything else, which compacts rejected tree nodes and left padding away;
-- ``select_rows``: keep or reorder batch rows (drop finished requests).
+- ``select_rows``: keep or reorder batch rows (drop finished requests);
+- ``layer_states`` / ``cache_holding``: keep a cache's keys and values (the shared prompt header's) and start new
+  caches holding them.
 
 Positions are encoded in the keys by RoPE when they are written, so moving a position inside the cache does not
 change what it means; the attention mask and ``position_ids`` of later forwards are all that refer to slots.
@@ -56,6 +58,20 @@ def select_rows(cache: DynamicCache, rows: torch.Tensor) -> None:
     for layer in _layers(cache):
         layer.keys = layer.keys.index_select(0, rows.to(layer.keys.device))
         layer.values = layer.values.index_select(0, rows.to(layer.values.device))
+
+
+def layer_states(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each layer's ``(keys, values)`` [B, H, S, D], in layer order (the tensors themselves, not copies)."""
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def cache_holding(states: list[tuple[torch.Tensor, torch.Tensor]], rows: int) -> DynamicCache:
+    """A new cache holding ``states`` (``layer_states`` of a one-row cache) in each of ``rows`` rows; the rows share
+    the tensors' memory (``expand``) until a later write or gather copies them."""
+    cache = new_cache()
+    for i, (keys, values) in enumerate(states):
+        cache.update(keys.expand(rows, -1, -1, -1), values.expand(rows, -1, -1, -1), i)
+    return cache
 
 
 def keep_index(needed: torch.Tensor, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:

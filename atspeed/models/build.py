@@ -1,4 +1,5 @@
-"""Build a Llama-family causal LM from a small spec, or load one from a local path, sized to a tokenizer."""
+"""Build a causal LM of a model family (``atspeed.models.families``) from a small spec, or load one from a local path,
+sized to a tokenizer."""
 
 from __future__ import annotations
 
@@ -11,16 +12,9 @@ from typing import Literal
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import (
-    AutoConfig,
-    AutoModelForCausalLM,
-    LlamaConfig,
-    LlamaForCausalLM,
-    PretrainedConfig,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-)
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
+from atspeed.models.families import Family, check_attention, family_config, random_model
 from atspeed.models.zero3 import hf_zero3
 from atspeed.preflight import check_model_weights
 
@@ -35,20 +29,23 @@ DType = Literal["float32", "bfloat16", "float16"]
 
 @dataclass
 class ModelSpec:
-    """Which causal LM to use: a local Hugging Face checkpoint, or a Llama built from these sizes."""
+    """Which causal LM to use: a local Hugging Face checkpoint, or a model of ``family`` built from these sizes."""
 
     path: str | None = None
-    """Local Hugging Face checkpoint directory; when set, the size fields below are ignored."""
+    """Local Hugging Face checkpoint directory; when set, the family and size fields below are ignored (the
+    checkpoint's config.json says them)."""
+    family: Family = "llama"
+    """Model family built from scratch (``atspeed.models.families.FAMILIES``): llama or qwen2."""
     hidden_size: int = 128
-    """Width of the Llama built from scratch."""
+    """Width of the model built from scratch."""
     num_layers: int = 2
-    """Decoder layers of the Llama built from scratch."""
+    """Decoder layers of the model built from scratch."""
     num_heads: int = 4
-    """Attention heads of the Llama built from scratch."""
+    """Attention heads of the model built from scratch."""
     intermediate_size: int | None = None
     """MLP width; default 4 x hidden_size."""
     max_positions: int = 256
-    """Context length of the Llama built from scratch (prompt + identifier)."""
+    """Context length of the model built from scratch (prompt + identifier)."""
     dtype: DType = "float32"
     """torch dtype name of the weights, e.g. float32 or bfloat16."""
     attn_implementation: Attention = "sdpa"
@@ -68,6 +65,7 @@ class ModelSpec:
             raise ValueError(f"model.path: directory not found: {self.path}")
         if self.path is not None:
             check_model_weights(self.path, "model.path")
+            model_config(self.path, "model.path")
 
 
 @dataclass
@@ -82,12 +80,15 @@ class LoraSpec:
     """Train the identifier tokens' embedding and output rows (peft trainable tokens)."""
 
 
-def model_config(spec_or_path: ModelSpec | str | Path) -> PretrainedConfig | None:
-    """The config of a local checkpoint (read without loading weights); None for a Llama built from sizes."""
+def model_config(spec_or_path: ModelSpec | str | Path, key: str = "model") -> PretrainedConfig | None:
+    """The config of a local checkpoint (read without loading weights), refused (``DataError`` naming ``key``) when its
+    attention cannot take the tree mask (``families.check_attention``); None for a model built from sizes."""
     path = spec_or_path.path if isinstance(spec_or_path, ModelSpec) else spec_or_path
     if path is None:
         return None
-    return AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+    config = AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+    check_attention(config, f"{key} ({path})")
+    return config
 
 
 def context_length(spec: ModelSpec) -> int | None:
@@ -173,7 +174,8 @@ def build_causal_lm(
             with outside_zero_init(), hf_zero3(zero3):
                 model.resize_token_embeddings(len(tokenizer))
         return model.train()  # from_pretrained returns eval mode: dropout (LoRA's included) would stay off in training
-    config = LlamaConfig(
+    config = family_config(
+        spec.family,
         vocab_size=len(tokenizer),
         hidden_size=spec.hidden_size,
         intermediate_size=spec.intermediate_size or 4 * spec.hidden_size,
@@ -186,10 +188,9 @@ def build_causal_lm(
         tie_word_embeddings=False,
         attn_implementation=spec.attn_implementation,
     )
-    with torch.random.fork_rng(), outside_zero_init():
-        torch.manual_seed(seed)
-        model = LlamaForCausalLM(config)
-    return model.to(dtype)
+    with outside_zero_init():
+        model = random_model(config, seed)
+    return model.to(dtype).train()
 
 
 def load_model(path: str | Path, dtype: DType = "float32", attn_implementation: Attention = "sdpa") -> PreTrainedModel:
@@ -197,6 +198,7 @@ def load_model(path: str | Path, dtype: DType = "float32", attn_implementation: 
     ``attn_implementation`` whatever its saved config asks for."""
     if not isinstance(getattr(torch, dtype, None), torch.dtype):
         raise ValueError(f"unknown torch dtype {dtype!r}")
+    model_config(path, "model")
     model = AutoModelForCausalLM.from_pretrained(
         str(path), local_files_only=True, trust_remote_code=False, weights_only=True, dtype=getattr(torch, dtype),
         attn_implementation=attn_implementation,

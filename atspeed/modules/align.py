@@ -98,7 +98,7 @@ class Align(pl.LightningModule):
             teacher: where the target's distributions come from: ``cached`` (the teacher data), ``recompute`` (the
                 frozen target on the stored beams), ``on_policy`` (also on the draft's own sampled beams).
             on_policy_ratio: ``on_policy``: the share of batches aligned on the draft's own beams.
-            draft: the draft Llama's sizes (a draft built from scratch).
+            draft: the draft's family and sizes (a draft built from scratch).
             draft_init: start instead from this exported draft (e.g. the SFT stage's non-aligned draft).
             loss: the alignment loss, a name of ``atspeed.losses.LOSSES``.
             alpha: weight of the alignment loss; 1 - alpha weighs the ground-truth cross-entropy (``sft``: the full

@@ -44,7 +44,7 @@ class SFT(pl.LightningModule):
     ) -> None:
         """
         Args:
-            model: the causal LM to fine-tune (local checkpoint or a Llama built from sizes).
+            model: the causal LM to fine-tune (local checkpoint, or a llama or qwen2 built from sizes).
             lora: LoRA adapters; None = full fine-tuning.
             loss_on: response (identifier + EOS tokens) or all (the whole sequence).
             lr: peak AdamW learning rate.

@@ -85,20 +85,20 @@ def test_the_tiny_pipeline_on_gpu(tmp_path) -> None:
         assert rows[name]["equals_beam"] is True and rows[name]["x_beam"] > 0
 
 
-def _tiny_llama(seed: int, hidden: int, layers: int, vocab: int):
-    from transformers import LlamaConfig, LlamaForCausalLM
+def _tiny_model(seed: int, hidden: int, layers: int, vocab: int, family: str = "llama"):
+    from atspeed.models.families import family_config, random_model
 
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128, initializer_range=0.2,
-        pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    config = family_config(
+        family, vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=2, max_position_embeddings=128, initializer_range=0.2, pad_token_id=0, bos_token_id=1,
+        eos_token_id=2,
     )  # fmt: skip
-    return LlamaForCausalLM(config).eval()
+    return random_model(config, seed)
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_speculative_decoding_on_gpu_with_the_trie_on_the_cpu(dtype: torch.dtype) -> None:
+def test_speculative_decoding_on_gpu_with_the_trie_on_the_cpu(dtype: torch.dtype, family: str) -> None:
     """On CUDA, the trie left on the CPU: spec_strict equals the target's beam search (fp32 without TF32; bf16
     near-ties may differ, so only validity)."""
     from atspeed.decoding.decoders import DecodeSettings, decode
@@ -109,8 +109,8 @@ def test_speculative_decoding_on_gpu_with_the_trie_on_the_cpu(dtype: torch.dtype
     gen = torch.Generator().manual_seed(0)
     ids = torch.unique(torch.randint(4, vocab, (400, levels), generator=gen), dim=0)
     trie = PrefixTrie.build(ids, vocab, eos_token_id=2)
-    target = _tiny_llama(0, 32, 2, vocab).to("cuda", dtype)
-    draft = _tiny_llama(1, 16, 1, vocab).to("cuda", dtype)
+    target = _tiny_model(0, 32, 2, vocab, family).to("cuda", dtype)
+    draft = _tiny_model(1, 16, 1, vocab, family).to("cuda", dtype)
     prompts = torch.randint(4, vocab, (3, 12), generator=gen).cuda()
     mask = torch.ones_like(prompts)
     mask[1, :4] = 0

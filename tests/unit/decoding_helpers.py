@@ -1,27 +1,34 @@
-"""Shared builders for the decoding tests: tiny seeded Llamas, random tries, left-padded prompts, bigram stubs, and
-the exact K = 1 sampling distribution with its chi-square test."""
+"""Shared builders for the decoding tests: tiny seeded models of each family, random tries, left-padded prompts,
+bigram stubs, and the exact K = 1 sampling distribution with its chi-square test."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, DynamicCache, PreTrainedModel
 
 from atspeed.items.trie import PrefixTrie
+from atspeed.models.families import FAMILIES, Family, family_config
 
 PAD, BOS, EOS = 0, 1, 2
+# every model family atspeed builds: the decoding oracles run over each (the cheapest decisive cases for all but Llama)
+ALL_FAMILIES: list[str] = sorted(FAMILIES)
+OTHER_FAMILIES: list[str] = [family for family in ALL_FAMILIES if family != "llama"]
 
 
-def tiny_llama(vocab: int, seed: int, hidden: int = 32, layers: int = 2, heads: int = 2) -> LlamaForCausalLM:
-    """A seeded random Llama in eval mode; initializer_range 0.2 makes its distributions peaked (few near-ties)."""
-    cfg = LlamaConfig(
+def tiny_model(
+    vocab: int, seed: int, hidden: int = 32, layers: int = 2, heads: int = 2, family: Family = "llama"
+) -> PreTrainedModel:
+    """A seeded random model of ``family`` in eval mode; initializer_range 0.2 makes its distributions peaked (few
+    near-ties)."""
+    cfg = family_config(
+        family,
         vocab_size=vocab,
         hidden_size=hidden,
         intermediate_size=2 * hidden,
         num_hidden_layers=layers,
         num_attention_heads=heads,
-        num_key_value_heads=heads,
         max_position_embeddings=128,
         initializer_range=0.2,
         pad_token_id=PAD,
@@ -29,7 +36,7 @@ def tiny_llama(vocab: int, seed: int, hidden: int = 32, layers: int = 2, heads: 
         eos_token_id=EOS,
     )
     torch.manual_seed(seed)
-    return LlamaForCausalLM(cfg).eval()
+    return AutoModelForCausalLM.from_config(cfg).eval()
 
 
 def random_identifiers(vocab: int, levels: int, seed: int, count: int = 400) -> torch.Tensor:
@@ -57,19 +64,29 @@ def random_prompts(vocab: int, lengths: list[int], seed: int) -> list[list[int]]
 
 
 def speculative_world(
-    vocab: int, levels: int, lengths: list[int], seed: int, draft_seed: int, prompt_seed: int, items: int = 400
-) -> tuple[LlamaForCausalLM, LlamaForCausalLM, PrefixTrie, list[list[int]]]:
+    vocab: int,
+    levels: int,
+    lengths: list[int],
+    seed: int,
+    draft_seed: int,
+    prompt_seed: int,
+    items: int = 400,
+    family: Family = "llama",
+) -> tuple[PreTrainedModel, PreTrainedModel, PrefixTrie, list[list[int]]]:
     """(target, a smaller draft (1 layer, hidden 16), a random trie, random prompts of ``lengths``)."""
-    target = tiny_llama(vocab, seed=seed)
-    draft = tiny_llama(vocab, seed=draft_seed, hidden=16, layers=1)
+    target = tiny_model(vocab, seed=seed, family=family)
+    draft = tiny_model(vocab, seed=draft_seed, hidden=16, layers=1, family=family)
     trie = random_trie(vocab, levels, seed=seed, count=items)
     return target, draft, trie, random_prompts(vocab, lengths, seed=prompt_seed)
 
 
-def sampling_world(vocab: int, levels: int, items: int, seed: int) -> tuple[LlamaForCausalLM, torch.Tensor, PrefixTrie]:
+def sampling_world(
+    vocab: int, levels: int, items: int, seed: int, family: Family = "llama"
+) -> tuple[PreTrainedModel, torch.Tensor, PrefixTrie]:
     """(a model, its ``items`` random identifiers [I, L], their trie): the world of the distribution tests."""
     identifiers = random_identifiers(vocab, levels, seed=seed, count=items)
-    return tiny_llama(vocab, seed=seed), identifiers, PrefixTrie.build(identifiers, vocab, eos_token_id=EOS)
+    trie = PrefixTrie.build(identifiers, vocab, eos_token_id=EOS)
+    return tiny_model(vocab, seed=seed, family=family), identifiers, trie
 
 
 @torch.no_grad()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from decoding_helpers import one_torch_thread, random_prompts, tiny_llama
+from decoding_helpers import one_torch_thread, random_prompts, tiny_model
 
 from atspeed.bench.cost_model import forward_costs, predicted_ms_per_list, tree_sizes
 
@@ -44,6 +44,6 @@ def test_unmeasured_sizes_interpolate_and_uncovered_rows_give_none() -> None:
 
 
 def test_forward_costs_measure_every_size_and_leave_no_trace() -> None:
-    model = tiny_llama(40, seed=0)
+    model = tiny_model(40, seed=0)
     costs = forward_costs(model, random_prompts(40, [12], seed=0)[0], [1, 7, 30], repeats=2, warmup=1)
     assert list(costs) == ["prefill", "1", "7", "30"] and all(v > 0 for v in costs.values())

@@ -19,7 +19,7 @@ from decoding_helpers import (
     random_trie,
     stub_table,
     stub_trie,
-    tiny_llama,
+    tiny_model,
 )
 
 from atspeed.decoding.beam_search import lockstep_coverage
@@ -47,7 +47,7 @@ def per_depth(target, draft, prompts, trie, k: int, n: int, levels: int) -> list
 
 @pytest.mark.parametrize(("seed", "levels", "k", "n"), [(0, 3, 5, 5), (1, 4, 4, 12)])
 def test_a_draft_equal_to_the_target_covers_everything(seed: int, levels: int, k: int, n: int) -> None:
-    model, trie = tiny_llama(VOCAB, seed=seed), random_trie(VOCAB, levels, seed=seed)
+    model, trie = tiny_model(VOCAB, seed=seed), random_trie(VOCAB, levels, seed=seed)
     prompts = random_prompts(VOCAB, [6, 2, 9], seed=seed + 50)
     assert per_depth(model, model, prompts, trie, k, n, levels) == [[1.0] * 3] * levels
 

@@ -6,8 +6,17 @@ import math
 
 import pytest
 import torch
-from decoding_helpers import PAD, left_pad, one_torch_thread, random_prompts, random_trie, tiny_llama, true_scores
-from transformers import LlamaForCausalLM
+from decoding_helpers import (
+    OTHER_FAMILIES,
+    PAD,
+    left_pad,
+    one_torch_thread,
+    random_prompts,
+    random_trie,
+    tiny_model,
+    true_scores,
+)
+from transformers import PreTrainedModel
 
 from atspeed.decoding.beam import candidates, select_sample, select_top
 from atspeed.decoding.beam_search import beam_search
@@ -16,7 +25,7 @@ from atspeed.items.trie import PrefixTrie
 
 VOCAB = 60
 NINF = float("-inf")
-# (model seed, identifier levels): two unrelated worlds
+# (model seed, identifier levels): two unrelated Llama worlds; every other family gets the first one's
 WORLDS = [(0, 3), (1, 4)]
 
 
@@ -26,12 +35,16 @@ def _one_thread():
 
 
 @pytest.fixture(scope="module")
-def worlds() -> dict[int, tuple[LlamaForCausalLM, PrefixTrie, list[list[int]]]]:
+def worlds() -> dict[int | str, tuple[PreTrainedModel, PrefixTrie, list[list[int]]]]:
+    """Llama worlds by seed, and each other family's world (seed 0) by the family's name."""
     out = {}
-    for seed, levels in WORLDS:
+    specs = [(seed, seed, levels, "llama") for seed, levels in WORLDS]
+    specs += [(family, *WORLDS[0], family) for family in OTHER_FAMILIES]
+    for key, seed, levels, family in specs:
         trie = random_trie(VOCAB, levels, seed=seed)
         assert len(trie.allowed_tokens([])) >= 20  # K = 20 must be a real choice at the first level
-        out[seed] = (tiny_llama(VOCAB, seed=seed), trie, random_prompts(VOCAB, [6, 2, 9], seed=seed + 50))
+        model = tiny_model(VOCAB, seed=seed, family=family)
+        out[key] = (model, trie, random_prompts(VOCAB, [6, 2, 9], seed=seed + 50))
     return out
 
 
@@ -41,7 +54,19 @@ def worlds() -> dict[int, tuple[LlamaForCausalLM, PrefixTrie, list[list[int]]]]:
 def test_beam_search_equals_hf_generate(worlds, seed: int, k: int) -> None:
     """Left-padded batch of 3 prompts of different lengths: same sequences in the same order, scores within 1e-4,
     all of them valid identifiers with finite scores."""
-    model, trie, prompts = worlds[seed]
+    check_equals_hf_generate(worlds[seed], k)
+
+
+@pytest.mark.parametrize("family", OTHER_FAMILIES)
+@pytest.mark.parametrize("k", [1, 5, 20])
+@torch.no_grad()
+def test_beam_search_equals_hf_generate_in_every_family(worlds, family: str, k: int) -> None:
+    """The same oracle on a model of each other family (Qwen2: biased q/k/v projections)."""
+    check_equals_hf_generate(worlds[family], k)
+
+
+def check_equals_hf_generate(world: tuple[PreTrainedModel, PrefixTrie, list[list[int]]], k: int) -> None:
+    model, trie, prompts = world
     input_ids, mask = left_pad(prompts)
     ours = beam_search(model, input_ids, mask, trie, k, trie.levels)
     oracle = hf_generate(model, input_ids, mask, trie, k, trie.levels, PAD)
@@ -54,12 +79,12 @@ def test_beam_search_equals_hf_generate(worlds, seed: int, k: int) -> None:
     assert ours.stats.accepted.numel() == 0
 
 
-@pytest.mark.parametrize("k", [1, 5])
+@pytest.mark.parametrize(("world", "k"), [(1, 1), (1, 5), *((family, 5) for family in OTHER_FAMILIES)])
 @torch.no_grad()
-def test_beam_search_scores_are_true_cumulative_log_probabilities(worlds, k: int) -> None:
+def test_beam_search_scores_are_true_cumulative_log_probabilities(worlds, world, k: int) -> None:
     """Every returned score equals the plain (uncached, unpadded) sum of the sequence's token log-probabilities,
     and lists come best first with K distinct identifiers."""
-    model, trie, prompts = worlds[1]
+    model, trie, prompts = worlds[world]
     input_ids, mask = left_pad(prompts)
     out = beam_search(model, input_ids, mask, trie, k, trie.levels)
     for row, prompt in enumerate(prompts):

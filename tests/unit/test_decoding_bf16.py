@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from decoding_helpers import left_pad, speculative_world, tiny_llama
+from decoding_helpers import left_pad, speculative_world, tiny_model
 
 from atspeed.decoding.decoders import decode
 from atspeed.decoding.settings import DecodeSettings
@@ -12,7 +12,7 @@ from atspeed.decoding.tree_attention import run_model
 
 
 def test_a_bf16_model_gives_float32_logits_of_its_final_hidden_state() -> None:
-    model = tiny_llama(50, seed=0).to(torch.bfloat16)
+    model = tiny_model(50, seed=0).to(torch.bfloat16)
     ids = torch.tensor([[5, 6, 7, 8]])
     logits = run_model(model, 0, input_ids=ids)
     hidden = model.model(input_ids=ids).last_hidden_state
@@ -25,7 +25,7 @@ def test_a_bf16_model_gives_float32_logits_of_its_final_hidden_state() -> None:
 
 def test_the_float32_head_follows_in_place_weight_updates() -> None:
     """A draft validated while it trains: the cached float32 head is refreshed after an optimizer step."""
-    model = tiny_llama(50, seed=0).to(torch.bfloat16)
+    model = tiny_model(50, seed=0).to(torch.bfloat16)
     ids = torch.tensor([[5, 6, 7]])
     before = run_model(model, 1, input_ids=ids)
     with torch.no_grad():

@@ -1,11 +1,12 @@
-"""KV-cache operations on real ``DynamicCache`` objects: crop, position gathers, row selection, compaction."""
+"""KV-cache operations on real ``DynamicCache`` objects: crop, position gathers, row selection, compaction, states
+kept and copied into new caches; on real models of each family."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from decoding_helpers import left_pad, one_torch_thread, plain_logits, random_prompts, tiny_llama
-from transformers import DynamicCache, LlamaForCausalLM
+from decoding_helpers import ALL_FAMILIES, left_pad, one_torch_thread, plain_logits, random_prompts, tiny_model
+from transformers import DynamicCache, PreTrainedModel
 
 from atspeed.decoding import kv_cache
 from atspeed.decoding.tree_attention import forward_tree, prefill
@@ -37,8 +38,13 @@ def assert_layers(cache: DynamicCache, expected_keys: list[torch.Tensor]) -> Non
 
 
 @pytest.fixture(scope="module")
-def model() -> LlamaForCausalLM:
-    return tiny_llama(VOCAB, seed=3)
+def models() -> dict[str, PreTrainedModel]:
+    return {family: tiny_model(VOCAB, seed=3, family=family) for family in ALL_FAMILIES}
+
+
+@pytest.fixture(scope="module")
+def model(models) -> PreTrainedModel:
+    return models["llama"]
 
 
 def test_cache_length_counts_positions() -> None:
@@ -129,11 +135,13 @@ def _next_logits(
     return forward_tree(model, cache, tokens[:, None], positions[:, None], past[:, None, :], tree)[:, 0]
 
 
+@pytest.mark.parametrize("family", ALL_FAMILIES)
 @pytest.mark.parametrize("compact", [False, True], ids=["masked", "compacted"])
 @torch.no_grad()
-def test_junk_positions_masked_or_gathered_away_leave_the_logits_unchanged(model, compact: bool) -> None:
+def test_junk_positions_masked_or_gathered_away_leave_the_logits_unchanged(models, compact: bool, family) -> None:
     """Prompt + junk nodes, then junk either masked or compacted away (with left padding): continuing decoding
     gives the logits of the prompt alone, for two more tokens."""
+    model = models[family]
     prompts = random_prompts(VOCAB, [4, 7, 2], seed=11)
     input_ids, mask = left_pad(prompts)
     b, p = input_ids.shape
@@ -175,3 +183,33 @@ def test_select_rows_then_continuing_decodes_the_chosen_prompts(model) -> None:
     for i, row in enumerate(rows.tolist()):
         ref = plain_logits(model, prompts[row] + [int(tokens[i])])[-1]
         torch.testing.assert_close(got[i], ref, atol=1e-4, rtol=0)
+
+
+def test_cache_holding_copies_kept_states_into_every_row() -> None:
+    """``layer_states`` of a one-row cache, then ``cache_holding`` for 3 rows: each row holds those keys/values;
+    a later gather on the new cache leaves the kept states as they were."""
+    one, keys = known_cache(rows=1, length=4)
+    states = kv_cache.layer_states(one)
+    assert [k for k, _ in states] == [layer.keys for layer in one.layers]
+    cache = kv_cache.cache_holding(states, rows=3)
+    assert kv_cache.cache_length(cache) == 4
+    assert_layers(cache, [k.expand(3, -1, -1, -1) for k in keys])
+    kv_cache.gather_positions(cache, torch.tensor([[3, 0], [1, 2], [0, 0]]))
+    assert_layers(one, keys)
+
+
+@pytest.mark.parametrize("family", ALL_FAMILIES)
+@torch.no_grad()
+def test_a_cache_holding_a_prefills_states_continues_like_the_prefilled_one(models, family: str) -> None:
+    """The prompt header's path: prefill one prompt, keep its states, start a cache of 2 rows holding them and run
+    a different continuation in each row: each gives the logits of its full sequence run plainly."""
+    model = models[family]
+    prompt = random_prompts(VOCAB, [5], seed=13)[0]
+    one = kv_cache.new_cache()
+    prefill(model, one, torch.tensor([prompt]), torch.ones(1, 5, dtype=torch.long))
+    cache = kv_cache.cache_holding(kv_cache.layer_states(one), rows=2)
+    tokens = torch.tensor([7, 19])
+    got = _next_logits(model, cache, tokens, torch.tensor([5, 5]), torch.ones(2, 5, dtype=torch.bool))
+    for row in range(2):
+        ref = plain_logits(model, [*prompt, int(tokens[row])])[-1]
+        torch.testing.assert_close(got[row], ref, atol=1e-4, rtol=0)

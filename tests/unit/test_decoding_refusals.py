@@ -11,7 +11,7 @@ from atspeed.decoding.decoders import DECODERS, BoundDecoder, check_prompts, dec
 from atspeed.decoding.settings import DecodeSettings
 from atspeed.errors import DataError
 from atspeed.items.trie import PrefixTrie
-from tests.unit.decoding_helpers import EOS, PAD, left_pad, random_identifiers, random_prompts, random_trie, tiny_llama
+from tests.unit.decoding_helpers import EOS, PAD, left_pad, random_identifiers, random_prompts, random_trie, tiny_model
 
 VOCAB = 40
 
@@ -20,7 +20,7 @@ VOCAB = 40
 def world():
     """A 1-layer Llama (vocabulary 40, seed 5), a random trie of 3-token identifiers, prompts of 5 and 9 tokens."""
     return (
-        tiny_llama(VOCAB, seed=5, hidden=32, layers=1),
+        tiny_model(VOCAB, seed=5, hidden=32, layers=1),
         random_trie(VOCAB, 3, seed=5),
         random_prompts(VOCAB, [5, 9], 5),
     )

@@ -6,6 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 from decoding_helpers import (
+    ALL_FAMILIES,
+    OTHER_FAMILIES,
     STUB_PROMPT_A,
     STUB_PROMPT_B,
     TARGET_ROWS,
@@ -18,7 +20,7 @@ from decoding_helpers import (
     stub_trie,
     true_scores,
 )
-from transformers import LlamaForCausalLM
+from transformers import PreTrainedModel
 
 from atspeed.decoding import relaxed
 from atspeed.decoding.decoders import DecodeSettings, decode
@@ -38,8 +40,13 @@ def _one_thread():
 
 
 @pytest.fixture(scope="module")
-def world() -> tuple[LlamaForCausalLM, LlamaForCausalLM, PrefixTrie, list[list[int]]]:
-    return speculative_world(VOCAB, LEVELS, [6, 2, 9], seed=0, draft_seed=100, prompt_seed=50)
+def worlds() -> dict[str, tuple[PreTrainedModel, PreTrainedModel, PrefixTrie, list[list[int]]]]:
+    return {f: speculative_world(VOCAB, LEVELS, [6, 2, 9], 0, 100, prompt_seed=50, family=f) for f in ALL_FAMILIES}
+
+
+@pytest.fixture(scope="module")
+def world(worlds) -> tuple[PreTrainedModel, PreTrainedModel, PrefixTrie, list[list[int]]]:
+    return worlds["llama"]
 
 
 def relaxed_run(world, k: int, n: int, gamma: int, seed: int, draft_kind: str = "other") -> DecodeOutput:
@@ -67,6 +74,15 @@ def assert_valid_lists(out: DecodeOutput, trie: PrefixTrie, score_of) -> None:
 def test_spec_relaxed_is_reproducible_and_returns_true_target_scores(world, k, n, gamma, draft_kind) -> None:
     """The same seed twice gives identical lists and stats; lists are valid, distinct, sorted, and scored with the
     target's true cumulative log-probabilities (a plain forward per returned identifier)."""
+    check_reproducible_true_scores(world, k, n, gamma, draft_kind)
+
+
+@pytest.mark.parametrize("family", OTHER_FAMILIES)
+def test_spec_relaxed_returns_true_target_scores_in_every_family(worlds, family) -> None:
+    check_reproducible_true_scores(worlds[family], 3, 6, 2, "other")
+
+
+def check_reproducible_true_scores(world, k: int, n: int, gamma: int, draft_kind: str) -> None:
     first = relaxed_run(world, k, n, gamma, seed=3, draft_kind=draft_kind)
     again = relaxed_run(world, k, n, gamma, seed=3, draft_kind=draft_kind)
     assert torch.equal(first.sequences, again.sequences)

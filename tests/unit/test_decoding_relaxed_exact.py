@@ -21,12 +21,13 @@ import itertools
 import pytest
 import torch
 from decoding_helpers import (
+    OTHER_FAMILIES,
     chi_square_p,
     exact_distribution,
     left_pad,
     one_torch_thread,
     sampling_world,
-    tiny_llama,
+    tiny_model,
 )
 
 from atspeed.decoding import recursive
@@ -45,11 +46,15 @@ def _one_thread():
     yield from one_torch_thread()
 
 
+def family_world(family: str) -> tuple[torch.nn.Module, torch.nn.Module, torch.Tensor, PrefixTrie]:
+    """The world of ``test_decoding_sampling`` (target, 30 items) plus another random draft, of ``family``."""
+    target, identifiers, trie = sampling_world(VOCAB, LEVELS, ITEMS, seed=3, family=family)
+    return target, tiny_model(VOCAB, seed=4, family=family), identifiers, trie
+
+
 @pytest.fixture(scope="module")
 def world() -> tuple[torch.nn.Module, torch.nn.Module, torch.Tensor, PrefixTrie]:
-    """The world of ``test_decoding_sampling`` (target, 30 items) plus another random draft."""
-    target, identifiers, trie = sampling_world(VOCAB, LEVELS, ITEMS, seed=3)
-    return target, tiny_llama(VOCAB, seed=4), identifiers, trie
+    return family_world("llama")
 
 
 def item_counts(
@@ -75,6 +80,12 @@ def test_at_k1_identifiers_follow_the_constrained_distribution(world, n, self_dr
     p = exact_distribution(target, PROMPT, identifiers, trie).double()
     counts = item_counts(world, "spec_relaxed_exact", 1, n, gamma=2, seed=0, self_draft=self_draft)
     assert chi_square_p(counts, DRAWS * p) > 1e-3
+
+
+@pytest.mark.parametrize("family", OTHER_FAMILIES)
+def test_at_k1_identifiers_follow_the_constrained_distribution_in_every_family(family) -> None:
+    """The K = 1 test on models of each other family, with another draft (N = 3)."""
+    test_at_k1_identifiers_follow_the_constrained_distribution(family_world(family), 3, self_draft=False)
 
 
 @pytest.mark.parametrize("self_draft", [True, False])

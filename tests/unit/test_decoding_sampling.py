@@ -13,12 +13,13 @@ from __future__ import annotations
 import pytest
 import torch
 from decoding_helpers import (
+    ALL_FAMILIES,
     chi_square_p,
     exact_distribution,
     left_pad,
     one_torch_thread,
     sampling_world,
-    tiny_llama,
+    tiny_model,
 )
 
 from atspeed.decoding.decoders import DecodeSettings, decode
@@ -32,12 +33,13 @@ def _one_thread():
     yield from one_torch_thread()
 
 
-def setup() -> tuple[torch.nn.Module, torch.Tensor, PrefixTrie]:
-    return sampling_world(VOCAB, LEVELS, ITEMS, seed=3)
+def setup(family: str = "llama") -> tuple[torch.nn.Module, torch.Tensor, PrefixTrie]:
+    return sampling_world(VOCAB, LEVELS, ITEMS, seed=3, family=family)
 
 
-def test_beam_sample_at_k1_follows_the_constrained_distribution() -> None:
-    model, identifiers, trie = setup()
+@pytest.mark.parametrize("family", ALL_FAMILIES)
+def test_beam_sample_at_k1_follows_the_constrained_distribution(family) -> None:
+    model, identifiers, trie = setup(family)
     prompt = [5, 9, 11, 7]
     p = exact_distribution(model, prompt, identifiers, trie)
     assert float(p.sum()) == pytest.approx(1.0, abs=1e-5)
@@ -72,7 +74,7 @@ def test_papers_relaxed_verification_follows_p_with_one_draft_and_is_biased_with
     the accepted drafts were drawn without replacement but tested with single-draw probabilities, and one of them is
     kept uniformly (SPEC section 5). This records the paper variant's bias; an exact verifier must pass at N = 3."""
     model, identifiers, trie = setup()
-    draft = model if draft_seed is None else tiny_llama(VOCAB, seed=draft_seed)
+    draft = model if draft_seed is None else tiny_model(VOCAB, seed=draft_seed)
     prompt = [5, 9, 11, 7]
     p = exact_distribution(model, prompt, identifiers, trie).double()
     input_ids, mask = left_pad([prompt] * DRAWS)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from decoding_helpers import left_pad, one_torch_thread, random_trie, tiny_llama
+from decoding_helpers import left_pad, one_torch_thread, random_trie, tiny_model
 from transformers import LlamaForCausalLM
 
 from atspeed.decoding.decoders import (
@@ -27,7 +27,7 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def target() -> LlamaForCausalLM:
-    return tiny_llama(VOCAB, seed=0)
+    return tiny_model(VOCAB, seed=0)
 
 
 def test_the_decoder_table_lists_the_eight_decoders() -> None:
@@ -84,8 +84,8 @@ def test_check_models_refuses_a_missing_draft_and_a_different_vocabulary(target)
         with pytest.raises(ValueError, match=f"decoder {name} needs a draft model"):
             check_models(name, target, None, trie)
         with pytest.raises(ValueError, match=r"draft and target vocabularies differ \(41 vs 40 tokens\)"):
-            check_models(name, target, tiny_llama(VOCAB + 1, seed=1, hidden=16, layers=1), trie)
-        check_models(name, target, tiny_llama(VOCAB, seed=1, hidden=16, layers=1), trie)
+            check_models(name, target, tiny_model(VOCAB + 1, seed=1, hidden=16, layers=1), trie)
+        check_models(name, target, tiny_model(VOCAB, seed=1, hidden=16, layers=1), trie)
     check_models("beam", target, None, trie)
 
 
@@ -120,8 +120,8 @@ def test_decode_checks_before_running(target, name, settings, draft, prompt, mes
     drafts = {
         None: None,
         "same": target,
-        "wider": tiny_llama(VOCAB + 1, seed=1, hidden=16, layers=1),
-        "short": tiny_llama(VOCAB, seed=1, hidden=16, layers=1),
+        "wider": tiny_model(VOCAB + 1, seed=1, hidden=16, layers=1),
+        "short": tiny_model(VOCAB, seed=1, hidden=16, layers=1),
     }
     draft_model = drafts[draft]
     if draft == "short":

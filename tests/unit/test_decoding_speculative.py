@@ -8,24 +8,27 @@ import pytest
 import torch
 from decoding_helpers import (
     EOS,
+    OTHER_FAMILIES,
     check_spec_stats,
     left_pad,
     one_torch_thread,
     random_identifiers,
     random_prompts,
     random_trie,
-    tiny_llama,
+    tiny_model,
 )
-from transformers import LlamaForCausalLM
+from transformers import PreTrainedModel
 
 from atspeed.decoding.decoders import DecodeSettings, decode
 from atspeed.decoding.output import DecodeOutput, DecodeStats
 from atspeed.items.trie import PrefixTrie
 
 VOCAB = 60
-WORLDS = {0: 3, 1: 4}  # model seed -> identifier levels L
+WORLDS = {0: 3, 1: 4}  # Llama model seed -> identifier levels L (every other family: seed 0's world, by its name)
 KS = [1, 3, 5, 10, 20]
 PROMPT_LENGTHS = [6, 2, 9]
+# (K, draft shape, draft, batch size) of the strict oracle in every other family: a few decisive cases of the grid
+FAMILY_CASES = [(1, 0, "other", 3), (3, 1, "other", 3), (10, 2, "other", 3), (20, 0, "other", 3), (5, 2, "self", 1)]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -41,15 +44,15 @@ def draft_shapes(k: int) -> list[tuple[int, int]]:
 class World:
     """A target, an unrelated smaller draft, a trie and three prompts; reference outputs computed once."""
 
-    def __init__(self, seed: int, levels: int) -> None:
+    def __init__(self, seed: int, levels: int, family: str = "llama") -> None:
         self.levels = levels
-        self.target = tiny_llama(VOCAB, seed=seed)
-        self.other = tiny_llama(VOCAB, seed=seed + 100, hidden=16, layers=1)
+        self.target = tiny_model(VOCAB, seed=seed, family=family)
+        self.other = tiny_model(VOCAB, seed=seed + 100, hidden=16, layers=1, family=family)
         self.trie = random_trie(VOCAB, levels, seed=seed)
         self.prompts = random_prompts(VOCAB, PROMPT_LENGTHS, seed=seed + 50)
         self.input_ids, self.mask = left_pad(self.prompts)
 
-    def draft(self, kind: str) -> LlamaForCausalLM:
+    def draft(self, kind: str) -> PreTrainedModel:
         return self.target if kind == "self" else self.other
 
     def batch(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,8 +68,9 @@ class World:
 
 
 @pytest.fixture(scope="module")
-def worlds() -> dict[int, World]:
-    return {seed: World(seed, levels) for seed, levels in WORLDS.items()}
+def worlds() -> dict[int | str, World]:
+    out: dict[int | str, World] = {seed: World(seed, levels) for seed, levels in WORLDS.items()}
+    return out | {family: World(0, WORLDS[0], family) for family in OTHER_FAMILIES}
 
 
 def assert_same_lists(got: DecodeOutput, ref: DecodeOutput) -> None:
@@ -84,7 +88,17 @@ def test_spec_strict_equals_beam_search_and_hf_generate(worlds, k, shape, seed, 
     """A left-padded batch of 3 (or one prompt): spec_strict returns exactly beam's (and hf_beam's) sequences,
     scores within 1e-4; the call counters replay consistently; a draft equal to the target always passes the
     first drafted level."""
-    world = worlds[seed]
+    check_strict(worlds[seed], k, shape, draft_kind, size)
+
+
+@pytest.mark.parametrize("family", OTHER_FAMILIES)
+@pytest.mark.parametrize(("k", "shape", "draft_kind", "size"), FAMILY_CASES)
+def test_spec_strict_equals_beam_search_and_hf_generate_in_every_family(worlds, family, k, shape, draft_kind, size):
+    """The same oracles on models of each other family (Qwen2: biased q/k/v projections), a few decisive shapes."""
+    check_strict(worlds[family], k, shape, draft_kind, size)
+
+
+def check_strict(world: World, k: int, shape: int, draft_kind: str, size: int) -> None:
     n, gamma = draft_shapes(k)[shape]
     settings = DecodeSettings(num_beams=k, levels=world.levels, draft_beams=n, gamma=gamma)
     input_ids, mask = world.batch(size)

@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import pytest
 import torch
-from decoding_helpers import left_pad, one_torch_thread, plain_logits, random_prompts, random_trie, tiny_llama
-from transformers import LlamaForCausalLM
+from decoding_helpers import (
+    OTHER_FAMILIES,
+    left_pad,
+    one_torch_thread,
+    plain_logits,
+    random_prompts,
+    random_trie,
+    tiny_model,
+)
+from transformers import PreTrainedModel
 
 from atspeed.decoding import kv_cache
 from atspeed.decoding.beam import candidates, extend, feed, root_state, select_top
@@ -24,14 +33,21 @@ def _one_thread():
     yield from one_torch_thread()
 
 
-@pytest.fixture(scope="module")
-def model() -> LlamaForCausalLM:
-    return tiny_llama(VOCAB, seed=4)
+@functools.cache
+def target_of(family: str) -> PreTrainedModel:
+    with torch.random.fork_rng():
+        return tiny_model(VOCAB, seed=4, family=family)
+
+
+@functools.cache
+def draft_of(family: str) -> PreTrainedModel:
+    with torch.random.fork_rng():
+        return tiny_model(VOCAB, seed=104, hidden=16, layers=1, family=family)
 
 
 @pytest.fixture(scope="module")
-def draft() -> LlamaForCausalLM:
-    return tiny_llama(VOCAB, seed=104, hidden=16, layers=1)
+def model() -> PreTrainedModel:
+    return target_of("llama")
 
 
 def test_prompt_positions_count_real_tokens_only() -> None:
@@ -89,12 +105,15 @@ def _path(parents: list[int], node: int) -> list[int]:
     return chain[::-1]
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize(
+    ("family", "seed"), [("llama", 0), ("llama", 1), ("llama", 2), *((f, 0) for f in OTHER_FAMILIES)]
+)
 @torch.no_grad()
-def test_tree_masked_logits_equal_each_paths_sequential_logits(model, seed: int) -> None:
+def test_tree_masked_logits_equal_each_paths_sequential_logits(family: str, seed: int) -> None:
     """A random forest of 12 nodes per row (different shapes per row) after a left-padded prefill, in one
     forward; then a second forest hung under the first one's nodes, in a second forward. Each node's logits
     equal the model run without cache on the row's real prompt tokens followed by the node's path."""
+    model = target_of(family)
     gen = torch.Generator().manual_seed(seed)
     prompts = random_prompts(VOCAB, [2, 6, 4], seed=seed + 10)
     input_ids, mask = left_pad(prompts)
@@ -206,11 +225,15 @@ def test_feed_with_rows_at_different_unfed_lengths(model) -> None:
             torch.testing.assert_close(logits[row, beam], ref, atol=ATOL, rtol=0, msg=f"row {row} beam {beam}")
 
 
-@pytest.mark.parametrize(("k", "n", "levels"), [(3, 4, 2), (2, 5, 3), (1, 1, 1)])
+@pytest.mark.parametrize(
+    ("family", "k", "n", "levels"),
+    [("llama", 3, 4, 2), ("llama", 2, 5, 3), ("llama", 1, 1, 1), *((f, 2, 5, 3) for f in OTHER_FAMILIES)],
+)
 @torch.no_grad()
-def test_verification_forward_gives_every_drafted_node_its_sequential_logits(model, draft, k, n, levels) -> None:
+def test_verification_forward_gives_every_drafted_node_its_sequential_logits(family, k, n, levels) -> None:
     """The draft's token tree (K beams, G levels of N) verified in one target forward: each node's logits equal a
     plain run of prompt + the node's identifier tokens; the node table agrees with the tree's parents/tokens."""
+    model, draft = target_of(family), draft_of(family)
     prompts = random_prompts(VOCAB, [5, 2], seed=23)
     input_ids, mask = left_pad(prompts)
     trie = random_trie(VOCAB, 4, seed=1)

@@ -11,7 +11,7 @@ from decoding_helpers import (
     plain_logits,
     random_identifiers,
     random_prompts,
-    tiny_llama,
+    tiny_model,
     true_scores,
 )
 from transformers import LlamaForCausalLM
@@ -42,7 +42,7 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def model() -> LlamaForCausalLM:
-    return tiny_llama(VOCAB, seed=3)
+    return tiny_model(VOCAB, seed=3)
 
 
 def _world(levels: int, rule: str = "exact") -> tuple[torch.Tensor, PrefixTrie, list[list[int]]]:
@@ -353,7 +353,7 @@ def test_teacher_targets_without_distributions_keeps_the_beams(model) -> None:
 def test_on_policy_teaching_scores_the_drafts_sampled_beams_under_the_target(model) -> None:
     """The beams are the draft's sampling beam search (same generator seed, same beams); the scores are the target's
     cumulative log-probabilities of them (the oracle: plain runs of prompt + beam)."""
-    draft = tiny_llama(VOCAB, seed=11, hidden=16, layers=1)
+    draft = tiny_model(VOCAB, seed=11, hidden=16, layers=1)
     identifiers, trie, prompts = _world(3)
     truth = _truth(model, trie, prompts, identifiers, 4)
     input_ids, mask = left_pad(prompts)
