@@ -22,7 +22,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "unit")]
 
-from decoding_helpers import EOS, left_pad, random_prompts, tiny_llama  # noqa: E402
+from decoding_helpers import EOS, left_pad, random_prompts, tiny_model  # noqa: E402
 
 from atspeed.bench.report import write_json  # noqa: E402
 from atspeed.decoding.decoders import DecodeSettings, decode  # noqa: E402
@@ -38,7 +38,7 @@ def world(seed: int) -> tuple[torch.nn.Module, PrefixTrie, list[list[int]]]:
     unique = torch.unique(codes, dim=0)
     trie = PrefixTrie.build(unique[torch.randperm(len(unique), generator=gen)[:ITEMS]], vocab, eos_token_id=EOS)
     lengths = torch.randint(20, 41, (64,), generator=gen).tolist()
-    return tiny_llama(vocab, seed=seed, hidden=64), trie, random_prompts(vocab, lengths, seed=seed + 1)
+    return tiny_model(vocab, seed=seed, hidden=64), trie, random_prompts(vocab, lengths, seed=seed + 1)
 
 
 def perturbed(model: torch.nn.Module, scale: float, seed: int) -> torch.nn.Module:
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     target, trie, prompts = world(args.seed)
     settings = DecodeSettings(args.k, LEVELS, draft_beams=args.n, gamma=args.gamma, seed=args.seed)
     drafts = {f"target + {s:g} noise": perturbed(target, s, args.seed + 7) for s in args.scales}
-    drafts["unrelated 1-layer"] = tiny_llama(target.config.vocab_size, seed=args.seed + 100, hidden=32, layers=1)
+    drafts["unrelated 1-layer"] = tiny_model(target.config.vocab_size, seed=args.seed + 100, hidden=32, layers=1)
     rows = []
     for label, draft in drafts.items():
         rows.append({"draft": label, **measure(target, draft, trie, prompts, settings)})

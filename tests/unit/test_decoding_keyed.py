@@ -32,7 +32,7 @@ from decoding_helpers import (
     random_prompts,
     random_trie,
     sampling_world,
-    tiny_llama,
+    tiny_model,
 )
 
 from atspeed.decoding import keyed
@@ -54,8 +54,8 @@ def _one_thread():
 def world() -> dict:
     prompts = random_prompts(VOCAB, [6, 2, 9], seed=50)
     return {
-        "target": tiny_llama(VOCAB, seed=0),
-        "other": tiny_llama(VOCAB, seed=100, hidden=16, layers=1),
+        "target": tiny_model(VOCAB, seed=0),
+        "other": tiny_model(VOCAB, seed=100, hidden=16, layers=1),
         "trie": random_trie(VOCAB, LEVELS, seed=0),
         "prompts": prompts,
         "batch": left_pad(prompts),
@@ -191,7 +191,7 @@ def small_world() -> tuple[torch.nn.Module, torch.Tensor, PrefixTrie, torch.Tens
     identifiers = torch.tensor([[4, 10], [4, 11], [4, 12], [5, 13], [5, 14], [6, 10], [6, 15], [6, 16], [7, 17],
                                 [7, 11], [8, 18], [8, 19]])  # fmt: skip
     trie = PrefixTrie.build(identifiers, SAMPLE_VOCAB, eos_token_id=EOS)
-    model = tiny_llama(SAMPLE_VOCAB, seed=3)
+    model = tiny_model(SAMPLE_VOCAB, seed=3)
     p = exact_distribution(model, PROMPT, identifiers, trie).double()
     return model, identifiers, trie, inclusion_probabilities(p, 3)
 
