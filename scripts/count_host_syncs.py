@@ -25,7 +25,7 @@ from atspeed.decoding.settings import DecodeSettings  # noqa: E402
 from atspeed.tables import text_table  # noqa: E402
 
 GRID = [(3, 6, 2, 60, 3), (10, 40, 3, 200, 4)]  # K, N, gamma, vocabulary, levels
-DECODERS = ["beam", "spec_strict", "spec_relaxed", "spec_relaxed_exact"]
+DECODERS = ["beam", "spec_strict", "spec_relaxed", "spec_relaxed_exact", "beam_sample_keyed", "spec_keyed"]
 
 
 def count(name: str, world, settings: DecodeSettings, batch: int) -> dict:
