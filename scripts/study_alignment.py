@@ -80,7 +80,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--stage-args",
         default="",
-        help="CLI arguments appended to every stage, one string: --stage-args='--data.path d ...'",
+        help="CLI arguments appended to every stage, one string: --stage-args='--data.source.init_args.path d ...'",
     )
     p.add_argument("--source", choices=sorted(SOURCES), default="processed")
     p.add_argument("--data", default="../shared/data/amazon-beauty", help="dataset directory or file (decoding)")
