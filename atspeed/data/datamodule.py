@@ -85,10 +85,10 @@ class RecDataModule(pl.LightningDataModule):
         eval: which validation and test users to decode.
         num_workers: DataLoader workers.
         seed: seed of the validation subset.
-        model_dir: a model exported by the SFT stage: requests are built as it was trained, with its tokenizer,
-            index.json and the prompt, max_history and constraint of its atspeed.json. Those keys left unset here
-            are taken from it (a logged line names the ones that differ from the defaults); set to another value,
-            they are an error. On the command line it is linked to ``model.init_args.target`` (set there, never twice).
+        model_dir: a model exported by the SFT stage: requests are built as it was trained, with its tokenizer and
+            index.json and the prompt, max_history and constraint of its atspeed.json. Each of those keys left unset
+            here is taken from it (one logged line names the values that differ from the defaults); set to another
+            value, it is an error naming the key. On the command line it is linked to ``model.init_args.target``.
         predict_set: what ``predict`` decodes: the test users, or every training sample (teacher data; request id =
             the sample's position in ``training_requests``).
         train_batches: pairs (prompt + response, teacher-forced: SFT) or requests (left-padded prompts with the

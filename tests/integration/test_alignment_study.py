@@ -38,7 +38,8 @@ def study(exported, teacher_data, tmp_path_factory) -> tuple[dict, Path, list[st
     configs.mkdir()
     shutil.copy(ROOT / "configs" / "tiny" / "align.yaml", configs / "align.yaml")
     args = [
-        "--configs", str(configs), "--runs", str(runs), f"--stage-args=--data.source.init_args.path {data}", "--steps", "4",
+        "--configs", str(configs), "--runs", str(runs), f"--stage-args=--data.source.init_args.path {data}",
+        "--steps", "4",
         "--losses", "sft", "atspeed_s", "--second-losses", "atspeed_s", "--second-draft", SECOND,
         "--ks", "1", "3", "--search-ks", "3", "--draft-beams", "6", "--search-draft-beams", "3", "6",
         "--gamma", "2", "--search-gammas", "1", "2", "--requests", "4",
