@@ -41,6 +41,7 @@ from atspeed.callbacks.signals import StopPredictOnSigterm
 from atspeed.callbacks.summary import MetricsSummary
 from atspeed.checkpoint_types import checkpoint_types
 from atspeed.data.datamodule import RecDataModule
+from atspeed.data.sources import SOURCES
 from atspeed.deepspeed_config import check_deepspeed_config, needs_cuda, strategy_config
 from atspeed.errors import SIGTERM_EXIT, DataError
 from atspeed.parsing import check_config_files, readable_error
@@ -55,6 +56,7 @@ STAGE_MODULES = (
     atspeed.modules.teacher.Teacher,
 )
 torch.serialization.add_safe_globals(checkpoint_types([*STAGE_MODULES, RecDataModule]))
+torch.serialization.add_safe_globals([row.options for row in SOURCES.values()])  # data.source: any row's options
 
 MatmulPrecision = Literal["highest", "high", "medium"]
 

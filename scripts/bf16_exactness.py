@@ -1,7 +1,7 @@
 """How often strict speculative decoding in bf16 differs from beam search in bf16, and what a self-draft costs.
 
     python scripts/bf16_exactness.py --target runs/quickstart/target/hf --draft runs/quickstart/align/hf \
-        --source recbole --requests 200 --out runs/bench/bf16_exactness.json
+        --source movielens --requests 200 --out runs/bench/bf16_exactness.json
     python scripts/bf16_exactness.py --random --requests 64          # random 4-layer Llamas, no files needed
 
 Both models in bf16 (on the CPU unless --device says otherwise). For K in --ks: the share of lists where

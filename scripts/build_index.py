@@ -1,6 +1,6 @@
 """Build a semantic-id item index for a dataset and write it in the authors' / LC-Rec JSON format.
 
-    python scripts/build_index.py --source recbole --out runs/ml-100k.index.json --levels 4 --codebook-size 32
+    python scripts/build_index.py --source movielens --out runs/ml-100k.index.json --levels 4 --codebook-size 32
     python scripts/build_index.py --source amazon2018 --path Beauty_5.json --meta-path meta_Beauty.json \
         --min-rating 4 --out beauty.index.json
 
@@ -17,15 +17,15 @@ from pathlib import Path
 from atspeed.atomic import write_text_atomic
 from atspeed.data.index_file import read_index
 from atspeed.data.item_index import SemanticIdSpec, build_index
-from atspeed.data.sources import SOURCES, LoadOptions, embedded_dataset_path, load_source
+from atspeed.data.sources import SOURCES, load_source, source_options
 from atspeed.errors import DataError
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--source", choices=sorted(SOURCES), default="recbole")
-    parser.add_argument("--path", type=Path, help="dataset directory or reviews file (default: embedded ml-100k)")
-    parser.add_argument("--meta-path", type=Path)
+    parser.add_argument("--source", choices=list(SOURCES), default="movielens")
+    parser.add_argument("--path", help="dataset directory or reviews file (not for movielens)")
+    parser.add_argument("--meta-path")
     parser.add_argument("--min-rating", type=float)
     parser.add_argument("--kcore", type=int, default=0)
     parser.add_argument("--levels", type=int, default=4)
@@ -37,8 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="[atspeed] %(message)s")
     try:
         spec = SemanticIdSpec(args.levels, args.codebook_size, args.embeddings_file, args.seed)
-        path = args.path if args.path is not None else embedded_dataset_path()
-        data = load_source(args.source, LoadOptions(path, args.meta_path, args.min_rating, args.kcore))
+        fields = {"path": args.path, "meta_path": args.meta_path, "min_rating": args.min_rating, "kcore": args.kcore}
+        data = load_source(source_options(args.source, **fields))
         cached = build_index(data, spec, args.out.parent / ".atspeed-cache")
     except (DataError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)

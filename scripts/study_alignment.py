@@ -75,7 +75,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--large-draft", type=_sizes, default=dict(study.DEFAULT_LARGE_DRAFT), help="JSON ModelSpec sizes")
     p.add_argument("--authors-top-k", type=int, default=study.AUTHORS_TOP_K, help="atspeed_s_authors' top-k support")
     p.add_argument("--steps", type=int, help="max_steps of every alignment (default: align.yaml's)")
-    p.add_argument("--stage-args", default="", help="appended to every stage, one string: --stage-args='--a b'")
+    p.add_argument(
+        "--stage-args",
+        default="",
+        help="appended to every stage, one string: --stage-args='--data.source.init_args.path d'",
+    )
     p.add_argument("--decoders", nargs="+", choices=sorted(DECODERS), default=list(study_decode.default_decoders()))
     p.add_argument("--source", choices=sorted(SOURCES), default="processed")
     p.add_argument("--data", default="../shared/data/amazon-beauty", help="dataset directory or file (decoding)")

@@ -13,6 +13,7 @@ import torch
 
 from atspeed.data.datamodule import EvalSpec, RecDataModule
 from atspeed.data.export_dir import ExportMeta, check_same_identifiers
+from atspeed.data.sources import source_options
 from atspeed.errors import DataError
 from atspeed.items.trie import PrefixTrie
 from atspeed.models.build import load_model
@@ -70,7 +71,7 @@ def load_workload(
     meta = ExportMeta.load(target_dir)
     check_same_identifiers(target_dir, draft_dir, "--draft")
     dm = RecDataModule(
-        source=source, path=path, index_key_offset=index_key_offset, split=split, model_dir=target_dir,
+        source=source_options(source, path=path), index_key_offset=index_key_offset, split=split, model_dir=target_dir,
         eval=EvalSpec(test_users=requests), seed=seed,
     )  # fmt: skip
     dm.setup()

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -15,13 +16,12 @@ from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
 from atspeed.data.batches import EvalCollator, PromptEncoder, TrainCollator
-from atspeed.data.export_dir import INDEX_FILE, ExportMeta
+from atspeed.data.export_dir import INDEX_FILE, META_FILE, ExportMeta
 from atspeed.data.item_index import SemanticIdSpec, align_items, build_index, load_index
 from atspeed.data.prompts import PAPER_PROMPT, check_template, render_prompt
 from atspeed.data.sampler import resumable_loader
 from atspeed.data.schema import Interactions
-from atspeed.data.sources import LoadOptions, SourceName, embedded_dataset_path, load_source
-from atspeed.data.sources.common import require_dir, require_file
+from atspeed.data.sources import MovieLensOptions, SourceOptions, load_source, source_name
 from atspeed.data.splits import EvalSample, Split, SplitName, split_interactions, training_pairs
 from atspeed.errors import DataError
 from atspeed.items.index import ItemIndex
@@ -29,6 +29,11 @@ from atspeed.items.trie import PrefixTrie
 from atspeed.models.tokenizer import build_word_tokenizer, load_tokenizer, token_ids
 
 log = logging.getLogger(__name__)
+
+FROM_EXPORT = {"prompt": PAPER_PROMPT, "max_history": 20, "constraint": "exact"}
+"""The request settings a model export fixes (its atspeed.json), with their values where there is no export."""
+DEFAULT_SOURCE = MovieLensOptions()
+"""``data.source`` when none is named: the MovieLens-100k shipped inside the ``recbole`` wheel."""
 
 
 @dataclass(frozen=True)
@@ -55,16 +60,44 @@ class EvalSpec:
 
 
 class RecDataModule(pl.LightningDataModule):
-    """Sequential recommendation data as prompts and identifier responses."""
+    """Sequential recommendation data as prompts and identifier responses.
+
+    Args:
+        source: where the interactions come from: one options object per source (``class_path``: MovieLensOptions,
+            RecBoleOptions, ProcessedOptions, Amazon2014Options, Amazon2018Options; ``init_args``: its fields).
+        index_file: item index JSON (item id -> code tokens); None: the one shipped with the data (the processed
+            layout's ``*.json``), else semantic ids built from item text.
+        on_duplicate_ids: what to do when items of the index share an identifier: fail, or give them distinct ones.
+        index_key_offset: index key = integer item id + this (the Beauty release: files count items from 1, the
+            index JSON from 0, so -1).
+        semantic_ids: how to build identifiers when there is no index file.
+        cache_dir: where built indices are cached.
+        split: global_time (the paper, 8:1:1 by timestamp) or leave_one_out.
+        train_samples: last (one sample per user) or sliding (every prefix of the training sequence).
+        max_history: most recent items shown in the prompt; None: the model export's (``model_dir``), else 20.
+        prompt: prompt template with one {history} field; None: the model export's, else the paper's.
+        tokenizer: local Hugging Face tokenizer to extend with identifier tokens; None builds a word-level one.
+        extend_tokenizer: add missing identifier tokens to ``tokenizer``; false requires it to have them all.
+        constraint: decoding constraint: exact prefix trie, or the looser per-position rule; None: the model
+            export's, else exact.
+        batch_size: training batch size.
+        eval_batch_size: requests per generation batch.
+        eval: which validation and test users to decode.
+        num_workers: DataLoader workers.
+        seed: seed of the validation subset.
+        model_dir: a model exported by the SFT stage: requests are built as it was trained, with its tokenizer and
+            index.json and the prompt, max_history and constraint of its atspeed.json. Each of those keys left unset
+            here is taken from it (one logged line names the values that differ from the defaults); set to another
+            value, it is an error naming the key. On the command line it is linked to ``model.init_args.target``.
+        predict_set: what ``predict`` decodes: the test users, or every training sample (teacher data; request id =
+            the sample's position in ``training_requests``).
+        train_batches: pairs (prompt + response, teacher-forced: SFT) or requests (left-padded prompts with the
+            sample id and target: alignment, which looks up the sample's teacher data).
+    """
 
     def __init__(
         self,
-        source: SourceName = "recbole",
-        path: str | None = None,
-        meta_path: str | None = None,
-        name: str | None = None,
-        min_rating: float | None = None,
-        kcore: NonNegativeInt = 0,
+        source: SourceOptions = DEFAULT_SOURCE,
         index_file: str | None = None,
         on_duplicate_ids: Literal["error", "resolve"] = "error",
         index_key_offset: int = 0,
@@ -72,11 +105,11 @@ class RecDataModule(pl.LightningDataModule):
         cache_dir: str = "runs/cache",
         split: SplitName = "global_time",
         train_samples: Literal["last", "sliding"] = "sliding",
-        max_history: PositiveInt = 20,
-        prompt: str = PAPER_PROMPT,
+        max_history: PositiveInt | None = None,
+        prompt: str | None = None,
         tokenizer: str | None = None,
         extend_tokenizer: bool = True,
-        constraint: Literal["exact", "per_position"] = "exact",
+        constraint: Literal["exact", "per_position"] | None = None,
         batch_size: PositiveInt = 64,
         eval_batch_size: PositiveInt = 32,
         eval: EvalSpec | None = None,
@@ -86,93 +119,31 @@ class RecDataModule(pl.LightningDataModule):
         predict_set: Literal["test", "train"] = "test",
         train_batches: Literal["pairs", "requests"] = "pairs",
     ) -> None:
-        """
-        Args:
-            source: data format: processed (authors' sequential_*.txt), recbole (atomic files), amazon2014, amazon2018.
-            path: dataset directory (processed, recbole) or reviews file (amazon*); None = embedded MovieLens-100k.
-            meta_path: Amazon metadata file (item titles and categories), optional.
-            name: dataset name (RecBole file stem); default: the directory name.
-            min_rating: keep interactions rated at least this (the paper: 4 on Amazon); None keeps all.
-            kcore: keep users and items with at least this many interactions (iteratively); 0 = off.
-            index_file: item index JSON (item id -> code tokens); None builds semantic ids from item text.
-            on_duplicate_ids: what to do when items of the index share an identifier: fail, or give them distinct ones.
-            index_key_offset: index key = integer item id + this (the Beauty release: files count items from 1, the
-                index JSON from 0, so -1).
-            semantic_ids: how to build identifiers when there is no index file.
-            cache_dir: where built indices are cached.
-            split: global_time (the paper, 8:1:1 by timestamp) or leave_one_out.
-            train_samples: last (one sample per user) or sliding (every prefix of the training sequence).
-            max_history: most recent items shown in the prompt.
-            prompt: prompt template with one {history} field.
-            tokenizer: local Hugging Face tokenizer to extend with identifier tokens; None builds a word-level one.
-            extend_tokenizer: add missing identifier tokens to ``tokenizer``; false requires it to have them all.
-            constraint: decoding constraint: exact prefix trie, or the looser per-position rule.
-            batch_size: training batch size.
-            eval_batch_size: requests per generation batch.
-            eval: which validation and test users to decode.
-            num_workers: DataLoader workers.
-            seed: seed of the validation subset.
-            model_dir: a model exported by the SFT stage: its tokenizer, index.json and the prompt, max_history and
-                constraint of its atspeed.json replace the fields above, so requests match what it was trained on. On
-                the command line it is linked to ``model.init_args.target`` (set there, never twice).
-            predict_set: what ``predict`` decodes: the test users, or every training sample (teacher data; request id =
-                the sample's position in ``training_requests``).
-            train_batches: pairs (prompt + response, teacher-forced: SFT) or requests (left-padded prompts with the
-                sample id and target: alignment, which looks up the sample's teacher data).
-        """
         super().__init__()
         self.save_hyperparameters()
-        if model_dir is not None:
-            meta = ExportMeta.load(model_dir)
-            for key in ("prompt", "max_history", "constraint"):
-                self.hparams[key] = getattr(meta, key)
-            prompt = meta.prompt
-            index_file, tokenizer = str(Path(model_dir) / INDEX_FILE), model_dir
-            self.hparams.update(index_file=index_file, tokenizer=tokenizer, extend_tokenizer=False)
+        self.hparams.update(exported_settings(self.hparams, model_dir))
+        self.hparams.source = source  # the options object (LightningCLI hands save_hyperparameters its config dict)
         self.hparams.semantic_ids = semantic_ids or SemanticIdSpec()
         self.hparams.eval = eval or EvalSpec()
-        check_template(prompt)
-        if path is not None:
-            (require_dir if source in ("processed", "recbole") else require_file)(Path(path), "data.path")
-        if meta_path is not None:
-            require_file(Path(meta_path), "data.meta_path")
-        if path is None and source != "recbole":
-            raise DataError(f"data.path is required for source {source!r} (only recbole has an embedded default)")
-        for key, value in (("index_file", index_file), ("tokenizer", tokenizer)):
-            if value is not None and not Path(value).exists():
-                raise DataError(f"data.{key}: not found: {value}")
+        check_template(self.hparams.prompt)
+        source_name(source)  # an options class without a row in SOURCES fails here, before any file is read
+        source.check()
+        for key in ("index_file", "tokenizer"):
+            if self.hparams[key] is not None and not Path(self.hparams[key]).exists():
+                raise DataError(f"data.{key}: not found: {self.hparams[key]}")
         self.prepared: Prepared | None = None
 
     # -- loading ----------------------------------------------------------------------------------
 
-    def _load_interactions(self) -> Interactions:
-        hp = self.hparams
-        path = Path(hp.path) if hp.path is not None else embedded_dataset_path()
-        options = LoadOptions(
-            path=path,
-            meta_path=Path(hp.meta_path) if hp.meta_path else None,
-            min_rating=hp.min_rating,
-            kcore=hp.kcore,
-            name=hp.name,
-        )
-        return load_source(hp.source, options)
-
     def _index_file(self, data: Interactions) -> Path:
         hp = self.hparams
-        if hp.index_file is not None:
-            return Path(hp.index_file)
-        if hp.source == "processed":
-            found = sorted(Path(hp.path).glob("*.json"))
-            if len(found) == 1:
-                return found[0]
-            if len(found) > 1:
-                raise DataError(f"data.index_file: {hp.path} holds several index JSON files; name one")
-        return build_index(data, hp.semantic_ids, hp.cache_dir)
+        given = hp.index_file or hp.source.bundled_index()
+        return Path(given) if given is not None else build_index(data, hp.semantic_ids, hp.cache_dir)
 
     def prepare_data(self) -> None:
-        """Build and cache the item index once (rank 0) when none is given."""
-        if self.hparams.index_file is None and self.hparams.source != "processed":
-            self._index_file(self._load_interactions())
+        """Build and cache the item index once (rank 0) when none is given or shipped with the data."""
+        if self.hparams.index_file is None and self.hparams.source.bundled_index() is None:
+            build_index(load_source(self.hparams.source), self.hparams.semantic_ids, self.hparams.cache_dir)
 
     def setup(self, stage: str | None = None) -> None:
         if self.prepared is None:
@@ -180,7 +151,7 @@ class RecDataModule(pl.LightningDataModule):
 
     def _prepare(self) -> Prepared:
         hp = self.hparams
-        data = self._load_interactions()
+        data = load_source(hp.source)
         index_path = self._index_file(data)
         index = load_index(index_path, hp.on_duplicate_ids)
         split = _remap(
@@ -283,3 +254,33 @@ def _remap(split: Split, positions: list[int]) -> Split:
         valid=[sample(s) for s in split.valid],
         test=[sample(s) for s in split.test],
     )
+
+
+def exported_settings(given: Mapping[str, Any], model_dir: str | None) -> dict[str, Any]:
+    """``FROM_EXPORT``'s keys, plus the index and tokenizer, as the requests will use them: without ``model_dir`` the
+    ``given`` value or the default; with it, the export's. A key ``given`` another value than the export's is an
+    error naming it; the export's values taken where a key was unset and they differ from the default are logged."""
+    if model_dir is None:
+        return {key: default if given[key] is None else given[key] for key, default in FROM_EXPORT.items()}
+    meta = ExportMeta.load(model_dir)
+    export = {key: getattr(meta, key) for key in FROM_EXPORT}
+    export.update(index_file=str(Path(model_dir) / INDEX_FILE), tokenizer=str(model_dir), extend_tokenizer=False)
+    for key, value in export.items():
+        mine = None if key == "extend_tokenizer" else given[key]
+        if mine is not None and mine != value and not _same_path(key, mine, value):
+            raise DataError(
+                f"data.{key}: {mine!r} differs from {value!r}, what the model at {model_dir} was trained with "
+                f"({META_FILE}, {INDEX_FILE} and tokenizer); leave data.{key} unset to use the model's"
+            )
+    taken = [
+        f"{key}={export[key]!r}"
+        for key, default in FROM_EXPORT.items()
+        if given[key] is None and export[key] != default
+    ]
+    if taken:
+        log.info("data: %s, from the model at %s (%s)", ", ".join(taken), model_dir, META_FILE)
+    return export
+
+
+def _same_path(key: str, mine: str, theirs: str) -> bool:
+    return key in ("index_file", "tokenizer") and Path(mine).resolve() == Path(theirs).resolve()

@@ -74,7 +74,7 @@ def test_invalid_config_values_fail_before_any_model_is_built(data, tmp_path, ca
 
 def test_missing_dataset_directory(tmp_path, capsys) -> None:
     err = fails(tiny_args(tmp_path / "absent", tmp_path / "run"), capsys)
-    assert "data.path" in err and "absent" in err
+    assert "data.source.init_args.path" in err and "absent" in err
 
 
 def test_malformed_line_names_file_and_line(data, tmp_path, capsys) -> None:
@@ -105,7 +105,7 @@ def test_duplicate_identifiers_fail_unless_resolved(data, tmp_path, capsys) -> N
 
 
 def test_empty_after_filtering(data, tmp_path, capsys) -> None:
-    err = fails(tiny_args(data, tmp_path / "run", "--data.kcore", "50"), capsys)
+    err = fails(tiny_args(data, tmp_path / "run", "--data.source.init_args.kcore", "50"), capsys)
     assert "empty after filtering" in err and "kcore=50" in err
 
 

@@ -29,7 +29,7 @@ def test_config_parses(config: Path, tmp_path, monkeypatch) -> None:
     if "tiny" in config.parts:
         from tests.integration.tiny_data import write_processed
 
-        args += ["--data.path", str(write_processed(data))]
+        args += ["--data.source.init_args.path", str(write_processed(data))]
     if config.name in ("decode.yaml", "teacher.yaml", "align.yaml"):  # these name exported models: a stand-in
         export = str(_fake_export(tmp_path / "export"))
         args += ["--model.init_args.target", export]

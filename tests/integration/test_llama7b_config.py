@@ -26,7 +26,7 @@ def _paths(run: Path) -> list[str]:
 
 def _data(data: Path) -> list[str]:
     """The tiny data (its index keys are the item ids, no offset)."""
-    return ["--data.path", str(data), "--data.index_key_offset", "0"]
+    return ["--data.source.init_args.path", str(data), "--data.index_key_offset", "0"]
 
 
 def _sft_args(config: str, checkpoint: str, tokenizer: str, data: Path, run: Path) -> list[str]:
@@ -34,7 +34,8 @@ def _sft_args(config: str, checkpoint: str, tokenizer: str, data: Path, run: Pat
         "fit", "--config", str(CONFIGS / config),
         "--model.init_args.model.path", checkpoint, "--data.tokenizer", tokenizer,
         "--model.init_args.model.dtype", "float32", *CPU,
-        "--data.path", str(data), "--data.index_file", str(data / "tiny.index.json"), "--data.index_key_offset", "0",
+        "--data.source.init_args.path", str(data), "--data.index_file", str(data / "tiny.index.json"),
+        "--data.index_key_offset", "0",
         "--data.cache_dir", str(run / "cache"), "--data.eval.val_users", "4", "--model.init_args.eval_ks", "[1, 3]",
         "--trainer.max_steps", "2", "--trainer.val_check_interval", "2", "--data.max_history", "5", *_paths(run),
     ]  # fmt: skip

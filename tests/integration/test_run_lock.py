@@ -79,8 +79,9 @@ def test_a_second_predict_into_a_directory_in_use_stops_and_the_first_finishes(e
     """The reported case: K = 3 and K = 2 into one ``default_root_dir`` (the config's own output names)."""
     data, target, draft = exported
     out, go = tmp_path / "decode", tmp_path / "go"
-    common = ["--config", DECODE_CONFIG, "--data.path", str(data), "--model.init_args.target", str(target),
-              "--model.init_args.draft", str(draft), "--trainer.default_root_dir", str(out)]  # fmt: skip
+    common = ["--config", DECODE_CONFIG, "--data.source.init_args.path", str(data),
+              "--model.init_args.target", str(target), "--model.init_args.draft", str(draft),
+              "--trainer.default_root_dir", str(out)]  # fmt: skip
     wait = {"class_path": "tests.integration.interrupts.WaitForFile", "init_args": {"path": str(go)}}
     callbacks = [{"class_path": "atspeed.callbacks.predictions.JsonlPredictionWriter"},
                  {"class_path": "atspeed.callbacks.decode_report.DecodeReport"}, wait]  # fmt: skip

@@ -39,7 +39,7 @@ def tiny_args(data_dir: Path, run_dir: Path, *extra: str) -> list[str]:
     return [
         "--config",
         str(ROOT / "configs/tiny/target_sft.yaml"),
-        "--data.path",
+        "--data.source.init_args.path",
         str(data_dir),
         "--data.cache_dir",
         str(run_dir / "cache"),
@@ -65,7 +65,7 @@ def decode_args(exported, out: Path, *extra: str) -> list[str]:
     ]
     return [
         "--config", DECODE_CONFIG,
-        "--data.path", str(data),
+        "--data.source.init_args.path", str(data),
         "--model.init_args.target", str(target),
         "--model.init_args.draft", str(draft),
         "--trainer.default_root_dir", str(out),
@@ -114,7 +114,7 @@ def teacher_args(exported, out: Path, *extra: str) -> list[str]:
     data, target, _ = exported
     return [
         "--config", TEACHER_CONFIG,
-        "--data.path", str(data),
+        "--data.source.init_args.path", str(data),
         "--model.init_args.target", str(target),
         "--trainer.default_root_dir", str(out),
         "--trainer.callbacks.init_args.dirpath", str(out / "data"),
@@ -130,7 +130,7 @@ def align_args(exported, teacher_dir: Path, out: Path, *extra: str) -> list[str]
     data, target, _ = exported
     return [
         "--config", ALIGN_CONFIG,
-        "--data.path", str(data),
+        "--data.source.init_args.path", str(data),
         "--model.init_args.target", str(target),
         "--model.init_args.teacher_dir", str(teacher_dir),
         "--trainer.default_root_dir", str(out),

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from atspeed.data.schema import Interactions
-from atspeed.data.sources import LoadOptions, load_source
+from atspeed.data.sources import ProcessedOptions, load_source
 from atspeed.data.splits import EvalSample, Split, split_interactions, training_pairs
 from atspeed.errors import DataError
 
@@ -122,7 +122,7 @@ def test_training_pairs_checks_arguments() -> None:
 def test_beauty_global_time_matches_the_paper_figures() -> None:
     if not BEAUTY.is_dir():
         pytest.skip(f"no Beauty data at {BEAUTY}")
-    data = load_source("processed", LoadOptions(BEAUTY))
+    data = load_source(ProcessedOptions(path=BEAUTY))
     split = split_interactions(data, "global_time")
     assert len(split.train) == 19_383
     assert sum(len(t) for t in split.train) == 122_241

@@ -1,84 +1,97 @@
-"""Data sources: one loader module per on-disk format, all producing ``Interactions``.
+"""Data sources as a table: one options class and one loader per source, all producing ``Interactions``.
 
-``load_source(name, options)`` picks the loader from the ``SOURCES`` table, then applies the shared
-k-core filter and refuses an empty result. Rating filters are applied inside the loaders whose
-sources have ratings.
+``SOURCES`` maps a source's name to its row (options class, loader). A config names the options class
+(``data.source.class_path``) with its fields (``data.source.init_args``); ``load_source(options)`` finds the row by
+the options' class, runs its loader, then applies the shared k-core filter and refuses an empty result. Rating
+filters are applied inside the loaders whose sources have ratings.
+
+Adding a dataset: write ``FooOptions(SourceOptions)`` (a frozen, keyword-only dataclass) and ``load_foo(options) ->
+Interactions`` in ``sources/foo.py``, and add the row ``"foo": Source(FooOptions, load_foo)`` below.
 """
 
 from __future__ import annotations
 
-import importlib.util
+import dataclasses
 from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Literal
+from typing import Any, NamedTuple
 
 from atspeed.data.schema import Interactions
-from atspeed.data.sources.amazon import load_amazon2014, load_amazon2018
-from atspeed.data.sources.common import kcore_filter
-from atspeed.data.sources.processed import load_processed
-from atspeed.data.sources.recbole import load_recbole
+from atspeed.data.sources.amazon import Amazon2014Options, Amazon2018Options, load_amazon2014, load_amazon2018
+from atspeed.data.sources.common import KEY, SourceOptions, kcore_filter
+from atspeed.data.sources.processed import ProcessedOptions, load_processed
+from atspeed.data.sources.recbole import (
+    MovieLensOptions,
+    RecBoleOptions,
+    embedded_dataset_path,
+    load_movielens,
+    load_recbole,
+)
 from atspeed.errors import DataError
 
-SourceName = Literal["processed", "recbole", "amazon2014", "amazon2018"]
+
+class Source(NamedTuple):
+    """A row of ``SOURCES``: the source's options class and the loader that reads the data it describes."""
+
+    options: type[SourceOptions]
+    load: Callable[[Any], Interactions]
 
 
-@dataclass(frozen=True)
-class LoadOptions:
-    """What a loader needs to know; the config keys are ``data.<field>``."""
-
-    path: Path
-    """Dataset directory (``processed``, ``recbole``) or reviews file (``amazon2014``, ``amazon2018``)."""
-    meta_path: Path | None = None
-    """Item metadata file (Amazon sources only)."""
-    min_rating: float | None = None
-    """Keep interactions rated at least this (sources with ratings only); the paper uses 4."""
-    kcore: int = 0
-    """Iteratively drop users and items with fewer interactions than this; 0 or 1 = off."""
-    name: str | None = None
-    """Dataset name; defaults to the directory name (RecBole: also the atomic files' stem) or file stem."""
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "path", Path(self.path))
-        if self.meta_path is not None:
-            object.__setattr__(self, "meta_path", Path(self.meta_path))
-        if self.kcore < 0:
-            raise ValueError(f"data.kcore must be >= 0, got {self.kcore}")
+SOURCES: dict[str, Source] = {
+    "movielens": Source(MovieLensOptions, load_movielens),
+    "recbole": Source(RecBoleOptions, load_recbole),
+    "processed": Source(ProcessedOptions, load_processed),
+    "amazon2014": Source(Amazon2014Options, load_amazon2014),
+    "amazon2018": Source(Amazon2018Options, load_amazon2018),
+}
 
 
-def embedded_dataset_path() -> Path:
-    """The MovieLens-100k RecBole atomic files shipped inside the ``recbole`` wheel (found without importing it)."""
-    spec = importlib.util.find_spec("recbole")
-    if spec is None or not spec.submodule_search_locations:
-        raise DataError(
-            "the embedded dataset comes with the recbole package, which is not installed: "
-            "pip install --no-deps recbole==1.2.1"
-        )
-    folder = Path(next(iter(spec.submodule_search_locations))) / "dataset_example" / "ml-100k"
-    if not folder.is_dir():
-        raise DataError(
-            f"the recbole package has no embedded ml-100k dataset at {folder}: pip install --no-deps recbole==1.2.1"
-        )
-    return folder
+def source_name(options: SourceOptions) -> str:
+    """The name of the ``SOURCES`` row whose options class ``options`` is."""
+    for name, row in SOURCES.items():
+        if type(options) is row.options:
+            return name
+    raise DataError(f"data.source: {type(options).__qualname__} has no row in atspeed.data.sources.SOURCES")
 
 
-def load_source(source: str, options: LoadOptions) -> Interactions:
-    """Load ``options.path`` with the ``source`` loader, apply k-core, and refuse an empty result."""
-    if source not in SOURCES:
-        raise ValueError(f"unknown data.source {source!r}; choose one of {sorted(SOURCES)}")
-    data = kcore_filter(SOURCES[source](options), options.kcore)
+def load_source(options: SourceOptions) -> Interactions:
+    """Load the data ``options`` describe with its source's loader, apply k-core, and refuse an empty result."""
+    data = kcore_filter(SOURCES[source_name(options)].load(options), options.kcore)
     if data.num_interactions == 0:
-        raise DataError(
-            f"{options.path} is empty after filtering (min_rating={options.min_rating}, kcore={options.kcore})"
-        )
+        raise DataError(f"{data.name} is empty after filtering ({options})")
     return data
 
 
-SOURCES: dict[str, Callable[[LoadOptions], Interactions]] = {
-    "processed": load_processed,
-    "recbole": load_recbole,
-    "amazon2014": load_amazon2014,
-    "amazon2018": load_amazon2018,
-}
+def source_options(name: str, **fields: Any) -> SourceOptions:
+    """The options of source ``name`` from keyword fields (the scripts' flat flags); None values are left out."""
+    if name not in SOURCES:
+        raise DataError(f"unknown source {name!r}; choose one of {', '.join(SOURCES)}")
+    options_class = SOURCES[name].options
+    known = {f.name for f in dataclasses.fields(options_class)}
+    given = {key: value for key, value in fields.items() if value is not None}
+    if unknown := sorted(set(given) - known):
+        raise DataError(f"source {name!r} takes no {', '.join(unknown)} (its options: {', '.join(sorted(known))})")
+    missing = [f.name for f in dataclasses.fields(options_class) if f.name not in given and _required(f)]
+    if missing:
+        raise DataError(f"source {name!r} needs {', '.join(missing)}")
+    return options_class(**given)
 
-__all__ = ["SOURCES", "LoadOptions", "SourceName", "embedded_dataset_path", "load_source"]
+
+def _required(field: dataclasses.Field) -> bool:
+    return field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
+
+
+__all__ = [
+    "KEY",
+    "SOURCES",
+    "Amazon2014Options",
+    "Amazon2018Options",
+    "MovieLensOptions",
+    "ProcessedOptions",
+    "RecBoleOptions",
+    "Source",
+    "SourceOptions",
+    "embedded_dataset_path",
+    "load_source",
+    "source_name",
+    "source_options",
+]

@@ -12,33 +12,64 @@ from __future__ import annotations
 import ast
 import json
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+from jsonargparse.typing import NonNegativeInt
 
 from atspeed.data.schema import Interactions
-from atspeed.data.sources.common import Event, assemble, iter_lines, line_error, require_file
-
-if TYPE_CHECKING:
-    from atspeed.data.sources import LoadOptions
+from atspeed.data.sources.common import KEY, Event, SourceOptions, assemble, iter_lines, line_error, require_file
 
 
-def load_amazon2014(options: LoadOptions) -> Interactions:
+@dataclass(frozen=True, kw_only=True)
+class AmazonReviewsOptions(SourceOptions):
+    """A raw Amazon review dump (McAuley lab) and, optionally, its metadata file; ``.gz`` files are read as is."""
+
+    path: str
+    """Reviews file (``reviews_Beauty_5.json.gz``, ``Beauty_5.json``, ...)."""
+    meta_path: str | None = None
+    """Item metadata file (titles, categories, brand: the item text semantic ids are built from); optional."""
+    name: str | None = None
+    """Dataset name; default: the reviews file name without ``.json`` / ``.gz``."""
+    min_rating: float | None = None
+    """Keep reviews rated at least this (the paper: 4); None keeps all."""
+    kcore: NonNegativeInt = 0
+    """Iteratively drop users and items with fewer interactions than this; 0 or 1 = off."""
+
+    def check(self) -> None:
+        require_file(Path(self.path), f"{KEY}.path")
+        if self.meta_path is not None:
+            require_file(Path(self.meta_path), f"{KEY}.meta_path")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Amazon2014Options(AmazonReviewsOptions):
+    """The 2014 release: categories as a list of category paths; lines may be Python dict literals."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Amazon2018Options(AmazonReviewsOptions):
+    """The 2018 release: JSON lines; categories as a flat list."""
+
+
+def load_amazon2014(options: Amazon2014Options) -> Interactions:
     """Reviews file ``options.path`` (+ metadata ``options.meta_path``) in the 2014 format."""
     return _load(options, category_key="categories")
 
 
-def load_amazon2018(options: LoadOptions) -> Interactions:
+def load_amazon2018(options: Amazon2018Options) -> Interactions:
     """Reviews file ``options.path`` (+ metadata ``options.meta_path``) in the 2018 format."""
     return _load(options, category_key="category")
 
 
-def _load(options: LoadOptions, category_key: str) -> Interactions:
+def _load(options: AmazonReviewsOptions, category_key: str) -> Interactions:
     """Reviews kept by the rating filter, sorted per user by time, with item text from the metadata."""
-    reviews_path = require_file(options.path, "data.path")
+    reviews_path = require_file(Path(options.path), f"{KEY}.path")
     events = list(_events(reviews_path, options.min_rating))
     item_text = None
     if options.meta_path is not None:
-        meta_path = require_file(options.meta_path, "data.meta_path")
+        meta_path = require_file(Path(options.meta_path), f"{KEY}.meta_path")
         item_text = _item_text(meta_path, {e.item for e in events}, category_key)
     return assemble(options.name or _stem(reviews_path), events, item_text)
 

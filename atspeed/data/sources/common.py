@@ -1,4 +1,4 @@
-"""Helpers shared by the source loaders: path checks, line reading, id ordering, assembly and k-core."""
+"""What the source loaders share: the options base class, path checks, line reading, id ordering, assembly, k-core."""
 
 from __future__ import annotations
 
@@ -10,6 +10,33 @@ from typing import NamedTuple
 
 from atspeed.data.schema import Interactions
 from atspeed.errors import DataError
+
+KEY = "data.source.init_args"
+"""Where a source's options sit in a config: ``data.source.init_args.<field>`` (messages name the field so)."""
+
+
+class SourceOptions:
+    """Base of the per-source options classes (``data.source``: one subclass, chosen by ``class_path``).
+
+    Each subclass is a frozen, keyword-only dataclass whose fields are that source's settings (their docstrings are
+    the ``--help`` text), ``kcore`` among them, and has one row in ``atspeed.data.sources.SOURCES`` naming its
+    loader. The base itself is a plain class, so that jsonargparse reads ``data.source`` as ``class_path`` +
+    ``init_args``.
+    """
+
+    kcore: int
+    """Iteratively drop users and items with fewer interactions than this; 0 or 1 = off (applied after loading)."""
+
+    def __post_init__(self) -> None:
+        if self.kcore < 0:
+            raise ValueError(f"{KEY}.kcore must be >= 0, got {self.kcore}")
+
+    def check(self) -> None:
+        """Refuse missing files before anything is built (the data module calls it from its constructor)."""
+
+    def bundled_index(self) -> Path | None:
+        """An item index JSON that ships with the data, used when ``data.index_file`` is not given; None: none."""
+        return None
 
 
 class Event(NamedTuple):
@@ -37,12 +64,6 @@ def require_file(path: Path, key: str) -> Path:
     if not path.is_file():
         raise DataError(f"{key}: file not found: {path}")
     return path
-
-
-def reject_option(value: object, key: str, source: str) -> None:
-    """Raise if an option the ``source`` cannot honour was set, rather than silently ignoring it."""
-    if value is not None:
-        raise DataError(f"{key} is set ({value!r}) but source {source!r} does not use it")
 
 
 def iter_lines(path: Path) -> Iterator[tuple[int, str]]:

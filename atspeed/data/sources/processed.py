@@ -7,14 +7,14 @@ line in each of the three files. A user's sequence is train + valid + test items
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+
+from jsonargparse.typing import NonNegativeInt
 
 from atspeed.data.schema import Interactions
-from atspeed.data.sources.common import iter_lines, line_error, reject_option, require_dir, require_file, sort_ids
-
-if TYPE_CHECKING:
-    from atspeed.data.sources import LoadOptions
+from atspeed.data.sources.common import KEY, SourceOptions, iter_lines, line_error, require_dir, require_file, sort_ids
+from atspeed.errors import DataError
 
 PERIOD_FILES = ("sequential_train.txt", "sequential_valid.txt", "sequential_test.txt")
 """The three files, in period order 0 / 1 / 2."""
@@ -23,12 +23,32 @@ UserLines = dict[str, tuple[int, list[str]]]
 """Per user id, the line number it was read from and its item ids."""
 
 
-def load_processed(options: LoadOptions) -> Interactions:
+@dataclass(frozen=True, kw_only=True)
+class ProcessedOptions(SourceOptions):
+    """The authors' processed layout (e.g. their Amazon Beauty release): a directory of ``sequential_*.txt``."""
+
+    path: str
+    """Directory holding ``sequential_{train,valid,test}.txt`` (and, optionally, one item index ``*.json``)."""
+    name: str | None = None
+    """Dataset name; default: the directory name."""
+    kcore: NonNegativeInt = 0
+    """Iteratively drop users and items with fewer interactions than this; 0 or 1 = off."""
+
+    def check(self) -> None:
+        require_dir(Path(self.path), f"{KEY}.path")
+
+    def bundled_index(self) -> Path | None:
+        """The directory's one ``*.json`` (the release's item index), if it holds one; several is an error."""
+        found = sorted(Path(self.path).glob("*.json"))
+        if len(found) > 1:
+            raise DataError(f"data.index_file: {self.path} holds several index JSON files; name one")
+        return found[0] if found else None
+
+
+def load_processed(options: ProcessedOptions) -> Interactions:
     """Read a directory in the processed layout (any dataset, not only Beauty)."""
-    reject_option(options.min_rating, "data.min_rating", "processed")
-    reject_option(options.meta_path, "data.meta_path", "processed")
-    directory = require_dir(options.path, "data.path")
-    paths = [require_file(directory / f, "data.path") for f in PERIOD_FILES]
+    directory = require_dir(Path(options.path), f"{KEY}.path")
+    paths = [require_file(directory / f, f"{KEY}.path") for f in PERIOD_FILES]
     parts = [_read_period_file(p) for p in paths]
     _check_same_users(paths, parts)
     user_ids = sort_ids(parts[0])
