@@ -45,7 +45,8 @@ def study(exported, teacher_data, tmp_path_factory) -> tuple[dict, Path, list[st
     configs.mkdir()
     shutil.copy(ROOT / "configs" / "tiny" / "align.yaml", configs / "align.yaml")
     args = [
-        "--configs", str(configs), "--runs", str(runs), f"--stage-args=--data.source.init_args.path {data}", "--steps", "2",
+        "--configs", str(configs), "--runs", str(runs), f"--stage-args=--data.source.init_args.path {data}",
+        "--steps", "2",
         "--losses", "sft", "atspeed_s_authors", "--seeds", "0", "1", "--sliding-losses", "--on-policy-losses",
         "--large-losses", "--authors-top-k", "2", "--ks", "1", "3", "--draft-beams", "6", "--gamma", "2",
         "--requests", "4", "--source", "processed", "--data", str(data), "--index-key-offset", "0",
