@@ -44,6 +44,7 @@ from atspeed.callbacks.signals import StopPredictOnSigterm
 from atspeed.callbacks.summary import MetricsSummary
 from atspeed.data.datamodule import EvalSpec, RecDataModule
 from atspeed.data.item_index import SemanticIdSpec
+from atspeed.decoding.options import DecodeOptions
 from atspeed.deepspeed_config import check_deepspeed_config, needs_cuda, strategy_config
 from atspeed.errors import SIGTERM_EXIT, DataError
 from atspeed.losses import LossOptions
@@ -53,7 +54,17 @@ from atspeed.run_lock import leads_run, lock_file, locked, sibling_lock_file
 
 # Config dataclasses travel in checkpoint hyper-parameters; allow them through torch.load(weights_only=True).
 torch.serialization.add_safe_globals(
-    [ModelSpec, LoraSpec, SemanticIdSpec, EvalSpec, LossOptions, PositiveInt, NonNegativeInt, PositiveFloat]
+    [
+        ModelSpec,
+        LoraSpec,
+        SemanticIdSpec,
+        EvalSpec,
+        LossOptions,
+        DecodeOptions,
+        PositiveInt,
+        NonNegativeInt,
+        PositiveFloat,
+    ]
 )
 
 MatmulPrecision = Literal["highest", "high", "medium"]

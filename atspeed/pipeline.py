@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from atspeed.atomic import write_text_atomic
+from atspeed.decoding.result import DecodeResult
 from atspeed.errors import SIGTERM_EXIT, DataError
 from atspeed.preflight import check_new_file
 from atspeed.run_lock import lock_file, locked, sibling_lock_file
@@ -48,6 +49,7 @@ from atspeed.yaml_file import read_yaml
 log = logging.getLogger("atspeed.pipeline")
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 SUMMARY_K = 10
+REFERENCES = {"hf_beam": "x_hf", "beam": "x_beam"}  # the decoders each row's speed is compared with, and the column
 
 
 @dataclass(frozen=True)
@@ -159,9 +161,9 @@ def _metrics(report: dict) -> dict[str, float]:
 
 
 def _report_row(name: str, report: dict, k: int) -> dict:
+    """One summary row; its speed is the report's own ``DecodeResult`` (``speed``), read back, never recomputed."""
     decode, metrics = report.get("decode", {}), _metrics(report)
-    lists = decode.get("lists") or 0
-    seconds = sum(decode.get(f"{part}_seconds", 0.0) for part in ("draft", "verify", "other"))
+    result = DecodeResult.from_speed(report.get("speed") or {})
     return {
         "stage": name,
         "decoder": report["decoder"],
@@ -171,7 +173,8 @@ def _report_row(name: str, report: dict, k: int) -> dict:
         "ndcg": metrics.get(f"ndcg@{k}"),
         "target_calls_per_list": decode.get("target_calls_per_list"),
         "accepted_depth": decode.get("mean_accepted_depth") if report.get("draft") else None,
-        "ms_per_list": 1e3 * seconds / lists if lists else None,
+        "ms_per_list": result.ms_per_list if result else None,
+        "result": result,
     }
 
 
@@ -195,20 +198,26 @@ def decode_report(path: Path) -> dict | None:
 
 def summarise(stages: list[Stage], k: int = SUMMARY_K) -> dict:
     """The decode stages' reports side by side, with speed ratios over ``hf_beam`` and ``beam`` (same K); Recall and
-    NDCG at ``k`` (or the largest cut-off every report has)."""
+    NDCG at ``k`` (or the largest cut-off every report has); a decoder whose contract is "equals beam" is checked."""
+    from atspeed.decoding.decoders import DECODERS  # torch: only when there are reports to summarise
+
     found = [(stage.name, report) for stage in stages if (report := decode_report(stage.output)) is not None]
     k = _common_k([report for _, report in found], k)
     rows = [_report_row(name, report, k) for name, report in found]
-    refs = {(r["decoder"], r["K"]): r for r in rows if r["decoder"] in ("hf_beam", "beam")}
-    for row in rows:
-        for name, field in (("hf_beam", "x_hf"), ("beam", "x_beam")):
+    results = [row.pop("result") for row in rows]
+    refs = {
+        (r["decoder"], r["K"]): (r, result)
+        for r, result in zip(rows, results, strict=True)
+        if r["decoder"] in REFERENCES
+    }
+    for row, result in zip(rows, results, strict=True):
+        for name, field in REFERENCES.items():
             ref = refs.get((name, row["K"]))
-            mine = row["ms_per_list"]
-            row[field] = ref["ms_per_list"] / mine if ref and mine and ref["ms_per_list"] else None
+            row[field] = result.speedup_over(ref[1]) if result and ref else None
         beam = refs.get(("beam", row["K"]))
-        row["equals_beam"] = None
-        if row["decoder"] == "spec_strict" and beam is not None:
-            row["equals_beam"] = (row["recall"], row["ndcg"]) == (beam["recall"], beam["ndcg"])
+        spec = DECODERS.get(row["decoder"])
+        checked = spec is not None and spec.contract == "equals beam" and beam is not None
+        row["equals_beam"] = (row["recall"], row["ndcg"]) == (beam[0]["recall"], beam[0]["ndcg"]) if checked else None
     return {"k": k, "rows": rows}
 
 

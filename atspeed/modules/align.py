@@ -25,12 +25,13 @@ by ``recompute`` and ``on_policy``, and at validation to log what predicts speed
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-from jsonargparse.typing import PositiveFloat, PositiveInt
+from jsonargparse.typing import PositiveFloat
 from lightning.pytorch.utilities import rank_zero_info
 from transformers import PreTrainedModel
 
@@ -38,6 +39,7 @@ from atspeed.data.datamodule import RecDataModule
 from atspeed.data.export_dir import check_same_identifiers
 from atspeed.data.teacher_store import TeacherStore, stack_padded, teacher_fingerprint
 from atspeed.decoding.decoders import DecodeSettings, check_list_length
+from atspeed.decoding.options import DEFAULT_DECODING, DecodeOptions
 from atspeed.decoding.speed_metrics import speed_metrics
 from atspeed.decoding.teacher import (
     Teaching,
@@ -88,9 +90,7 @@ class Align(pl.LightningModule):
         lr: PositiveFloat = 1e-3,
         weight_decay: float = 0.01,
         warmup_steps: int = 100,
-        num_beams: PositiveInt = 20,
-        draft_beams: PositiveInt = 40,
-        gamma: PositiveInt = 3,
+        decoding: DecodeOptions = DEFAULT_DECODING,
         seed: int = 0,
         dtype: DType = "float32",
     ) -> None:
@@ -111,10 +111,10 @@ class Align(pl.LightningModule):
             lr: peak AdamW learning rate.
             weight_decay: AdamW weight decay.
             warmup_steps: linear warm-up steps before the cosine decay.
-            num_beams: K of the validation decoding (spec_strict and spec_relaxed against the target) and coverage.
-            draft_beams: N of the validation decoding and of the draft's top-N in the coverage.
-            gamma: draft steps per target call in the validation decoding.
-            seed: initialisation seed of the draft, seed of the validation's relaxed sampling and of on-policy mixing.
+            decoding: the validation decode (the same block as the predict stage's): its K, N, gamma and seed (of the
+                relaxed sampling) set the spec_strict and spec_relaxed decodes against the target and the coverage;
+                validation always measures those two over the whole drafted tree (decoder and budget unused).
+            seed: initialisation seed of the draft and seed of on-policy mixing.
             dtype: torch dtype the frozen target is loaded in (bfloat16 for a 7B target on a GPU: inference
                 only, outside the optimizer and DeepSpeed's partition).
         """
@@ -125,8 +125,9 @@ class Align(pl.LightningModule):
             raise ValueError(f"model.on_policy_ratio must be in [0, 1], got {on_policy_ratio}")
         if warmup_steps < 0:
             raise ValueError(f"model.warmup_steps must be >= 0, got {warmup_steps}")
-        if draft_beams < num_beams:
-            raise ValueError(f"model.draft_beams (N = {draft_beams}) must be >= model.num_beams (K = {num_beams})")
+        if decoding.draft_beams < decoding.num_beams:
+            raise ValueError(f"model.decoding.draft_beams (N = {decoding.draft_beams}) must be >= "
+                             f"model.decoding.num_beams (K = {decoding.num_beams})")  # fmt: skip
         self.options = loss_options or LossOptions()
         check_loss(loss, self.options)
         self.save_hyperparameters()
@@ -137,6 +138,7 @@ class Align(pl.LightningModule):
         self.codes: torch.Tensor | None = None
         self.generator: torch.Generator | None = None
         self.validation_draft: _Frozen | None = None
+        self.validation_settings: DecodeSettings | None = None
         self.mixing = torch.Generator().manual_seed(seed)  # on CPU: on-policy or not, and the sampling seed, per batch
 
     @property
@@ -150,7 +152,7 @@ class Align(pl.LightningModule):
         hp, prepared = self.hparams, self.dm.prepared
         if self.dm.hparams.train_batches != "requests":
             raise DataError("data.train_batches must be requests: alignment looks up each sample's teacher data")
-        check_list_length(hp.num_beams, len(prepared.index), "model.num_beams")
+        check_list_length(hp.decoding.num_beams, len(prepared.index), "model.decoding.num_beams")
         fp = teacher_fingerprint(hp.target, hp.teacher_dir)
         self.store = TeacherStore(hp.teacher_dir, fp)
         if hp.teacher == "cached" and "node_logprobs" not in self.store.keys:
@@ -279,8 +281,11 @@ class Align(pl.LightningModule):
     def on_validation_epoch_start(self) -> None:
         """A fresh seeded generator for spec_relaxed: every validation draws the same samples for the same draft;
         the draft whole for decoding (under ZeRO-3 a gathered copy: ``unpartitioned``)."""
-        self.generator = torch.Generator(device=self.device).manual_seed(self.hparams.seed)
+        self.generator = torch.Generator(device=self.device).manual_seed(self.hparams.decoding.seed)
         self.validation_draft = _Frozen(unpartitioned(self.draft))  # held outside the module tree
+        if self.validation_settings is None:  # built once: the whole drafted tree (budget None), as documented
+            levels = self.dm.prepared.index.levels
+            self.validation_settings = dataclasses.replace(self.hparams.decoding, budget=None).settings(levels)
 
     def on_validation_epoch_end(self) -> None:
         self.validation_draft = None
@@ -288,11 +293,9 @@ class Align(pl.LightningModule):
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         if dataloader_idx == 0:
             return  # the teacher-forced pairs: the CE is logged in training
-        hp, prepared = self.hparams, self.dm.prepared
-        settings = DecodeSettings(hp.num_beams, prepared.index.levels, hp.draft_beams, hp.gamma, seed=hp.seed)
         measured = speed_metrics(
             self._target(), self.validation_draft.model, batch["input_ids"], batch["attention_mask"],
-            prepared.trie.on(self.device), settings, self.generator,
+            self.dm.prepared.trie.on(self.device), self.validation_settings, self.generator,
         )  # fmt: skip
         size = batch["input_ids"].shape[0]
         for name, value in measured.items():

@@ -226,10 +226,10 @@ def test_fresh_fit_into_a_directory_with_a_last_checkpoint(data, tmp_path, capsy
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["--model.init_args.draft_beams", "2"], "draft_beams"),
-        (["--model.init_args.gamma", "0"], "gamma"),
+        (["--model.init_args.decoding.draft_beams", "2"], "draft_beams"),
+        (["--model.init_args.decoding.gamma", "0"], "gamma"),
         (["--model.init_args.eval_ks", "[5]"], "eval_ks"),
-        (["--model.init_args.decoder", "beam", "--model.init_args.num_beams", "17"], "model.num_beams: K = 17 exceeds"),
+        (["--model.init_args.decoding.decoder", "beam", "--model.init_args.decoding.num_beams", "17"], "model.decoding.num_beams: K = 17 exceeds"),
     ],
 )
 def test_bad_decode_settings_fail_before_loading(exported, tmp_path, capsys, extra, message) -> None:
@@ -270,9 +270,9 @@ def test_a_predictions_path_that_is_a_directory(exported, tmp_path, capsys) -> N
 
 def test_a_second_predict_into_the_same_place_is_refused(exported, tmp_path, capsys, monkeypatch) -> None:
     monkeypatch.undo()  # this case decodes once for real
-    main(["predict", *decode_args(exported, tmp_path, "--model.init_args.decoder", "beam")])
+    main(["predict", *decode_args(exported, tmp_path, "--model.init_args.decoding.decoder", "beam")])
     first = (tmp_path / "p.jsonl").read_text()
-    err = fails(decode_args(exported, tmp_path, "--model.init_args.decoder", "spec_strict"), capsys, "predict")
+    err = fails(decode_args(exported, tmp_path, "--model.init_args.decoding.decoder", "spec_strict"), capsys, "predict")
     assert "p.jsonl exists" in err and "overwrite" in err
     assert (tmp_path / "p.jsonl").read_text() == first
 

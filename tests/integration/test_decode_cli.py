@@ -12,7 +12,7 @@ from tests.integration.tiny_data import decode_args, run_cli
 
 
 def _run(exported, out: Path, decoder: str, *extra: str) -> tuple[list[dict], dict]:
-    main(["predict", *decode_args(exported, out, "--model.init_args.decoder", decoder, *extra)])
+    main(["predict", *decode_args(exported, out, "--model.init_args.decoding.decoder", decoder, *extra)])
     rows = [json.loads(line) for line in (out / "p.jsonl").read_text().splitlines()]
     return rows, json.loads((out / "r.json").read_text())
 
@@ -32,8 +32,8 @@ def test_strict_speculative_predict_equals_beam_search_and_hf_generate(exported,
 
 
 def test_relaxed_predict_is_reproducible_and_valid(exported, tmp_path) -> None:
-    first, report = _run(exported, tmp_path / "a", "spec_relaxed", "--model.init_args.seed", "3")
-    again, _ = _run(exported, tmp_path / "b", "spec_relaxed", "--model.init_args.seed", "3")
+    first, report = _run(exported, tmp_path / "a", "spec_relaxed", "--model.init_args.decoding.seed", "3")
+    again, _ = _run(exported, tmp_path / "b", "spec_relaxed", "--model.init_args.decoding.seed", "3")
     assert first == again
     assert all(None not in r["items"] and len(set(r["items"])) == 3 for r in first)
     assert all(r["scores"] == sorted(r["scores"], reverse=True) for r in first)
@@ -44,7 +44,7 @@ def test_relaxed_predict_is_reproducible_and_valid(exported, tmp_path) -> None:
 def test_sigterm_stops_predict_at_the_next_batch_keeping_the_completed_ones(exported, tmp_path) -> None:
     full, _ = _run(exported, tmp_path / "full", "beam")
     out = tmp_path / "stopped"
-    args = decode_args(exported, out, "--model.init_args.decoder", "beam")
+    args = decode_args(exported, out, "--model.init_args.decoding.decoder", "beam")
     callbacks = json.loads(args[args.index("--trainer.callbacks") + 1])
     callbacks.append(
         {

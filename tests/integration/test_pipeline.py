@@ -27,7 +27,7 @@ def tiny_pipeline(root: Path, bad_align: bool = False) -> Path:
 
     def decode(name: str, decoder: str, *extra: str) -> dict:
         out = root / name
-        run = ["predict", *decode_args(exported, out, "--model.init_args.decoder", decoder, *extra)]
+        run = ["predict", *decode_args(exported, out, "--model.init_args.decoding.decoder", decoder, *extra)]
         return {"name": name, "run": run, "output": str(out / "r.json")}
 
     stages = [
