@@ -38,7 +38,8 @@ from atspeed.bench.decode_bench import build_grid, check_grid, run_grid
 from atspeed.bench.report import check_timing_flags, machine, plot_speedups, table, write_json
 from atspeed.bench.workload import load_workload, parameters, smoke_workload
 from atspeed.data.sources import SOURCES
-from atspeed.decoding.decoders import SPECULATIVE, DecoderName, vocab_size
+from atspeed.decoding.decoders import DECODERS, DecoderName, vocab_size
+from atspeed.decoding.options import parse_budget
 from atspeed.wandb_log import log_bench_run, wandb_mode
 
 log = logging.getLogger("atspeed.bench")
@@ -56,19 +57,6 @@ PRESETS = {
 SETTINGS = ("decoders", "ks", "batch_sizes", "draft_beams", "gammas", "budgets", "self_draft", "repeats", "warmup",
             "dtype", "device", "seed")  # fmt: skip
 GRID_KEYS = ("ks", "batch_sizes", "draft_beams", "gammas", "budgets", "requests", "repeats", "warmup", "out", "plot")
-
-
-def budget(value: object) -> int | str | None:
-    """--budgets values: an integer M >= 0, auto, or none / null (the whole tree); from a command line or a config."""
-    if value is None or value == "none":
-        return None
-    if value == "auto":
-        return "auto"
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-        return value
-    if isinstance(value, str) and value.isdigit():
-        return int(value)
-    raise argparse.ArgumentTypeError(f"a budget is an integer >= 0, auto or none, got {value!r}")
 
 
 def parser() -> ArgumentParser:
@@ -96,7 +84,7 @@ def parser() -> ArgumentParser:
     p.add_argument(
         "--budgets",
         nargs="+",
-        type=budget,
+        type=parse_budget,
         help="M, drafted nodes verified per call, for every speculative configuration: integers, "
         "none (the whole tree), auto (planned per call from the cost model and the acceptance)",
     )
@@ -142,7 +130,7 @@ def resolve(p: ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
     if args.wandb_entity and not args.wandb_project:
         p.error("--wandb-entity: give --wandb-project too")
     try:
-        speculative = any(d in SPECULATIVE for d in args.decoders)
+        speculative = any(DECODERS[d].needs_draft for d in args.decoders)
         check_grid(args.ks, args.batch_sizes, args.draft_beams, args.gammas, args.requests, speculative)
     except ValueError as err:
         p.error(str(err))

@@ -9,6 +9,7 @@ user does not choose: the identifier length of the index and the tokenizer's pad
 
 from __future__ import annotations
 
+from argparse import ArgumentTypeError
 from dataclasses import dataclass
 from typing import Literal
 
@@ -61,16 +62,30 @@ class DecodeOptions:
                 "gamma": int(self.gamma), "budget": budget, "seed": int(self.seed)}  # fmt: skip
 
 
+def parse_budget(value: object) -> int | str | None:
+    """A budget written as text (a benchmark's ``--budgets none 20 auto``) or read from a file: an integer >= 0,
+    ``auto``, or ``none`` / ``null`` (the whole tree). A config's ``decoding.budget`` is parsed by its type instead."""
+    if value is None or value in ("none", "null"):
+        return None
+    if value == "auto":
+        return "auto"
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return int(value)
+    if isinstance(value, str) and value.isdigit():
+        return int(value)
+    raise ArgumentTypeError(f"a budget is an integer >= 0, auto or none, got {value!r}")
+
+
 def _budget(value) -> int | str:
     return "auto" if value == "auto" else int(value)
 
 
 def _doc() -> str:
-    rows = "\n".join(f"                - {name}: {spec.help} [{spec.contract}]" for name, spec in DECODERS.items())
+    rows = "\n".join(f"                {name} ({spec.contract}): {spec.help};" for name, spec in DECODERS.items())
     return f"""How to decode: the decoder and its settings (one ``decoding:`` block; parsed once).
 
         Args:
-            decoder: the decoder, a name of ``atspeed.decoding.decoders.DECODERS`` [its exactness contract]:
+            decoder: the decoder, a name of ``atspeed.decoding.decoders.DECODERS`` (its exactness contract):
 {rows}
             num_beams: K, the length of each list.
             draft_beams: N, draft beams per step (decoders that draft; at least K).

@@ -229,12 +229,37 @@ def test_fresh_fit_into_a_directory_with_a_last_checkpoint(data, tmp_path, capsy
         (["--model.init_args.decoding.draft_beams", "2"], "draft_beams"),
         (["--model.init_args.decoding.gamma", "0"], "gamma"),
         (["--model.init_args.eval_ks", "[5]"], "eval_ks"),
-        (["--model.init_args.decoding.decoder", "beam", "--model.init_args.decoding.num_beams", "17"], "model.decoding.num_beams: K = 17 exceeds"),
+        (
+            ["--model.init_args.decoding.decoder", "beam", "--model.init_args.decoding.num_beams", "17"],
+            "model.decoding.num_beams: K = 17 exceeds",
+        ),
     ],
 )
 def test_bad_decode_settings_fail_before_loading(exported, tmp_path, capsys, extra, message) -> None:
     err = fails(decode_args(exported, tmp_path, *extra), capsys, "predict")
     assert message in err
+
+
+@pytest.mark.parametrize(
+    ("extra", "key"),
+    [
+        (["--model.init_args.decoding.budget", "-1"], "model.init_args.decoding.budget"),
+        (["--model.init_args.decoding.budget", "all"], "model.init_args.decoding.budget"),
+        (["--model.init_args.decoding.decoder", "greedy"], "model.init_args.decoding.decoder"),
+        (["--model.init_args.decoding.num_beams", "0"], "model.init_args.decoding.num_beams"),
+        (["--model.init_args.decoding.gamma", "1.5"], "model.init_args.decoding.gamma"),
+    ],
+)
+@pytest.mark.parametrize("stage", ["predict", "align"])
+def test_bad_decoding_values_are_refused_at_parse_time(exported, tmp_path, capsys, extra, key, stage) -> None:
+    """The ``decoding:`` block's types refuse these while parsing: ``--print_config`` already stops, naming the key,
+    for the predict stage and for alignment's validation decode alike."""
+    if stage == "predict":
+        args, subcommand = decode_args(exported, tmp_path, *extra), "predict"
+    else:
+        args, subcommand = align_args(exported, tmp_path / "teacher", tmp_path, *extra), "fit"
+    err = fails([*args, "--print_config"], capsys, subcommand)
+    assert err.startswith(f"error: {key}: "), err
 
 
 def test_a_draft_with_another_tokenizer_or_no_index_is_refused(exported, tmp_path, capsys) -> None:

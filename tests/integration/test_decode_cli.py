@@ -58,3 +58,15 @@ def test_sigterm_stops_predict_at_the_next_batch_keeping_the_completed_ones(expo
     assert not (out / "p.jsonl").exists() and not (out / "r.json").exists(), "an incomplete decode is not reported"
     kept = [json.loads(line) for line in (out / "p.jsonl.partial").read_text().splitlines()]
     assert kept == full[: len(kept)] and 8 <= len(kept) < len(full), "whole batches (8 requests) before the stop"
+
+
+def test_help_lists_every_decoder_with_its_contract(capsys) -> None:
+    """``--model.help`` of the predict stage names each row of ``DECODERS`` with its exactness contract."""
+    from atspeed.decoding.decoders import DECODERS
+
+    with pytest.raises(SystemExit) as done:
+        main(["predict", "--model.help", "atspeed.modules.recommend.Recommender"])
+    assert done.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for name, spec in DECODERS.items():
+        assert f"{name} ({spec.contract}): {spec.help};" in text, name

@@ -113,7 +113,9 @@ def test_the_decode_config_stops_in_one_line_until_the_exports_exist(tmp_path, m
     monkeypatch.chdir(tmp_path)
     config = parse_command(["predict", "--config", str(CONFIGS / "decode.yaml")])
     decoding = config.model.init_args.decoding
-    settings = {k: decoding[k] for k in ("num_beams", "draft_beams", "gamma", "budget")} | {"dtype": config.model.init_args.dtype}
+    settings = {k: decoding[k] for k in ("num_beams", "draft_beams", "gamma", "budget")} | {
+        "dtype": config.model.init_args.dtype
+    }
     assert settings == {"num_beams": 20, "draft_beams": 40, "gamma": 3, "budget": "auto", "dtype": "bfloat16"}
     assert config.matmul_precision == "high"
     capsys.readouterr()

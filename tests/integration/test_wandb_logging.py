@@ -108,7 +108,12 @@ def test_compare_beam_leaves_strict_lists_alone_and_metrics_reach_every_logger(e
 
 def test_summary_metrics_is_empty_before_predict(exported) -> None:
     _, target, draft = exported
-    assert Recommender(str(target), str(draft), DecodeOptions(num_beams=3, draft_beams=6), eval_ks=[1, 3]).summary_metrics() == {}
+    assert (
+        Recommender(
+            str(target), str(draft), DecodeOptions(num_beams=3, draft_beams=6), eval_ks=[1, 3]
+        ).summary_metrics()
+        == {}
+    )
 
 
 def test_wandb_mode_follows_the_environment_then_the_api_key(monkeypatch) -> None:
