@@ -174,7 +174,6 @@ def _report_row(name: str, report: dict, k: int) -> dict:
         "target_calls_per_list": decode.get("target_calls_per_list"),
         "accepted_depth": decode.get("mean_accepted_depth") if report.get("draft") else None,
         "ms_per_list": result.ms_per_list if result else None,
-        "result": result,
     }
 
 
@@ -203,22 +202,16 @@ def summarise(stages: list[Stage], k: int = SUMMARY_K) -> dict:
 
     found = [(stage.name, report) for stage in stages if (report := decode_report(stage.output)) is not None]
     k = _common_k([report for _, report in found], k)
-    rows = [_report_row(name, report, k) for name, report in found]
-    results = [row.pop("result") for row in rows]
-    refs = {
-        (r["decoder"], r["K"]): (r, result)
-        for r, result in zip(rows, results, strict=True)
-        if r["decoder"] in REFERENCES
-    }
-    for row, result in zip(rows, results, strict=True):
+    rows = [_report_row(name, report, k) | {"speed": report.get("speed") or {}} for name, report in found]
+    refs = {(r["decoder"], r["K"]): r for r in rows if r["decoder"] in REFERENCES}
+    for row in rows:
         for name, field in REFERENCES.items():
-            ref = refs.get((name, row["K"]))
-            row[field] = result.speedup_over(ref[1]) if result and ref else None
-        beam = refs.get(("beam", row["K"]))
-        spec = DECODERS.get(row["decoder"])
+            ref = DecodeResult.from_speed(refs[name, row["K"]]["speed"]) if (name, row["K"]) in refs else None
+            row[field] = DecodeResult.from_speed(row["speed"]).speedup_over(ref) if row["ms_per_list"] else None
+        beam, spec = refs.get(("beam", row["K"])), DECODERS.get(row["decoder"])
         checked = spec is not None and spec.contract == "equals beam" and beam is not None
-        row["equals_beam"] = (row["recall"], row["ndcg"]) == (beam[0]["recall"], beam[0]["ndcg"]) if checked else None
-    return {"k": k, "rows": rows}
+        row["equals_beam"] = (row["recall"], row["ndcg"]) == (beam["recall"], beam["ndcg"]) if checked else None
+    return {"k": k, "rows": [{key: v for key, v in row.items() if key != "speed"} for row in rows]}
 
 
 def cell(value, fmt: str) -> str:

@@ -38,7 +38,7 @@ from transformers import PreTrainedModel
 from atspeed.data.datamodule import RecDataModule
 from atspeed.data.export_dir import check_same_identifiers
 from atspeed.data.teacher_store import TeacherStore, stack_padded, teacher_fingerprint
-from atspeed.decoding.decoders import DecodeSettings, check_list_length
+from atspeed.decoding.decoders import check_list_length
 from atspeed.decoding.options import DEFAULT_DECODING, DecodeOptions
 from atspeed.decoding.speed_metrics import speed_metrics
 from atspeed.decoding.teacher import (
@@ -111,9 +111,7 @@ class Align(pl.LightningModule):
             lr: peak AdamW learning rate.
             weight_decay: AdamW weight decay.
             warmup_steps: linear warm-up steps before the cosine decay.
-            decoding: the validation decode (the same block as the predict stage's): its K, N, gamma and seed (of the
-                relaxed sampling) set the spec_strict and spec_relaxed decodes against the target and the coverage;
-                validation always measures those two over the whole drafted tree (decoder and budget unused).
+            decoding: the predict stage's block: K, N, gamma, seed of validation's spec_strict/relaxed (whole tree).
             seed: initialisation seed of the draft and seed of on-policy mixing.
             dtype: torch dtype the frozen target is loaded in (bfloat16 for a 7B target on a GPU: inference
                 only, outside the optimizer and DeepSpeed's partition).
@@ -125,9 +123,7 @@ class Align(pl.LightningModule):
             raise ValueError(f"model.on_policy_ratio must be in [0, 1], got {on_policy_ratio}")
         if warmup_steps < 0:
             raise ValueError(f"model.warmup_steps must be >= 0, got {warmup_steps}")
-        if decoding.draft_beams < decoding.num_beams:
-            raise ValueError(f"model.decoding.draft_beams (N = {decoding.draft_beams}) must be >= "
-                             f"model.decoding.num_beams (K = {decoding.num_beams})")  # fmt: skip
+        self.validation_options = dataclasses.replace(decoding, decoder="spec_strict", budget=None)  # refuses N < K
         self.options = loss_options or LossOptions()
         check_loss(loss, self.options)
         self.save_hyperparameters()
@@ -138,7 +134,6 @@ class Align(pl.LightningModule):
         self.codes: torch.Tensor | None = None
         self.generator: torch.Generator | None = None
         self.validation_draft: _Frozen | None = None
-        self.validation_settings: DecodeSettings | None = None
         self.mixing = torch.Generator().manual_seed(seed)  # on CPU: on-policy or not, and the sampling seed, per batch
 
     @property
@@ -152,7 +147,8 @@ class Align(pl.LightningModule):
         hp, prepared = self.hparams, self.dm.prepared
         if self.dm.hparams.train_batches != "requests":
             raise DataError("data.train_batches must be requests: alignment looks up each sample's teacher data")
-        check_list_length(hp.decoding.num_beams, len(prepared.index), "model.decoding.num_beams")
+        check_list_length(self.validation_options.num_beams, len(prepared.index), "model.decoding.num_beams")
+        self.validation_settings = self.validation_options.settings(prepared.index.levels)  # spec_strict, whole tree
         fp = teacher_fingerprint(hp.target, hp.teacher_dir)
         self.store = TeacherStore(hp.teacher_dir, fp)
         if hp.teacher == "cached" and "node_logprobs" not in self.store.keys:
@@ -281,11 +277,8 @@ class Align(pl.LightningModule):
     def on_validation_epoch_start(self) -> None:
         """A fresh seeded generator for spec_relaxed: every validation draws the same samples for the same draft;
         the draft whole for decoding (under ZeRO-3 a gathered copy: ``unpartitioned``)."""
-        self.generator = torch.Generator(device=self.device).manual_seed(self.hparams.decoding.seed)
+        self.generator = torch.Generator(device=self.device).manual_seed(self.validation_options.seed)
         self.validation_draft = _Frozen(unpartitioned(self.draft))  # held outside the module tree
-        if self.validation_settings is None:  # built once: the whole drafted tree (budget None), as documented
-            levels = self.dm.prepared.index.levels
-            self.validation_settings = dataclasses.replace(self.hparams.decoding, budget=None).settings(levels)
 
     def on_validation_epoch_end(self) -> None:
         self.validation_draft = None
@@ -297,9 +290,8 @@ class Align(pl.LightningModule):
             self._target(), self.validation_draft.model, batch["input_ids"], batch["attention_mask"],
             self.dm.prepared.trie.on(self.device), self.validation_settings, self.generator,
         )  # fmt: skip
-        size = batch["input_ids"].shape[0]
         for name, value in measured.items():
-            self.log(f"val/{name}", value, batch_size=size, add_dataloader_idx=False, sync_dist=True)
+            self.log(f"val/{name}", value, batch_size=len(batch["input_ids"]), add_dataloader_idx=False, sync_dist=True)
 
     def on_fit_end(self) -> None:
         found = {k: float(v) for k, v in self.trainer.callback_metrics.items() if k.startswith("val/")}
