@@ -8,7 +8,7 @@ and the output that only a finished run of it leaves (an export directory, a ``m
         run: fit --config configs/quickstart/target_sft.yaml --ckpt_path last
         output: runs/quickstart/target/hf
       - name: decode_beam
-        run: predict --config configs/quickstart/decode.yaml --model.init_args.decoder beam ...
+        run: predict --config configs/quickstart/decode.yaml --model.init_args.decoding.decoder beam ...
         output: runs/quickstart/decode/beam/report.json
     summary: runs/quickstart/summary.json
 

@@ -97,7 +97,7 @@ def test_compare_beam_leaves_strict_lists_alone_and_metrics_reach_every_logger(e
     _, compared, _ = _predict(exported, tmp_path / "compared", "--model.init_args.compare_beam", "true")
     assert [r["items"] for r in compared] == [r["items"] for r in plain]
     assert [r["scores"] for r in compared] == [r["scores"] for r in plain]
-    assert set(report["speed"]) == {"ms_per_list", "timed_lists", "warmup_excluded", "processes"}
+    assert set(report["speed"]) == {"ms_per_list", "seconds", "timed_lists", "warmup_excluded", "processes"}
     summary = model.summary_metrics()
     assert "decode/ms_per_list" in summary and not SPEED - {"decode/ms_per_list"} & set(summary)
     (metrics_csv,) = (tmp_path / "csv").rglob("metrics.csv")
