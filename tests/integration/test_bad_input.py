@@ -241,16 +241,16 @@ def test_bad_decode_settings_fail_before_loading(exported, tmp_path, capsys, ext
 
 
 @pytest.mark.parametrize(
-    ("extra", "key"),
+    ("stage", "extra", "key"),
     [
-        (["--model.init_args.decoding.budget", "-1"], "model.init_args.decoding.budget"),
-        (["--model.init_args.decoding.budget", "all"], "model.init_args.decoding.budget"),
-        (["--model.init_args.decoding.decoder", "greedy"], "model.init_args.decoding.decoder"),
-        (["--model.init_args.decoding.num_beams", "0"], "model.init_args.decoding.num_beams"),
-        (["--model.init_args.decoding.gamma", "1.5"], "model.init_args.decoding.gamma"),
+        ("predict", ["--model.init_args.decoding.budget", "-1"], "model.init_args.decoding.budget"),
+        ("predict", ["--model.init_args.decoding.budget", "all"], "model.init_args.decoding.budget"),
+        ("predict", ["--model.init_args.decoding.decoder", "greedy"], "model.init_args.decoding.decoder"),
+        ("predict", ["--model.init_args.decoding.gamma", "1.5"], "model.init_args.decoding.gamma"),
+        ("align", ["--model.init_args.decoding.budget", "all"], "model.init_args.decoding.budget"),
+        ("align", ["--model.init_args.decoding.num_beams", "0"], "model.init_args.decoding.num_beams"),
     ],
 )
-@pytest.mark.parametrize("stage", ["predict", "align"])
 def test_bad_decoding_values_are_refused_at_parse_time(exported, tmp_path, capsys, extra, key, stage) -> None:
     """The ``decoding:`` block's types refuse these while parsing: ``--print_config`` already stops, naming the key,
     for the predict stage and for alignment's validation decode alike."""
