@@ -8,7 +8,7 @@ and the output that only a finished run of it leaves (an export directory, a ``m
         run: fit --config configs/quickstart/target_sft.yaml --ckpt_path last
         output: runs/quickstart/target/hf
       - name: decode_beam
-        run: predict --config configs/quickstart/decode.yaml --model.init_args.decoder beam ...
+        run: predict --config configs/quickstart/decode.yaml --model.init_args.decoding.decoder beam ...
         output: runs/quickstart/decode/beam/report.json
     summary: runs/quickstart/summary.json
 
@@ -42,6 +42,7 @@ import time
 from pathlib import Path
 
 from atspeed.atomic import write_text_atomic
+from atspeed.decoding.result import DecodeResult
 from atspeed.errors import SIGTERM_EXIT, DataError
 from atspeed.parsing import fail
 from atspeed.pipeline_file import Pipeline, Stage, file_label, parse_pipeline, pipeline_args
@@ -52,6 +53,7 @@ from atspeed.tables import text_table
 
 log = logging.getLogger("atspeed.pipeline")
 SUMMARY_K = 10
+REFERENCES = {"hf_beam": "x_hf", "beam": "x_beam"}  # the decoders each row's speed is compared with, and the column
 
 
 def run_stage(stage: Stage) -> None:
@@ -111,9 +113,9 @@ def _metrics(report: dict) -> dict[str, float]:
 
 
 def _report_row(name: str, report: dict, k: int) -> dict:
+    """One summary row; its speed is the report's own ``DecodeResult`` (``speed``), read back, never recomputed."""
     decode, metrics = report.get("decode", {}), _metrics(report)
-    lists = decode.get("lists") or 0
-    seconds = sum(decode.get(f"{part}_seconds", 0.0) for part in ("draft", "verify", "other"))
+    result = DecodeResult.from_speed(report.get("speed") or {})
     return {
         "stage": name,
         "decoder": report["decoder"],
@@ -123,7 +125,7 @@ def _report_row(name: str, report: dict, k: int) -> dict:
         "ndcg": metrics.get(f"ndcg@{k}"),
         "target_calls_per_list": decode.get("target_calls_per_list"),
         "accepted_depth": decode.get("mean_accepted_depth") if report.get("draft") else None,
-        "ms_per_list": 1e3 * seconds / lists if lists else None,
+        "ms_per_list": result.ms_per_list if result else None,
     }
 
 
@@ -147,21 +149,21 @@ def decode_report(path: Path) -> dict | None:
 
 def summarise(stages: list[Stage], k: int = SUMMARY_K) -> dict:
     """The decode stages' reports side by side, with speed ratios over ``hf_beam`` and ``beam`` (same K); Recall and
-    NDCG at ``k`` (or the largest cut-off every report has)."""
+    NDCG at ``k`` (or the largest cut-off every report has); a decoder whose contract is "equals beam" is checked."""
+    from atspeed.decoding.decoders import DECODERS  # torch: only when there are reports to summarise
+
     found = [(stage.name, report) for stage in stages if (report := decode_report(stage.output)) is not None]
     k = _common_k([report for _, report in found], k)
-    rows = [_report_row(name, report, k) for name, report in found]
-    refs = {(r["decoder"], r["K"]): r for r in rows if r["decoder"] in ("hf_beam", "beam")}
+    rows = [_report_row(name, report, k) | {"speed": report.get("speed") or {}} for name, report in found]
+    refs = {(r["decoder"], r["K"]): r for r in rows if r["decoder"] in REFERENCES}
     for row in rows:
-        for name, field in (("hf_beam", "x_hf"), ("beam", "x_beam")):
-            ref = refs.get((name, row["K"]))
-            mine = row["ms_per_list"]
-            row[field] = ref["ms_per_list"] / mine if ref and mine and ref["ms_per_list"] else None
-        beam = refs.get(("beam", row["K"]))
-        row["equals_beam"] = None
-        if row["decoder"] == "spec_strict" and beam is not None:
-            row["equals_beam"] = (row["recall"], row["ndcg"]) == (beam["recall"], beam["ndcg"])
-    return {"k": k, "rows": rows}
+        for name, field in REFERENCES.items():
+            ref = DecodeResult.from_speed(refs[name, row["K"]]["speed"]) if (name, row["K"]) in refs else None
+            row[field] = DecodeResult.from_speed(row["speed"]).speedup_over(ref) if row["ms_per_list"] else None
+        beam, spec = refs.get(("beam", row["K"])), DECODERS.get(row["decoder"])
+        checked = spec is not None and spec.contract == "equals beam" and beam is not None
+        row["equals_beam"] = (row["recall"], row["ndcg"]) == (beam["recall"], beam["ndcg"]) if checked else None
+    return {"k": k, "rows": [{key: v for key, v in row.items() if key != "speed"} for row in rows]}
 
 
 def cell(value, fmt: str) -> str:

@@ -39,7 +39,8 @@ from atspeed.bench.decode_bench import build_grid, check_grid, run_grid
 from atspeed.bench.report import check_timing_flags, machine, plot_speedups, table, write_json
 from atspeed.bench.workload import load_workload, parameters, smoke_workload
 from atspeed.data.sources import SOURCES
-from atspeed.decoding.decoders import SPECULATIVE, DecoderName, vocab_size
+from atspeed.decoding.decoders import DECODERS, DecoderName, vocab_size
+from atspeed.decoding.options import parse_budget
 from atspeed.wandb_log import log_bench_run, wandb_mode
 
 log = logging.getLogger("atspeed.bench")
@@ -57,19 +58,6 @@ PRESETS = {
 SETTINGS = ("decoders", "ks", "batch_sizes", "draft_beams", "gammas", "budgets", "self_draft", "repeats", "warmup",
             "dtype", "device", "seed")  # fmt: skip
 GRID_KEYS = ("ks", "batch_sizes", "draft_beams", "gammas", "budgets", "requests", "repeats", "warmup", "out", "plot")
-
-
-def budget(value: object) -> int | str | None:
-    """--budgets values: an integer M >= 0, auto, or none / null (the whole tree); from a command line or a config."""
-    if value is None or value == "none":
-        return None
-    if value == "auto":
-        return "auto"
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-        return value
-    if isinstance(value, str) and value.isdigit():
-        return int(value)
-    raise argparse.ArgumentTypeError(f"a budget is an integer >= 0, auto or none, got {value!r}")
 
 
 def parser() -> ArgumentParser:
@@ -97,7 +85,7 @@ def parser() -> ArgumentParser:
     p.add_argument(
         "--budgets",
         nargs="+",
-        type=budget,
+        type=parse_budget,
         help="M, drafted nodes verified per call, for every speculative configuration: integers, "
         "none (the whole tree), auto (planned per call from the cost model and the acceptance)",
     )
@@ -143,7 +131,7 @@ def resolve(p: ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
     if args.wandb_entity and not args.wandb_project:
         p.error("--wandb-entity: give --wandb-project too")
     try:
-        speculative = any(d in SPECULATIVE for d in args.decoders)
+        speculative = any(DECODERS[d].needs_draft for d in args.decoders)
         check_grid(args.ks, args.batch_sizes, args.draft_beams, args.gammas, args.requests, speculative)
     except ValueError as err:
         p.error(str(err))
@@ -154,6 +142,44 @@ def resolve(p: ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
         if not Path(args.data).exists():
             p.error(f"--data: not found: {args.data}")
     return args
+
+
+def cost_model(args: argparse.Namespace, work, rows: list[dict]) -> dict | None:
+    """One forward's cost against its tokens, on the longest request's prompt, and each row's prediction from it
+    (batch 1); None with --cost-repeats 0."""
+    if not args.cost_repeats:
+        return None
+    prompt = max(work.prompts[: max(args.requests)], key=len)
+    sizes = tree_sizes(args.ks, args.draft_beams, args.gammas)
+    costs = {"prompt_tokens": len(prompt), "ms": {
+        name: forward_costs(model, prompt, sizes, args.cost_repeats)
+        for name, model in (("target", work.target), ("draft", work.draft))
+    }}  # fmt: skip
+    for row in rows:  # what the forward costs and the row's own call counts predict (batch 1)
+        row["predicted_ms_per_list"] = predicted_ms_per_list(row, costs["ms"]["target"], costs["ms"]["draft"],
+                                                             work.levels)  # fmt: skip
+    return costs
+
+
+def publish(args: argparse.Namespace, report: dict, work) -> None:
+    """The table on stdout, the JSON, the plot and (with --wandb-project) the W&B run."""
+    rows, costs, host = report["rows"], report["cost_model"], report["machine"]
+    print(table(rows))
+    if costs is not None:
+        print(f"\nms per forward after a {costs['prompt_tokens']}-token prompt (batch 1):\n{cost_table(costs['ms'])}")
+    write_json(args.out, report)
+    print(f"wrote {len(rows)} rows to {args.out}")
+    where = f"{host['device_name'] or host['cpu']}, {host['torch_threads']} threads"
+    title = f"{work.info.get('dataset') or args.preset}: {where}"
+    plotted = plot_speedups(args.plot, rows, title)
+    if plotted:
+        print(f"wrote {args.plot}")
+    else:
+        print("matplotlib is not installed: no plot", file=sys.stderr)
+    if args.wandb_project:
+        images = {"speedup_vs_hf": args.plot} if plotted else {}
+        run = log_bench_run(report, images, args.wandb_project, args.wandb_entity, args.wandb_dir)
+        print(f"logged the table{' and the plot' if plotted else ''} to the W&B run {run} ({wandb_mode()})")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -184,20 +210,10 @@ def main(argv: list[str] | None = None) -> int:
         done.append(row)
         spec = f" N={row['N']} gamma={row['gamma']} M={row['budget']} draft={row['draft']}" if row["N"] else ""
         log.info("[%d/%d %.0fs] %s K=%d b=%d%s: %.2f ms/list", len(done), len(grid), time.perf_counter() - started,
-                 row["decoder"], row["K"], row["batch_size"], spec, 1e3 * row["seconds_per_list"])  # fmt: skip
+                 row["decoder"], row["K"], row["batch_size"], spec, row["ms_per_list"])  # fmt: skip
 
     rows = run_grid(grid, work, requests, device, args.repeats, args.warmup, args.seed, progress)
-    costs = None
-    if args.cost_repeats:  # one forward's cost against its tokens, on the longest request's prompt
-        prompt = max(work.prompts[: max(args.requests)], key=len)
-        sizes = tree_sizes(args.ks, args.draft_beams, args.gammas)
-        costs = {"prompt_tokens": len(prompt), "ms": {
-            name: forward_costs(model, prompt, sizes, args.cost_repeats)
-            for name, model in (("target", work.target), ("draft", work.draft))
-        }}  # fmt: skip
-        for row in rows:  # what the forward costs and the row's own call counts predict (batch 1)
-            row["predicted_ms_per_list"] = predicted_ms_per_list(row, costs["ms"]["target"], costs["ms"]["draft"],
-                                                                 work.levels)  # fmt: skip
+    costs = cost_model(args, work, rows)
     host = machine(device) | {"load_average_before": load_before, "load_average_after": os.getloadavg()}
     report = {
         "benchmark": "decode",
@@ -212,22 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         "cost_model": costs,
         "rows": rows,
     }  # fmt: skip
-    print(table(rows))
-    if costs is not None:
-        print(f"\nms per forward after a {costs['prompt_tokens']}-token prompt (batch 1):\n{cost_table(costs['ms'])}")
-    write_json(args.out, report)
-    print(f"wrote {len(rows)} rows to {args.out}")
-    where = f"{host['device_name'] or host['cpu']}, {host['torch_threads']} threads"
-    title = f"{work.info.get('dataset') or args.preset}: {where}"
-    plotted = plot_speedups(args.plot, rows, title)
-    if plotted:
-        print(f"wrote {args.plot}")
-    else:
-        print("matplotlib is not installed: no plot", file=sys.stderr)
-    if args.wandb_project:
-        images = {"speedup_vs_hf": args.plot} if plotted else {}
-        run = log_bench_run(report, images, args.wandb_project, args.wandb_entity, args.wandb_dir)
-        print(f"logged the table{' and the plot' if plotted else ''} to the W&B run {run} ({wandb_mode()})")
+    publish(args, report, work)
     return 0
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from atspeed.decoding.costs import forward_costs, ms_at
+from atspeed.decoding.decoders import DECODERS
 from atspeed.tables import markdown_table
 
 __all__ = ["cost_table", "forward_costs", "predicted_ms_per_list", "tree_sizes"]
@@ -31,7 +32,7 @@ def predicted_ms_per_list(row: dict, target: dict[str, float], draft: dict[str, 
     if row["batch_size"] != 1 or row["decoder"] == "hf_beam":
         return None
     k = row["K"]
-    if row["decoder"] in ("beam", "beam_sample", "beam_sample_keyed"):
+    if not DECODERS[row["decoder"]].needs_draft:
         return target["prefill"] + (levels - 1) * ms_at(target, k)
     verified = row.get("verified_nodes_per_call")
     tree = k + (row["gamma"] * row["N"] if verified is None else verified)

@@ -21,9 +21,10 @@ from torch.utils import benchmark
 
 from atspeed.bench.host_syncs import HostSyncCounter
 from atspeed.bench.workload import Workload
-from atspeed.decoding.decoders import SAMPLING, SPECULATIVE, BoundDecoder, DecoderName, DecodeSettings
+from atspeed.decoding.decoders import DECODERS, BoundDecoder, DecoderName
+from atspeed.decoding.options import BudgetOption, DecodeOptions
 from atspeed.decoding.output import DecodeOutput, DecodeStats, synced_now
-from atspeed.decoding.settings import Budget
+from atspeed.decoding.result import DecodeResult
 from atspeed.metrics.ranking import RankingMetrics
 
 REFERENCES: tuple[DecoderName, ...] = ("hf_beam", "beam")
@@ -37,8 +38,13 @@ class BenchConfig:
     batch_size: int
     draft_beams: int | None = None  # N (speculative decoders only)
     gamma: int | None = None  # draft steps per target call (speculative decoders only)
-    budget: Budget = None  # M: drafted nodes verified per call (speculative decoders only)
+    budget: BudgetOption = None  # M: drafted nodes verified per call (speculative decoders only)
     self_draft: bool = False  # the target drafts for itself (a perfect draft)
+
+    def options(self, seed: int) -> DecodeOptions:
+        """The decode of this configuration, as the predict stage would be told it."""
+        n, gamma = self.draft_beams or self.k, self.gamma or 1
+        return DecodeOptions(self.decoder, self.k, n, gamma, self.budget, seed)
 
 
 def check_grid(
@@ -73,7 +79,7 @@ def build_grid(
     batch_sizes: Sequence[int],
     draft_beams: Sequence[int],
     gammas: Sequence[int],
-    budgets: Sequence[Budget] = (None,),
+    budgets: Sequence[BudgetOption] = (None,),
     self_draft_gamma: int | None = None,
 ) -> list[BenchConfig]:
     """Configurations in run order: per batch size and K, the references first, then (N >= K) x gamma x budget;
@@ -83,7 +89,7 @@ def build_grid(
     for b in batch_sizes:
         for k in ks:
             for name in order:
-                if name not in SPECULATIVE:
+                if not DECODERS[name].needs_draft:
                     grid.append(BenchConfig(name, k, b))
                     continue
                 for n in sorted({n for n in draft_beams if n >= k}):
@@ -100,10 +106,7 @@ class Runner:
         self, config: BenchConfig, work: Workload, batches: list[tuple[torch.Tensor, torch.Tensor]], seed: int
     ):
         self.config, self.work, self.batches = config, work, batches
-        settings = DecodeSettings(
-            config.k, work.levels, config.draft_beams or config.k, config.gamma or 1, work.pad_token_id, seed,
-            config.budget,
-        )  # fmt: skip
+        settings = config.options(seed).settings(work.levels, work.pad_token_id)
         draft = work.target if config.self_draft else work.draft
         self.decoder = BoundDecoder(config.decoder, work.target, work.trie, settings, draft, synced_clock=True)
         self.seed = seed
@@ -194,10 +197,11 @@ def _fractions(stats: DecodeStats) -> dict[str, float | None]:
 def make_row(config: BenchConfig, seconds: list[float], outputs: list[DecodeOutput], work: Workload) -> dict:
     """One JSON row (speedups and HF equality are filled in by ``run_grid``)."""
     lists = sum(o.scores.shape[0] for o in outputs)
-    per_list = median(seconds) / lists
+    result = DecodeResult(lists, median(seconds))  # the warm-up decodes are not among the timed passes
+    per_list = result.seconds / lists
     stats = DecodeStats.merge(o.stats for o in outputs)
     summary = stats.summary(work.levels)
-    spec = config.decoder in SPECULATIVE
+    spec = DECODERS[config.decoder].needs_draft
     return {
         "decoder": config.decoder,
         "K": config.k,
@@ -208,6 +212,7 @@ def make_row(config: BenchConfig, seconds: list[float], outputs: list[DecodeOutp
         "draft": ("target" if config.self_draft else "draft") if spec else None,
         "lists": lists,
         "seconds_per_list": per_list,
+        "ms_per_list": result.ms_per_list,
         "seconds_per_list_repeats": [s / lists for s in seconds],
         "lists_per_second": 1.0 / per_list if per_list > 0 else None,
         "speedup_vs_hf": None,
@@ -254,7 +259,7 @@ def run_grid(
                 row = make_row(config, seconds, outputs, work) | counts
                 if config.decoder == "hf_beam":
                     hf = _joined(outputs)
-                elif config.decoder not in SAMPLING and hf is not None:
+                elif DECODERS[config.decoder].deterministic and hf is not None:
                     row["hf_mismatched_lists"] = hf_mismatches(outputs, hf)
                     row["equals_hf"] = row["hf_mismatched_lists"] == 0
                 rows.append(row)
@@ -264,11 +269,16 @@ def run_grid(
     return rows
 
 
+def bench_result(row: dict) -> DecodeResult:
+    """A row's ``DecodeResult``: its median timed pass over its lists."""
+    return DecodeResult(row["lists"], row["seconds_per_list"] * row["lists"])
+
+
 def add_speedups(rows: list[dict]) -> None:
-    """``speedup_vs_hf`` / ``speedup_vs_beam``: the reference's seconds per list over the row's, same K and b."""
-    refs = {(r["decoder"], r["K"], r["batch_size"]): r["seconds_per_list"] for r in rows if r["decoder"] in REFERENCES}
+    """``speedup_vs_hf`` / ``speedup_vs_beam``: ``DecodeResult.speedup_over`` the reference of the same K and b."""
+    refs = {(r["decoder"], r["K"], r["batch_size"]): bench_result(r) for r in rows if r["decoder"] in REFERENCES}
     for row in rows:
         for name, field in (("hf_beam", "speedup_vs_hf"), ("beam", "speedup_vs_beam")):
             ref = refs.get((name, row["K"], row["batch_size"]))
-            if ref is not None and row["seconds_per_list"] > 0:
-                row[field] = ref / row["seconds_per_list"]
+            if ref is not None:
+                row[field] = bench_result(row).speedup_over(ref)

@@ -14,7 +14,7 @@ import torch
 import transformers
 
 from atspeed.atomic import write_text_atomic
-from atspeed.decoding.decoders import SPECULATIVE
+from atspeed.decoding.decoders import DECODERS
 from atspeed.pipeline import cell
 from atspeed.tables import text_table
 
@@ -95,7 +95,7 @@ def table(rows: list[dict]) -> str:
         draft = row.get("draft_fraction")
         return {
             **row,
-            "ms_per_list": 1e3 * row["seconds_per_list"],
+            "ms_per_list": row.get("ms_per_list", 1e3 * row["seconds_per_list"]),
             "draft_pct": None if draft is None else 100 * draft,
             "predicted_ms_per_list": row.get("predicted_ms_per_list"),
             "budget_text": _budget_text(row),
@@ -151,7 +151,7 @@ def plot_speedups(path: str | Path, rows: list[dict], title: str) -> bool:
     ks = sorted({r["K"] for r in rows})
     for (decoder, b), points in sorted(best_speedups(rows).items()):
         x, y = [p[0] for p in points], [p[1] for p in points]
-        best = " (best N, gamma)" if decoder in SPECULATIVE else ""
+        best = " (best N, gamma)" if DECODERS[decoder].needs_draft else ""
         ax.plot(x, y, styles[sizes.index(b) % len(styles)], marker="o", color=colors.get(decoder),
                 label=f"{decoder}, batch {b}{best}")  # fmt: skip
     ax.axhline(1.0, color="black", linewidth=0.8, label="HF generate")

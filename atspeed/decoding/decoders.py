@@ -1,4 +1,6 @@
-"""The table of decoders, chosen by name (``DECODERS``), and the settings they share.
+"""The table of decoders, chosen by name: ``DECODERS`` maps each name to its ``DecoderSpec`` (its function, whether
+it drafts, samples or reuses the shared prompt header, and its exactness contract); ``BoundDecoder`` runs one on
+batches. Callers ask the row (``DECODERS[name].needs_draft``), never a list of names.
 
 ========================  ===============================================================================
 ``beam``                  the target's own beam search (packed rows; the reference)
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Literal, get_args
 
 import torch
@@ -40,18 +43,13 @@ DecoderName = Literal[
     "beam", "spec_strict", "spec_relaxed", "spec_relaxed_exact", "hf_beam", "beam_sample", "beam_sample_keyed",
     "spec_keyed",
 ]  # fmt: skip
-SPECULATIVE: tuple[DecoderName, ...] = ("spec_strict", "spec_relaxed", "spec_relaxed_exact", "spec_keyed")
-# seeded from settings.seed (the keyed ones need no generator: their noise is a function of the seed)
-SAMPLING: tuple[DecoderName, ...] = ("spec_relaxed", "spec_relaxed_exact", "beam_sample", "beam_sample_keyed",
-                                     "spec_keyed")  # fmt: skip
-KEYED: tuple[DecoderName, ...] = ("beam_sample_keyed", "spec_keyed")  # noise keyed by (seed, request, prefix, token)
 
 
 def check_settings(name: DecoderName, settings: DecodeSettings) -> None:
     """Settings that only some decoders constrain."""
     if name not in DECODERS:
         raise ValueError(f"unknown decoder {name!r}; choose one of {sorted(DECODERS)}")
-    if name in SPECULATIVE and settings.draft_beams < settings.num_beams:
+    if DECODERS[name].needs_draft and settings.draft_beams < settings.num_beams:
         raise ValueError(
             f"draft_beams (N = {settings.draft_beams}) must be >= num_beams (K = {settings.num_beams}): "
             "a level is accepted only if the target's K beams are among the N drafted"
@@ -104,16 +102,42 @@ def _hf(d: BoundDecoder, input_ids, attention_mask, generator) -> DecodeOutput:
     return hf_generate(d.target, input_ids, attention_mask, trie, s.num_beams, s.levels, s.pad_token_id)
 
 
-DECODERS: dict[DecoderName, Decoder] = {
-    "beam": _beam,
-    "spec_strict": _spec(strict.verify_level, sample=False),
-    "spec_relaxed": _spec(relaxed.verify_level, sample=True),
-    "spec_relaxed_exact": _spec(recursive.verify_level, sample=True),
-    "hf_beam": _hf,
-    "beam_sample": _beam_sample,  # the target's own sampling beam search: what relaxed decoding is measured against
-    "beam_sample_keyed": _beam_sample_keyed,  # its keyed stochastic beam search (``keyed``)
-    "spec_keyed": _spec(strict.verify_level, sample=False, keys=True),  # = beam_sample_keyed, drafted
-}
+@dataclass(frozen=True)
+class DecoderSpec:
+    """A row of ``DECODERS``: what a decoder is and promises. Callers read these fields, never lists of names."""
+
+    fn: Decoder  # (bound decoder, input_ids [B, P], attention_mask [B, P], generator) -> DecodeOutput
+    needs_draft: bool  # drafts with a second model (N, gamma and the budget apply; check_models checks the pair)
+    samples: bool  # draws from a generator (seeded from settings.seed): lists differ from seed to seed
+    uses_shared_header: bool  # reuses the batch's common prompt prefix (``PromptHeader``) across its forwards
+    contract: str  # what its lists are guaranteed to be, against the reference
+    help: str  # one line for --help
+
+    @property
+    def deterministic(self) -> bool:
+        """Its lists are a function of the prompts (the decoders whose lists can be compared with HF generate's)."""
+        return not self.samples
+
+
+DECODERS: dict[DecoderName, DecoderSpec] = {
+    "beam": DecoderSpec(_beam, False, False, True, "reference", "the target's own beam search (packed rows)"),
+    "spec_strict": DecoderSpec(_spec(strict.verify_level, sample=False), True, False, True, "equals beam",
+                               "speculative beam search, strict top-K verification (lossless)"),
+    "spec_relaxed": DecoderSpec(_spec(relaxed.verify_level, sample=True), True, True, True, "biased",
+                                "the paper's relaxed verification (AtSpeed-R): biased once N > 1"),
+    "spec_relaxed_exact": DecoderSpec(_spec(recursive.verify_level, sample=True), True, True, True,
+                                      "samples beam_sample's distribution",
+                                      "speculative sampling beam search, recursive rejection sampling"),
+    "hf_beam": DecoderSpec(_hf, False, False, False, "equals beam",
+                           "Hugging Face generate beam search (the independent oracle and baseline)"),
+    "beam_sample": DecoderSpec(_beam_sample, False, True, True, "reference",
+                               "the target's own sampling beam search (what relaxed decoding is measured against)"),
+    "beam_sample_keyed": DecoderSpec(_beam_sample_keyed, False, True, True, "reference",
+                                     "the target's stochastic beam search, noise keyed by seed, request, prefix, token"),
+    "spec_keyed": DecoderSpec(_spec(strict.verify_level, sample=False, keys=True), True, True, True,
+                              "equals beam_sample_keyed",
+                              "speculative beam search on the same keyed noise, strict verification of Gumbel keys"),
+}  # fmt: skip
 assert set(DECODERS) == set(get_args(DecoderName))
 
 
@@ -126,7 +150,7 @@ def check_models(name: DecoderName, target: torch.nn.Module, draft: torch.nn.Mod
     width = vocab_size(target)
     if trie.vocab_size > width:
         raise ValueError(f"the trie spans {trie.vocab_size} token ids but the target's vocabulary has {width}")
-    if name in SPECULATIVE:
+    if DECODERS[name].needs_draft:
         if draft is None:
             raise ValueError(f"decoder {name} needs a draft model")
         if vocab_size(draft) != width:
@@ -221,13 +245,14 @@ class BoundDecoder:
         check_list_length(settings.num_beams, trie.num_items, "num_beams")  # else -inf filler rows that are no items
         check_models(name, target, draft, trie)
         self.name, self.target, self.trie, self.settings = name, target, trie, settings
-        self.draft = draft if name in SPECULATIVE else None
+        self.spec = DECODERS[name]
+        self.draft = draft if self.spec.needs_draft else None
         for model in (target, self.draft):
             if model is not None:
                 check_attention(model)
         self.generator = generator
         self.planner: BudgetPlanner | None = None
-        self.header = PromptHeader() if share_header and name != "hf_beam" else None
+        self.header = PromptHeader() if share_header and self.spec.uses_shared_header else None
         self.synced_clock = synced_clock  # wait for the device at every stage switch (benchmarks' stage split)
         self.requests_seen = 0  # requests decoded so far: the keyed decoders number requests in this order
 
@@ -245,7 +270,7 @@ class BoundDecoder:
     def _plan(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
         """With budget auto, build the planner on the first batch (cost model measured after its first prompt)."""
         s = self.settings
-        if s.budget != "auto" or self.name not in SPECULATIVE or self.planner is not None:
+        if s.budget != "auto" or not self.spec.needs_draft or self.planner is not None:
             return
         prompt = input_ids[0][attention_mask[0].bool()].tolist()
         grid = BudgetPlanner.budgets(s.num_beams, s.draft_beams, s.gamma)
@@ -261,7 +286,7 @@ class BoundDecoder:
         check_context(self.target, input_ids.shape[1], self.settings.levels)
         if self.draft is not None:
             check_context(self.draft, input_ids.shape[1], self.settings.levels, "draft")
-        if generator is None and self.name in SAMPLING:
+        if generator is None and self.spec.samples:
             if self.generator is None:
                 self.generator = torch.Generator(device=input_ids.device).manual_seed(self.settings.seed)
             generator = self.generator
@@ -269,7 +294,7 @@ class BoundDecoder:
         # into inference tensors that the next training step cannot use
         with torch.no_grad():
             self._plan(input_ids, attention_mask)
-            out = DECODERS[self.name](self, input_ids, attention_mask, generator)
+            out = self.spec.fn(self, input_ids, attention_mask, generator)
         self.requests_seen += input_ids.shape[0]
         return out
 

@@ -25,19 +25,21 @@ by ``recompute`` and ``on_policy``, and at validation to log what predicts speed
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-from jsonargparse.typing import ClosedUnitInterval, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
+from jsonargparse.typing import ClosedUnitInterval, NonNegativeFloat, NonNegativeInt, PositiveFloat
 from lightning.pytorch.utilities import rank_zero_info
 from transformers import PreTrainedModel
 
 from atspeed.data.datamodule import RecDataModule
 from atspeed.data.export_dir import check_same_identifiers
 from atspeed.data.teacher_store import TeacherStore, stack_padded, teacher_fingerprint
-from atspeed.decoding.decoders import DecodeSettings, check_list_length
+from atspeed.decoding.decoders import check_list_length
+from atspeed.decoding.options import DEFAULT_DECODING, DecodeOptions
 from atspeed.decoding.speed_metrics import speed_metrics
 from atspeed.decoding.teacher import Teaching, node_logits, on_policy_teaching, target_teaching
 from atspeed.decoding.teacher_forest import along, gather_codes, level_codes
@@ -85,9 +87,7 @@ class Align(pl.LightningModule):
         lr: PositiveFloat = 1e-3,
         weight_decay: NonNegativeFloat = 0.01,
         warmup_steps: NonNegativeInt = 100,
-        num_beams: PositiveInt = 20,
-        draft_beams: PositiveInt = 40,
-        gamma: PositiveInt = 3,
+        decoding: DecodeOptions = DEFAULT_DECODING,
         seed: int = 0,
         dtype: DType = "float32",
     ) -> None:
@@ -110,16 +110,13 @@ class Align(pl.LightningModule):
             lr: peak AdamW learning rate.
             weight_decay: AdamW weight decay.
             warmup_steps: linear warm-up steps before the cosine decay.
-            num_beams: K of the validation decoding (spec_strict and spec_relaxed against the target) and coverage.
-            draft_beams: N of the validation decoding and of the draft's top-N in the coverage.
-            gamma: draft steps per target call in the validation decoding.
-            seed: initialisation seed of the draft, seed of the validation's relaxed sampling and of on-policy mixing.
+            decoding: the predict stage's block: K, N, gamma, seed of validation's spec_strict/relaxed (whole tree).
+            seed: initialisation seed of the draft and seed of on-policy mixing.
             dtype: torch dtype the frozen target is loaded in (bfloat16 for a 7B target on a GPU: inference
                 only, outside the optimizer and DeepSpeed's partition).
         """
         super().__init__()
-        if draft_beams < num_beams:
-            raise ValueError(f"model.draft_beams (N = {draft_beams}) must be >= model.num_beams (K = {num_beams})")
+        self.validation_options = dataclasses.replace(decoding, decoder="spec_strict", budget=None)  # refuses N < K
         self.options = loss_options or LossOptions()
         check_loss(loss, self.options)
         self.save_hyperparameters()
@@ -143,7 +140,8 @@ class Align(pl.LightningModule):
         hp, prepared = self.hparams, self.dm.prepared
         if self.dm.hparams.train_batches != "requests":
             raise DataError("data.train_batches must be requests: alignment looks up each sample's teacher data")
-        check_list_length(hp.num_beams, len(prepared.index), "model.num_beams")
+        check_list_length(self.validation_options.num_beams, len(prepared.index), "model.decoding.num_beams")
+        self.validation_settings = self.validation_options.settings(prepared.index.levels)  # spec_strict, whole tree
         fp = teacher_fingerprint(hp.target, hp.teacher_dir)
         self.store = TeacherStore(hp.teacher_dir, fp)
         if hp.teacher == "cached" and "node_logprobs" not in self.store.keys:
@@ -280,7 +278,7 @@ class Align(pl.LightningModule):
     def on_validation_epoch_start(self) -> None:
         """A fresh seeded generator for spec_relaxed: every validation draws the same samples for the same draft;
         the draft whole for decoding (under ZeRO-3 a gathered copy: ``unpartitioned``)."""
-        self.generator = torch.Generator(device=self.device).manual_seed(self.hparams.seed)
+        self.generator = torch.Generator(device=self.device).manual_seed(self.validation_options.seed)
         self.validation_draft = _Frozen(unpartitioned(self.draft))  # held outside the module tree
 
     def on_validation_epoch_end(self) -> None:
@@ -289,15 +287,12 @@ class Align(pl.LightningModule):
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         if dataloader_idx == 0:
             return  # the teacher-forced pairs: the CE is logged in training
-        hp, prepared = self.hparams, self.dm.prepared
-        settings = DecodeSettings(hp.num_beams, prepared.index.levels, hp.draft_beams, hp.gamma, seed=hp.seed)
         measured = speed_metrics(
             self._target(), self.validation_draft.model, batch["input_ids"], batch["attention_mask"],
-            prepared.trie.on(self.device), settings, self.generator,
+            self.dm.prepared.trie.on(self.device), self.validation_settings, self.generator,
         )  # fmt: skip
-        size = batch["input_ids"].shape[0]
         for name, value in measured.items():
-            self.log(f"val/{name}", value, batch_size=size, add_dataloader_idx=False, sync_dist=True)
+            self.log(f"val/{name}", value, batch_size=len(batch["input_ids"]), add_dataloader_idx=False, sync_dist=True)
 
     def on_fit_end(self) -> None:
         found = {k: float(v) for k, v in self.trainer.callback_metrics.items() if k.startswith("val/")}

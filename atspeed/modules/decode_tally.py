@@ -8,7 +8,8 @@ Under DDP each process decodes its share of the requests; ``gather_batches`` col
   sampler that pads, or without a distributed sampler.)
 - per-list counters (target and draft calls, verified nodes) are put in request order, as one process decodes them,
   so their means are the single-process run's to the last bit; the accepted depths and stage seconds are summed.
-- speed is the user's view of the whole job: the slowest process's wall time over all timed lists.
+- speed is the user's view of the whole job: the slowest process's wall time over all timed lists
+  (``DecodeResult``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from atspeed.decoding.output import DecodeStats
+from atspeed.decoding.result import DecodeResult
 
 log = logging.getLogger(__name__)
 
@@ -99,23 +101,29 @@ def merged_stats(ranks: list[list[BatchTally]]) -> DecodeStats | None:
     )
 
 
-def speed_summary(ranks: list[list[BatchTally]]) -> dict[str, float | int | bool]:
-    """ms_per_list = the slowest process's decoder wall time / the distinct lists timed on all processes (and
-    beam_ms_per_list alike, ratio_over_beam = beam time / decoder time: > 1 when faster); ``processes`` that decoded.
+def timed_results(ranks: list[list[BatchTally]]) -> dict[str, DecodeResult]:
+    """Per timed decoder ("decoder", and "beam" with compare_beam): its ``DecodeResult`` over all processes, the
+    slowest process's wall seconds over the distinct lists timed on all of them.
 
     Each process's first batch is a warm-up kept apart: it alone pays each decoder's one-time work (the shared prompt
     header's keys and values, the cost model of budget="auto", lazy kernel and allocator set-up), which would
-    otherwise weigh on short runs. It counts only when it was the process's only batch.
+    otherwise weigh on short runs. It counts only when it was the process's only batch (``warmup_excluded`` False).
     """
     timed = [batches[1:] if len(batches) > 1 else batches for batches in ranks if batches]
     if not timed:
         return {}
-    names = timed[0][0].seconds
-    wall = {name: max(sum(b.seconds[name] for b in batches) for batches in timed) for name in names}
     lists = len({i for batches in timed for b in batches for i in b.request_ids.tolist()})
-    out: dict[str, float | int | bool] = {"ms_per_list": 1e3 * wall["decoder"] / lists}
-    if "beam" in wall:
-        out["beam_ms_per_list"] = 1e3 * wall["beam"] / lists
-        out["ratio_over_beam"] = wall["beam"] / wall["decoder"] if wall["decoder"] > 0 else float("nan")
     warmup_excluded = all(len(batches) > 1 for batches in ranks if batches)
-    return out | {"timed_lists": lists, "warmup_excluded": warmup_excluded, "processes": len(timed)}
+    return {
+        name: DecodeResult(lists, max(sum(b.seconds[name] for b in batches) for batches in timed), warmup_excluded)
+        for name in timed[0][0].seconds
+    }
+
+
+def speed_summary(ranks: list[list[BatchTally]]) -> dict[str, float | int | bool]:
+    """The report's ``speed``: ``DecodeResult.speed`` of the decoder (with beam search's when compare_beam timed it)
+    and the ``processes`` that decoded."""
+    results = timed_results(ranks)
+    if not results:
+        return {}
+    return results["decoder"].speed(results.get("beam")) | {"processes": sum(1 for batches in ranks if batches)}

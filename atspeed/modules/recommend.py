@@ -13,25 +13,18 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from jsonargparse.typing import NonNegativeInt, PositiveInt
+from jsonargparse.typing import PositiveInt
 
 from atspeed.callbacks.predictions import prediction_rows
 from atspeed.data.datamodule import RecDataModule
 from atspeed.data.export_dir import INDEX_FILE, ExportMeta, check_same_identifiers
 from atspeed.data.json_file import read_json
-from atspeed.decoding.decoders import (
-    SPECULATIVE,
-    BoundDecoder,
-    DecoderName,
-    DecodeSettings,
-    check_context,
-    check_list_length,
-    check_settings,
-)
+from atspeed.decoding.decoders import BoundDecoder, DecodeSettings, check_context, check_list_length
+from atspeed.decoding.options import DEFAULT_DECODING, DecodeOptions
 from atspeed.decoding.output import SUMMARY_KEYS, DecodeOutput, synced_now
 from atspeed.errors import DataError
 from atspeed.metrics.ranking import RankingMetrics
@@ -55,52 +48,40 @@ class Recommender(pl.LightningModule):
         self,
         target: str,
         draft: str | None = None,
-        decoder: DecoderName = "spec_strict",
-        num_beams: PositiveInt = 20,
-        draft_beams: PositiveInt = 40,
-        gamma: PositiveInt = 3,
-        budget: NonNegativeInt | Literal["auto"] | None = None,
+        decoding: DecodeOptions = DEFAULT_DECODING,
         eval_ks: Sequence[PositiveInt] = (1, 3, 5, 10, 20),
         dtype: DType = "float32",
-        seed: int = 0,
         compare_beam: bool = False,
     ) -> None:
         """
         Args:
             target: directory of the target exported by the SFT stage (weights, tokenizer, index.json).
-            draft: directory of the draft (same tokenizer and index); needed by the speculative decoders.
-            decoder: beam (the target's beam search), spec_strict (lossless), spec_relaxed, hf_beam (HF generate),
-                beam_sample (the target's sampling beam search, seeded), spec_relaxed (the paper's relaxed
-                verification; seeded), spec_relaxed_exact (speculative, keeps beam_sample's distribution exactly;
-                seeded), beam_sample_keyed (the target's stochastic beam search on noise keyed by the seed: K items
-                drawn without replacement), spec_keyed (speculative, returns beam_sample_keyed's lists exactly).
-            num_beams: K, the length of each list.
-            draft_beams: N, draft beams per step (speculative decoders; at least K).
-            gamma: draft steps per target call (speculative decoders).
-            budget: M, drafted nodes the target verifies per call, the draft's best (null: all gamma x N; 0: plain
-                beam steps); "auto" plans each call's M from the measured forward costs and the acceptance observed
-                so far. Strict decoding returns the beam search's lists whatever M is.
-            eval_ks: K of Recall@K / NDCG@K (each at most num_beams).
+            draft: directory of the draft (same tokenizer and index); needed by the decoders that draft.
+            decoding: the decoder and its settings (K, N, gamma, budget, seed): ``DecodeOptions``.
+            eval_ks: K of Recall@K / NDCG@K (each at most decoding.num_beams).
             dtype: torch dtype of both models' weights (bfloat16 on a GPU).
-            seed: seed of the relaxed decoder's sampling.
             compare_beam: also decode every batch with the target's beam search (same K, trie and target) and report
-                ``speed.ratio_over_beam`` = beam search's wall time / the decoder's (> 1: the decoder is faster). The
-                two run one after the other on each batch, in alternating order from batch to batch (so drift in the
-                machine's speed falls on both); the first batch is an untimed warm-up unless it is the only one.
-                Only the decoder's lists are returned and scored. ``speed.ms_per_list`` (the decoder's wall time per
-                list, whole calls) is reported either way; with several processes it is the slowest process's wall
-                time over all the lists (the job's throughput), and each process's first batch is its warm-up.
+                ``speed.ratio_over_beam`` = beam search's ms per list / the decoder's (> 1: the decoder is faster).
+                The two run one after the other on each batch, in alternating order from batch to batch (so drift in
+                the machine's speed falls on both). Only the decoder's lists are returned and scored.
+                ``speed.ms_per_list`` is reported either way (``atspeed.decoding.result.DecodeResult``: whole calls,
+                each process's first batch an untimed warm-up unless it is its only one; with several processes
+                the slowest process's wall time over all the lists).
         """
         super().__init__()
         self.save_hyperparameters()
-        check_settings(decoder, DecodeSettings(num_beams, 1, draft_beams, gamma, seed=seed, budget=budget))
-        if max(eval_ks) > num_beams:
-            raise ValueError(f"model.eval_ks: K = {max(eval_ks)} exceeds model.num_beams = {num_beams}")
-        if decoder in SPECULATIVE and draft is None:
-            raise ValueError(f"model.draft: decoder {decoder} needs a draft model directory")
+        self.decoding = decoding
+        if max(eval_ks) > decoding.num_beams:
+            raise ValueError(
+                f"model.eval_ks: K = {max(eval_ks)} exceeds model.decoding.num_beams = {decoding.num_beams}"
+            )
+        self.drafts = decoding.spec.needs_draft
+        if self.drafts and draft is None:
+            raise ValueError(f"model.draft: decoder {decoding.decoder} needs a draft model directory")
         self.meta = ExportMeta.load(target)
-        if draft is not None and decoder in SPECULATIVE:
+        if self.drafts:
             check_same_identifiers(target, draft)
+        self.settings: DecodeSettings | None = None  # in setup: the index's levels, the tokenizer's pad id
         self.target_model: torch.nn.Module | None = None
         self.draft_model: torch.nn.Module | None = None
         self.metrics = RankingMetrics(eval_ks, prefix="test/")
@@ -113,38 +94,33 @@ class Recommender(pl.LightningModule):
     def dm(self) -> RecDataModule:
         return self.trainer.datamodule
 
-    @property
-    def settings(self) -> DecodeSettings:
-        hp = self.hparams
-        pad = self.dm.prepared.tokenizer.pad_token_id
-        levels = self.meta.levels
-        return DecodeSettings(hp.num_beams, levels, hp.draft_beams, hp.gamma, pad, hp.seed, hp.budget)
-
     def setup(self, stage: str) -> None:
-        """Before any weights load: same identifiers as the target, prompts that fit both contexts, K <= items."""
+        """Before any weights load: same identifiers as the target, prompts that fit both contexts, K <= items; the
+        decoders' settings, built once."""
         hp, prepared = self.hparams, self.dm.prepared
         if prepared.index.to_mapping() != read_json(Path(hp.target) / INDEX_FILE, INDEX_FILE):
             raise DataError(f"data: the item index differs from {hp.target}/{INDEX_FILE}; set data.model_dir")
-        check_list_length(hp.num_beams, len(prepared.index), "model.num_beams")
+        check_list_length(self.decoding.num_beams, len(prepared.index), "model.decoding.num_beams")
         longest, levels = self.dm.longest_prompt(), self.meta.levels
         check_context(model_config(hp.target), longest, levels)
-        if hp.decoder in SPECULATIVE:
+        if self.drafts:
             check_context(model_config(hp.draft), longest, levels, "draft")
+        self.settings = self.decoding.settings(levels, prepared.tokenizer.pad_token_id)
 
     def configure_model(self) -> None:
         if self.target_model is not None:
             return
         hp = self.hparams
         self.target_model = load_model(hp.target, hp.dtype)
-        if hp.decoder in SPECULATIVE:
+        if self.drafts:
             self.draft_model = load_model(hp.draft, hp.dtype)
 
     def on_predict_start(self) -> None:
-        hp = self.hparams
-        generator = torch.Generator(device=self.device).manual_seed(hp.seed)
+        generator = torch.Generator(device=self.device).manual_seed(self.settings.seed)
         trie = self.dm.prepared.trie.on(self.device)
-        self.decoder = BoundDecoder(hp.decoder, self.target_model, trie, self.settings, self.draft_model, generator)
-        if hp.compare_beam:
+        name = self.decoding.decoder
+        self.decoder = BoundDecoder(name, self.target_model, trie, self.settings, self.draft_model, generator)
+        if self.hparams.compare_beam:
             self.beam = BoundDecoder("beam", self.target_model, trie, self.settings)
         self.metrics.reset()
         self.tally = DecodeTally()
@@ -174,23 +150,23 @@ class Recommender(pl.LightningModule):
         local = self.tally.local_stats()
         if local is None:
             return {}
-        summary = local.summary(self.meta.levels)
+        summary = local.summary(self.settings.levels)
         return {"calls/list": summary["target_calls_per_list"], "accepted": summary["mean_accepted_depth"]}
 
     def on_predict_epoch_end(self) -> None:
         """The results of every process (each request once): the same on every rank, as of a single-process run."""
-        hp = self.hparams
+        hp, options = self.hparams, self.decoding.as_dict()
         ranks = gather_batches(self.tally.batches)
         merged = merged_stats(ranks)
         metrics = {k: float(v) for k, v in self.metrics.compute().items()} if merged else {}
         self.results = {
-            "decoder": hp.decoder,
+            "decoder": options.pop("decoder"),
             "target": hp.target,
-            "draft": hp.draft if hp.decoder in SPECULATIVE else None,
-            "settings": {k: hp[k] for k in ("num_beams", "draft_beams", "gamma", "budget")},
+            "draft": hp.draft if self.drafts else None,
+            "settings": options,
             "metrics": metrics,
-            "decode": merged.summary(self.meta.levels) if merged else {},
-            "accepted_histogram": merged.histogram(hp.gamma) if merged else [],
+            "decode": merged.summary(self.settings.levels) if merged else {},
+            "accepted_histogram": merged.histogram(self.settings.gamma) if merged else [],
             "speed": speed_summary(ranks),
         }
         if self.trainer.is_global_zero:  # the results of all processes: one table
@@ -202,9 +178,9 @@ class Recommender(pl.LightningModule):
         speed = {key: value for key, value in results["speed"].items() if key in SPEED_KEYS}
         rows = results["metrics"] | results["decode"] | speed
         lines = [[name, f"{value:.4f}"] for name, value in rows.items()]
-        if self.hparams.decoder in SPECULATIVE and results["decode"]:
+        if self.drafts and results["decode"]:
             lines.append(["accepted depths", str(results["accepted_histogram"])])
-        log.info("decoded with %s:\n%s", self.hparams.decoder, text_table(["metric", "value"], lines))
+        log.info("decoded with %s:\n%s", self.decoding.decoder, text_table(["metric", "value"], lines))
 
     def summary_metrics(self) -> dict[str, float]:
         """The results as flat numbers: the ranking metrics under their own names (``test/recall@10``, ...), every
@@ -224,16 +200,15 @@ class Recommender(pl.LightningModule):
         step = self.trainer.global_step
         for logger in self.trainer.loggers:
             logger.log_metrics(self.summary_metrics(), step=step)
-        histogram = self.results["accepted_histogram"] if self.hparams.decoder in SPECULATIVE else None
+        histogram = self.results["accepted_histogram"] if self.drafts else None
         log_predict_tables(self.trainer.loggers, self._table_row(), histogram, step)
         for logger in self.trainer.loggers:
             logger.save()
 
     def _table_row(self) -> dict:
         """The decode-statistics row of W&B: the settings that apply to the decoder, then ``summary_metrics()``."""
-        hp = self.hparams
-        spec = hp.decoder in SPECULATIVE
-        budget = str(hp.budget).lower() if spec else None  # one type in the column: "none", "auto" or "20"
-        settings = {"decoder": hp.decoder, "K": hp.num_beams, "N": hp.draft_beams if spec else None,
-                    "gamma": hp.gamma if spec else None, "budget": budget}  # fmt: skip
+        o, spec = self.decoding.as_dict(), self.drafts
+        budget = str(o["budget"]).lower() if spec else None  # one type in the column: "none", "auto" or "20"
+        settings = {"decoder": o["decoder"], "K": o["num_beams"], "N": o["draft_beams"] if spec else None,
+                    "gamma": o["gamma"] if spec else None, "budget": budget}  # fmt: skip
         return settings | self.summary_metrics()

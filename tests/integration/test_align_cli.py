@@ -34,8 +34,8 @@ def test_teacher_align_decode(exported, teacher_data, tmp_path) -> None:
     assert all(key.startswith("draft.") for key in checkpoint["state_dict"]), "the frozen target is never saved"
     # the aligned draft decodes: strict lists equal the target's own beam search
     draft = out / "hf"
-    main(["predict", *decode_args(exported, tmp_path / "beam", "--model.init_args.decoder", "beam")])
-    spec = ["--model.init_args.decoder", "spec_strict", "--model.init_args.draft", str(draft)]
+    main(["predict", *decode_args(exported, tmp_path / "beam", "--model.init_args.decoding.decoder", "beam")])
+    spec = ["--model.init_args.decoding.decoder", "spec_strict", "--model.init_args.draft", str(draft)]
     main(["predict", *decode_args(exported, tmp_path / "strict", *spec)])
     lists = [
         [json.loads(r)["items"] for r in (tmp_path / d / "p.jsonl").read_text().splitlines()]

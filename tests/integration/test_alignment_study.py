@@ -43,7 +43,8 @@ def study(exported, teacher_data, tmp_path_factory) -> tuple[dict, Path, list[st
         (runs / link).parent.mkdir(parents=True, exist_ok=True)
         (runs / link).symlink_to(to.resolve(), target_is_directory=True)
     configs.mkdir()
-    shutil.copy(ROOT / "configs" / "tiny" / "align.yaml", configs / "align.yaml")
+    for name in ("align.yaml", "decoding.yaml"):  # align.yaml reads its decoding: block from the file beside it
+        shutil.copy(ROOT / "configs" / "tiny" / name, configs / name)
     args = [
         "--configs", str(configs), "--runs", str(runs), f"--stage-args=--data.source.init_args.path {data}",
         "--steps", "2",

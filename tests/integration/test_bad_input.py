@@ -226,15 +226,40 @@ def test_fresh_fit_into_a_directory_with_a_last_checkpoint(data, tmp_path, capsy
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["--model.init_args.draft_beams", "2"], "draft_beams"),
-        (["--model.init_args.gamma", "0"], "gamma"),
+        (["--model.init_args.decoding.draft_beams", "2"], "draft_beams"),
+        (["--model.init_args.decoding.gamma", "0"], "gamma"),
         (["--model.init_args.eval_ks", "[5]"], "eval_ks"),
-        (["--model.init_args.decoder", "beam", "--model.init_args.num_beams", "17"], "model.num_beams: K = 17 exceeds"),
+        (
+            ["--model.init_args.decoding.decoder", "beam", "--model.init_args.decoding.num_beams", "17"],
+            "model.decoding.num_beams: K = 17 exceeds",
+        ),
     ],
 )
 def test_bad_decode_settings_fail_before_loading(exported, tmp_path, capsys, extra, message) -> None:
     err = fails(decode_args(exported, tmp_path, *extra), capsys, "predict")
     assert message in err
+
+
+@pytest.mark.parametrize(
+    ("stage", "extra", "key"),
+    [
+        ("predict", ["--model.init_args.decoding.budget", "-1"], "model.init_args.decoding.budget"),
+        ("predict", ["--model.init_args.decoding.budget", "all"], "model.init_args.decoding.budget"),
+        ("predict", ["--model.init_args.decoding.decoder", "greedy"], "model.init_args.decoding.decoder"),
+        ("predict", ["--model.init_args.decoding.gamma", "1.5"], "model.init_args.decoding.gamma"),
+        ("align", ["--model.init_args.decoding.budget", "all"], "model.init_args.decoding.budget"),
+        ("align", ["--model.init_args.decoding.num_beams", "0"], "model.init_args.decoding.num_beams"),
+    ],
+)
+def test_bad_decoding_values_are_refused_at_parse_time(exported, tmp_path, capsys, extra, key, stage) -> None:
+    """The ``decoding:`` block's types refuse these while parsing: ``--print_config`` already stops, naming the key,
+    for the predict stage and for alignment's validation decode alike."""
+    if stage == "predict":
+        args, subcommand = decode_args(exported, tmp_path, *extra), "predict"
+    else:
+        args, subcommand = align_args(exported, tmp_path / "teacher", tmp_path, *extra), "fit"
+    err = fails([*args, "--print_config"], capsys, subcommand)
+    assert err.startswith(f"error: {key}: "), err
 
 
 def test_a_draft_with_another_tokenizer_or_no_index_is_refused(exported, tmp_path, capsys) -> None:
@@ -279,9 +304,9 @@ def test_a_predictions_path_that_is_a_directory(exported, tmp_path, capsys) -> N
 
 def test_a_second_predict_into_the_same_place_is_refused(exported, tmp_path, capsys, monkeypatch) -> None:
     monkeypatch.undo()  # this case decodes once for real
-    main(["predict", *decode_args(exported, tmp_path, "--model.init_args.decoder", "beam")])
+    main(["predict", *decode_args(exported, tmp_path, "--model.init_args.decoding.decoder", "beam")])
     first = (tmp_path / "p.jsonl").read_text()
-    err = fails(decode_args(exported, tmp_path, "--model.init_args.decoder", "spec_strict"), capsys, "predict")
+    err = fails(decode_args(exported, tmp_path, "--model.init_args.decoding.decoder", "spec_strict"), capsys, "predict")
     assert "p.jsonl exists" in err and "overwrite" in err
     assert (tmp_path / "p.jsonl").read_text() == first
 

@@ -13,8 +13,11 @@ from atspeed.pipeline import read_pipeline
 ROOT = Path(__file__).resolve().parents[2]
 PIPELINES = sorted((ROOT / "configs").rglob("pipeline.yaml"))
 ADD_ONS = ("loggers", "deepspeed", "sweeps")  # merged into a stage's config (deepspeed/, sweeps/: own tests)
+DECODINGS = sorted((ROOT / "configs").rglob("decoding.yaml"))  # a dataset's one decoding: block (DecodeOptions)
 STAGE_CONFIGS = sorted(
-    p for p in (ROOT / "configs").rglob("*.yaml") if p.parent.name not in ADD_ONS and p not in PIPELINES
+    p
+    for p in (ROOT / "configs").rglob("*.yaml")
+    if p.parent.name not in ADD_ONS and p not in PIPELINES and p not in DECODINGS
 )
 SHARED = ROOT.parent / "shared" / "data" / "amazon-beauty"
 
@@ -55,6 +58,22 @@ def test_pipeline_names_shipped_configs(pipeline: Path, monkeypatch) -> None:
         assert configs and all(Path(c).is_file() for c in configs), stage.name
     decoders = [s.name for s in stages if "decode.yaml" in " ".join(s.argv)]
     assert decoders == [s.name for s in stages[-len(decoders) :]] and len(decoders) >= 4  # HF, beam, one per draft
+
+
+@pytest.mark.parametrize("decoding", DECODINGS, ids=lambda p: p.parent.name)
+def test_align_validates_with_the_decoding_that_decode_uses(decoding: Path, monkeypatch) -> None:
+    """A dataset's align.yaml and decode.yaml both read its decoding.yaml: validation measures the K, N and gamma
+    the predict stage decodes with."""
+    from atspeed.cli import parse_command
+    from atspeed.decoding.options import DecodeOptions
+
+    monkeypatch.chdir(ROOT.parent)  # the file is found beside the config, wherever the command runs
+    blocks = []
+    for subcommand, name in (("fit", "align.yaml"), ("predict", "decode.yaml")):
+        assert "decoding: decoding.yaml" in (decoding.parent / name).read_text(), name
+        block = parse_command([subcommand, "--config", str(decoding.parent / name)]).model.init_args.decoding
+        blocks.append(DecodeOptions(**{k: v for k, v in vars(block).items() if not k.startswith("__")}))
+    assert blocks[0] == blocks[1]
 
 
 def _fake_export(root: Path) -> Path:

@@ -12,7 +12,7 @@ from tests.integration.tiny_data import decode_args, run_cli
 
 
 def _run(exported, out: Path, decoder: str, *extra: str) -> tuple[list[dict], dict]:
-    main(["predict", *decode_args(exported, out, "--model.init_args.decoder", decoder, *extra)])
+    main(["predict", *decode_args(exported, out, "--model.init_args.decoding.decoder", decoder, *extra)])
     rows = [json.loads(line) for line in (out / "p.jsonl").read_text().splitlines()]
     return rows, json.loads((out / "r.json").read_text())
 
@@ -32,8 +32,8 @@ def test_strict_speculative_predict_equals_beam_search_and_hf_generate(exported,
 
 
 def test_relaxed_predict_is_reproducible_and_valid(exported, tmp_path) -> None:
-    first, report = _run(exported, tmp_path / "a", "spec_relaxed", "--model.init_args.seed", "3")
-    again, _ = _run(exported, tmp_path / "b", "spec_relaxed", "--model.init_args.seed", "3")
+    first, report = _run(exported, tmp_path / "a", "spec_relaxed", "--model.init_args.decoding.seed", "3")
+    again, _ = _run(exported, tmp_path / "b", "spec_relaxed", "--model.init_args.decoding.seed", "3")
     assert first == again
     assert all(None not in r["items"] and len(set(r["items"])) == 3 for r in first)
     assert all(r["scores"] == sorted(r["scores"], reverse=True) for r in first)
@@ -44,7 +44,7 @@ def test_relaxed_predict_is_reproducible_and_valid(exported, tmp_path) -> None:
 def test_sigterm_stops_predict_at_the_next_batch_keeping_the_completed_ones(exported, tmp_path) -> None:
     full, _ = _run(exported, tmp_path / "full", "beam")
     out = tmp_path / "stopped"
-    args = decode_args(exported, out, "--model.init_args.decoder", "beam")
+    args = decode_args(exported, out, "--model.init_args.decoding.decoder", "beam")
     callbacks = json.loads(args[args.index("--trainer.callbacks") + 1])
     callbacks.append(
         {
@@ -58,3 +58,15 @@ def test_sigterm_stops_predict_at_the_next_batch_keeping_the_completed_ones(expo
     assert not (out / "p.jsonl").exists() and not (out / "r.json").exists(), "an incomplete decode is not reported"
     kept = [json.loads(line) for line in (out / "p.jsonl.partial").read_text().splitlines()]
     assert kept == full[: len(kept)] and 8 <= len(kept) < len(full), "whole batches (8 requests) before the stop"
+
+
+def test_help_lists_every_decoder_with_its_contract(capsys) -> None:
+    """``--model.help`` of the predict stage names each row of ``DECODERS`` with its exactness contract."""
+    from atspeed.decoding.decoders import DECODERS
+
+    with pytest.raises(SystemExit) as done:
+        main(["predict", "--model.help", "atspeed.modules.recommend.Recommender"])
+    assert done.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for name, spec in DECODERS.items():
+        assert f"{name} ({spec.contract}): {spec.help};" in text, name

@@ -28,7 +28,7 @@ def test_predict_reads_back_at_most_the_limit_per_target_call(exported, tmp_path
         return out
 
     monkeypatch.setattr(BoundDecoder, "__call__", counting)
-    args = decode_args(exported, tmp_path, "--model.init_args.decoder", decoder, "--data.eval_batch_size", "1")
+    args = decode_args(exported, tmp_path, "--model.init_args.decoding.decoder", decoder, "--data.eval_batch_size", "1")
     main(["predict", *args, "--data.eval.test_users", "6"])
     syncs, calls = map(sum, zip(*counted, strict=True))
     print(f"{decoder}: {syncs / calls:.2f} host syncs per target call ({syncs} / {calls})")  # shown with -s

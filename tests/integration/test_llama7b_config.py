@@ -92,8 +92,8 @@ def test_the_68m_draft_teacher_and_alignment_configs_chain_on_the_7b_target(worl
     align = root / "align"
     args = ["fit", "--config", str(CONFIGS / "align.yaml"), *_data(data), *CPU, *_paths(align),
             "--model.init_args.target", str(target), "--model.init_args.teacher_dir", str(teacher / "data"),
-            "--model.init_args.draft_init", str(root / "draft/hf"), "--model.init_args.num_beams", "3",
-            "--model.init_args.draft_beams", "6", "--model.init_args.loss_options", '{"top_k": 3}',
+            "--model.init_args.draft_init", str(root / "draft/hf"), "--model.init_args.decoding.num_beams", "3",
+            "--model.init_args.decoding.draft_beams", "6", "--model.init_args.loss_options", '{"top_k": 3}',
             "--trainer.max_steps", "2", "--trainer.val_check_interval", "2", "--data.eval.val_users", "4"]  # fmt: skip
     cli = main(args)
     model = cli.model
@@ -113,7 +113,10 @@ def test_the_decode_config_stops_in_one_line_until_the_exports_exist(tmp_path, m
     """configs/llama7b/decode.yaml names the earlier stages' exports: before they exist, one line and exit 2."""
     monkeypatch.chdir(tmp_path)
     config = parse_command(["predict", "--config", str(CONFIGS / "decode.yaml")])
-    settings = {k: config.model.init_args[k] for k in ("num_beams", "draft_beams", "gamma", "budget", "dtype")}
+    decoding = config.model.init_args.decoding
+    settings = {k: decoding[k] for k in ("num_beams", "draft_beams", "gamma", "budget")} | {
+        "dtype": config.model.init_args.dtype
+    }
     assert settings == {"num_beams": 20, "draft_beams": 40, "gamma": 3, "budget": "auto", "dtype": "bfloat16"}
     assert config.matmul_precision == "high"
     capsys.readouterr()
@@ -133,7 +136,7 @@ def test_the_decode_config_decodes_in_bf16_on_tiny_exports(exported, tmp_path) -
     out = tmp_path / "decode"
     cli = main(["predict", "--config", str(CONFIGS / "decode.yaml"), *_data(data), "--trainer.accelerator", "cpu",
                 "--model.init_args.target", str(target), "--model.init_args.draft", str(draft),
-                "--model.init_args.num_beams", "3", "--model.init_args.draft_beams", "6",
+                "--model.init_args.decoding.num_beams", "3", "--model.init_args.decoding.draft_beams", "6",
                 "--model.init_args.eval_ks", "[1, 3]", "--trainer.default_root_dir", str(out)])  # fmt: skip
     assert cli.model.target_model.dtype == cli.model.draft_model.dtype == torch.bfloat16
     report = json.loads((out / "report.json").read_text())

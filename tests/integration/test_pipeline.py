@@ -9,7 +9,9 @@ import pytest
 import torch
 import yaml
 
-from atspeed.pipeline import read_pipeline, run_pipeline
+from atspeed.decoding.output import DecodeStats
+from atspeed.modules.decode_tally import BatchTally, merged_stats, speed_summary
+from atspeed.pipeline import Stage, read_pipeline, run_pipeline, summarise
 from tests.integration.tiny_data import align_args, decode_args, run_cli, teacher_args, tiny_args, write_processed
 
 DRAFT_SIZES = ["--model.init_args.model.hidden_size", "8", "--model.init_args.model.num_layers", "1"]
@@ -27,7 +29,7 @@ def tiny_pipeline(root: Path, bad_align: bool = False) -> Path:
 
     def decode(name: str, decoder: str, *extra: str) -> dict:
         out = root / name
-        run = ["predict", *decode_args(exported, out, "--model.init_args.decoder", decoder, *extra)]
+        run = ["predict", *decode_args(exported, out, "--model.init_args.decoding.decoder", decoder, *extra)]
         return {"name": name, "run": run, "output": str(out / "r.json")}
 
     stages = [
@@ -76,12 +78,50 @@ def test_interrupted_pipeline_continues_and_summarises(tmp_path) -> None:
         assert row["x_beam"] > 0 and row["x_hf"] > 0 and row["accepted_depth"] >= 0
         assert 1 <= row["target_calls_per_list"] <= beam["target_calls_per_list"]
     assert beam["x_beam"] == pytest.approx(1.0) and beam["accepted_depth"] is None
+    for stage in read_pipeline(tmp_path / "pipeline.yaml").stages[4:]:  # one definition of ms per list
+        assert rows[stage.name]["ms_per_list"] == json.loads(stage.output.read_text())["speed"]["ms_per_list"]
     assert "spec_aligned" in rerun.stdout and "calls/list" in rerun.stdout
     assert "fit: step 8 of 8" in rerun.stderr and "predict: batch" in rerun.stderr  # progress in a log
 
     again = run_cli("pipeline", [str(tmp_path / "pipeline.yaml")])
     assert again.returncode == 0 and again.stderr.count("skipped") == len(bad.stages)
     assert json.loads((tmp_path / "summary.json").read_text()) == summary
+
+
+def _report(path: Path, decoder: str, seconds: list[float], recall: float) -> dict:
+    """A predict report as ``Recommender`` writes it, from batches of 4 requests decoded in ``seconds`` each (the
+    first batch the warm-up) with 1 s per stage."""
+    batches = []
+    for i, wall in enumerate(seconds):
+        ids = torch.arange(4 * i, 4 * i + 4)
+        stats = DecodeStats(ids * 0 + 2, ids * 0, ids * 0, 1.0, 1.0, 1.0)
+        batches.append(BatchTally(ids, stats, {"decoder": wall}))
+    merged = merged_stats([batches])
+    report = {"decoder": decoder, "draft": None, "settings": {"num_beams": 3}, "metrics": {"test/recall@3": recall,
+              "test/ndcg@3": recall / 2}, "decode": merged.summary(2), "speed": speed_summary([batches])}  # fmt: skip
+    path.write_text(json.dumps(report))
+    return report
+
+
+def test_the_summary_reads_each_reports_ms_per_list(tmp_path) -> None:
+    """The pipeline summary's ms per list and ratios are the reports' own ``DecodeResult`` (the warm-up batch left
+    out), not recomputed from the stage seconds; a decoder whose contract is "equals beam" is checked against beam."""
+    specs = {
+        "hf": ("hf_beam", [9.0, 4.0, 4.0], 0.5),
+        "beam": ("beam", [5.0, 2.0, 2.0], 0.5),
+        "strict": ("spec_strict", [3.0, 1.0, 1.0], 0.5),
+        "relaxed": ("spec_relaxed", [3.0, 0.5, 0.5], 0.25),
+    }
+    reports = {name: _report(tmp_path / f"{name}.json", *spec) for name, spec in specs.items()}
+    summary = summarise([Stage(name, ["predict"], tmp_path / f"{name}.json") for name in specs])
+    rows = {row["stage"]: row for row in summary["rows"]}
+    assert (
+        {name: row["ms_per_list"] for name, row in rows.items()}
+        == {name: report["speed"]["ms_per_list"] for name, report in reports.items()}
+        == {"hf": 1000.0, "beam": 500.0, "strict": 250.0, "relaxed": 125.0}
+    )
+    assert (rows["strict"]["x_beam"], rows["strict"]["x_hf"], rows["relaxed"]["x_beam"]) == (2.0, 4.0, 4.0)
+    assert [rows[name]["equals_beam"] for name in specs] == [True, None, True, None]
 
 
 @pytest.mark.parametrize(

@@ -88,7 +88,7 @@ def test_a_second_predict_into_a_directory_in_use_stops_and_the_first_finishes(e
     first = start_cli("predict", [*common, "--trainer.callbacks", json.dumps(callbacks)])
     try:
         _wait_until_waiting(go, first)
-        second = [*common, "--model.init_args.num_beams", "2", "--model.init_args.eval_ks", "[1, 2]"]
+        second = [*common, "--model.init_args.decoding.num_beams", "2", "--model.init_args.eval_ks", "[1, 2]"]
         _in_use(fails(second, capsys, "predict"), out, first.pid)
     finally:
         go.touch()

@@ -43,8 +43,8 @@ def test_shipped_sweeps_cover_what_they_promise() -> None:
     assert set(align.parameters["model.init_args.loss"]["values"]) == {"atspeed_s", "atspeed_r"}
     assert align.metric == "val/mean_accepted_depth" and align.goal == "maximize"
     decode = read_sweep(ROOT / "sweeps/decode_n_gamma.yaml")
-    assert set(decode.parameters["model.init_args.decoder"]["values"]) == {"spec_strict", "spec_relaxed"}
-    assert {"model.init_args.draft_beams", "model.init_args.gamma"} <= set(decode.parameters)
+    assert set(decode.parameters["model.init_args.decoding.decoder"]["values"]) == {"spec_strict", "spec_relaxed"}
+    assert {"model.init_args.decoding.draft_beams", "model.init_args.decoding.gamma"} <= set(decode.parameters)
     assert decode.metric == "decode/ratio_over_beam"
 
 

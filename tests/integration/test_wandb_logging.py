@@ -14,6 +14,7 @@ import torch
 
 from atspeed.bench.report import matplotlib_available
 from atspeed.cli import main
+from atspeed.decoding.options import DecodeOptions
 from atspeed.modules.recommend import Recommender
 from atspeed.wandb_log import table_data, wandb_mode
 from tests.integration.tiny_data import ROOT, decode_args, load_script
@@ -96,7 +97,7 @@ def test_compare_beam_leaves_strict_lists_alone_and_metrics_reach_every_logger(e
     _, compared, _ = _predict(exported, tmp_path / "compared", "--model.init_args.compare_beam", "true")
     assert [r["items"] for r in compared] == [r["items"] for r in plain]
     assert [r["scores"] for r in compared] == [r["scores"] for r in plain]
-    assert set(report["speed"]) == {"ms_per_list", "timed_lists", "warmup_excluded", "processes"}
+    assert set(report["speed"]) == {"ms_per_list", "seconds", "timed_lists", "warmup_excluded", "processes"}
     summary = model.summary_metrics()
     assert "decode/ms_per_list" in summary and not SPEED - {"decode/ms_per_list"} & set(summary)
     (metrics_csv,) = (tmp_path / "csv").rglob("metrics.csv")
@@ -107,7 +108,12 @@ def test_compare_beam_leaves_strict_lists_alone_and_metrics_reach_every_logger(e
 
 def test_summary_metrics_is_empty_before_predict(exported) -> None:
     _, target, draft = exported
-    assert Recommender(str(target), str(draft), num_beams=3, draft_beams=6, eval_ks=[1, 3]).summary_metrics() == {}
+    assert (
+        Recommender(
+            str(target), str(draft), DecodeOptions(num_beams=3, draft_beams=6), eval_ks=[1, 3]
+        ).summary_metrics()
+        == {}
+    )
 
 
 def test_wandb_mode_follows_the_environment_then_the_api_key(monkeypatch) -> None:

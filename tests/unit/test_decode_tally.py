@@ -25,11 +25,12 @@ def test_speed_tally_alternates_and_keeps_the_warm_up_batch_apart() -> None:
         orders.append(tally.order(["decoder", "beam"]))
         tally.add(batch.request_ids, batch.stats, batch.seconds)
     assert orders == [["decoder", "beam"], ["beam", "decoder"], ["decoder", "beam"]]
-    assert speed_summary([tally.batches]) == {"ms_per_list": 375.0, "beam_ms_per_list": 750.0,
-                                              "ratio_over_beam": 2.0, "timed_lists": 8, "warmup_excluded": True,
-                                              "processes": 1}  # fmt: skip
+    assert speed_summary([tally.batches]) == {"ms_per_list": 375.0, "seconds": 3.0, "beam_ms_per_list": 750.0,
+                                              "beam_seconds": 6.0, "ratio_over_beam": 2.0, "timed_lists": 8,
+                                              "warmup_excluded": True, "processes": 1}  # fmt: skip
     alone = [_batch([0, 1, 2, 3, 4], 0.5)]  # a single batch is timed after all, without a beam comparison
-    assert speed_summary([alone]) == {"ms_per_list": 100.0, "timed_lists": 5, "warmup_excluded": False, "processes": 1}
+    assert speed_summary([alone]) == {"ms_per_list": 100.0, "seconds": 0.5, "timed_lists": 5,
+                                      "warmup_excluded": False, "processes": 1}  # fmt: skip
 
 
 def test_two_processes_give_the_single_process_statistics_in_request_order() -> None:
@@ -41,7 +42,7 @@ def test_two_processes_give_the_single_process_statistics_in_request_order() -> 
         assert torch.equal(getattr(merged, name), getattr(single, name)), name
     assert merged.summary(2) == single.summary(2) and merged.histogram(6) == single.histogram(6)
     speed = speed_summary(two)  # the slowest process's 3 s (its warm-up apart) over the 3 timed lists 4, 5, 6
-    assert speed == {"ms_per_list": 1000.0, "timed_lists": 3, "warmup_excluded": True, "processes": 2}
+    assert speed == {"ms_per_list": 1000.0, "seconds": 3.0, "timed_lists": 3, "warmup_excluded": True, "processes": 2}
 
 
 def test_repeated_requests_count_once() -> None:

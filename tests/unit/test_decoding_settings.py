@@ -9,7 +9,6 @@ from transformers import LlamaForCausalLM
 
 from atspeed.decoding.decoders import (
     DECODERS,
-    SPECULATIVE,
     DecodeSettings,
     check_context,
     check_models,
@@ -18,6 +17,7 @@ from atspeed.decoding.decoders import (
 )
 
 VOCAB = 40
+DRAFTING = [name for name, spec in DECODERS.items() if spec.needs_draft]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -30,10 +30,20 @@ def target() -> LlamaForCausalLM:
     return tiny_model(VOCAB, seed=0)
 
 
-def test_the_decoder_table_lists_the_eight_decoders() -> None:
+def test_the_decoder_table_lists_the_eight_decoders_and_what_each_promises() -> None:
     assert set(DECODERS) == {"beam", "spec_strict", "spec_relaxed", "spec_relaxed_exact", "hf_beam", "beam_sample",
                              "beam_sample_keyed", "spec_keyed"}  # fmt: skip
-    assert set(SPECULATIVE) == {"spec_strict", "spec_relaxed", "spec_relaxed_exact", "spec_keyed"}
+    assert set(DRAFTING) == {"spec_strict", "spec_relaxed", "spec_relaxed_exact", "spec_keyed"}
+    assert {name for name, spec in DECODERS.items() if spec.samples} == {"spec_relaxed", "spec_relaxed_exact",
+                                                                        "beam_sample", "beam_sample_keyed",
+                                                                        "spec_keyed"}  # fmt: skip
+    assert [name for name, spec in DECODERS.items() if not spec.uses_shared_header] == ["hf_beam"]
+    contracts = {name: spec.contract for name, spec in DECODERS.items()}
+    assert contracts == {"beam": "reference", "spec_strict": "equals beam", "spec_relaxed": "biased",
+                         "spec_relaxed_exact": "samples beam_sample's distribution", "hf_beam": "equals beam",
+                         "beam_sample": "reference", "beam_sample_keyed": "reference",
+                         "spec_keyed": "equals beam_sample_keyed"}  # fmt: skip
+    assert all(spec.help for spec in DECODERS.values())
 
 
 @pytest.mark.parametrize(
@@ -57,7 +67,7 @@ def test_settings_defaults() -> None:
     assert (s.draft_beams, s.gamma, s.seed, s.pad_token_id) == (40, 3, 0, 0)
 
 
-@pytest.mark.parametrize("name", SPECULATIVE)
+@pytest.mark.parametrize("name", DRAFTING)
 def test_speculative_decoders_need_at_least_k_draft_beams(name: str) -> None:
     """N < K can never accept a level: refused, naming draft_beams (N) and num_beams (K)."""
     with pytest.raises(ValueError, match=r"draft_beams \(N = 4\) must be >= num_beams \(K = 5\)"):
@@ -80,7 +90,7 @@ def test_unknown_decoder_name_is_refused_with_the_choices() -> None:
 
 def test_check_models_refuses_a_missing_draft_and_a_different_vocabulary(target) -> None:
     trie = random_trie(VOCAB, 3, seed=0)
-    for name in SPECULATIVE:
+    for name in DRAFTING:
         with pytest.raises(ValueError, match=f"decoder {name} needs a draft model"):
             check_models(name, target, None, trie)
         with pytest.raises(ValueError, match=r"draft and target vocabularies differ \(41 vs 40 tokens\)"):
