@@ -133,7 +133,7 @@ DECODERS: dict[DecoderName, DecoderSpec] = {
     "beam_sample": DecoderSpec(_beam_sample, False, True, True, "reference",
                                "the target's own sampling beam search (what relaxed decoding is measured against)"),
     "beam_sample_keyed": DecoderSpec(_beam_sample_keyed, False, True, True, "reference",
-                                     "the target's stochastic beam search, noise keyed by seed, request, prefix, token"),
+                                     "the target's stochastic beam search, its noise keyed by seed, request, prefix"),
     "spec_keyed": DecoderSpec(_spec(strict.verify_level, sample=False, keys=True), True, True, True,
                               "equals beam_sample_keyed",
                               "speculative beam search on the same keyed noise, strict verification of Gumbel keys"),
