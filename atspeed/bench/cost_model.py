@@ -1,12 +1,12 @@
-"""The benchmark's side of the cost model (``atspeed.decoding.costs`` measures it): tree sizes to measure, the
+"""The benchmark's side of the cost model (``atspeed.decoding.planning.costs`` measures it): tree sizes to measure, the
 ms per list a row's call counts predict, and the table."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from atspeed.decoding.costs import forward_costs, ms_at
 from atspeed.decoding.decoders import DECODERS
+from atspeed.decoding.planning.costs import forward_costs, ms_at
 from atspeed.tables import markdown_table
 
 __all__ = ["cost_table", "forward_costs", "predicted_ms_per_list", "tree_sizes"]

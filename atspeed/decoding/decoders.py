@@ -26,16 +26,17 @@ from typing import Literal, get_args
 
 import torch
 
-from atspeed.decoding import keyed, recursive, relaxed, strict
-from atspeed.decoding.adaptive import BudgetPlanner
-from atspeed.decoding.beam_search import beam_search
-from atspeed.decoding.costs import forward_costs
-from atspeed.decoding.header import PromptHeader
-from atspeed.decoding.hf_generate import hf_generate
+from atspeed.decoding.cache.header import PromptHeader
+from atspeed.decoding.cache.tree_attention import check_attention
 from atspeed.decoding.output import DecodeOutput
+from atspeed.decoding.planning.adaptive import BudgetPlanner
+from atspeed.decoding.planning.costs import forward_costs
+from atspeed.decoding.search import keyed
+from atspeed.decoding.search.beam_search import beam_search
+from atspeed.decoding.search.hf_generate import hf_generate
 from atspeed.decoding.settings import DecodeSettings
 from atspeed.decoding.speculative import speculative_decode
-from atspeed.decoding.tree_attention import check_attention
+from atspeed.decoding.verification import recursive, relaxed, strict
 from atspeed.errors import DataError
 from atspeed.items.trie import PrefixTrie
 

@@ -8,9 +8,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from atspeed.decoding.accept import Verdict
-from atspeed.decoding.beam import BeamState
-from atspeed.decoding.draft_tree import TokenTree
+from atspeed.decoding.search.beam import BeamState
+from atspeed.decoding.search.draft_tree import TokenTree
+from atspeed.decoding.verification.accept import Verdict
 
 
 @dataclass(frozen=True)

@@ -29,18 +29,19 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
-from atspeed.decoding import keyed, kv_cache
-from atspeed.decoding.accept import Verdict, beam_step, decide, needed
-from atspeed.decoding.adaptive import BudgetPlanner
-from atspeed.decoding.beam import BeamState, Grid, extend, plain_grid, root_state, select_sample, select_top
-from atspeed.decoding.draft_tree import NodeTable, Select, TokenTree, draft_tree, within_budget
-from atspeed.decoding.header import PromptHeader, Prompts
+from atspeed.decoding.cache import kv_cache
+from atspeed.decoding.cache.header import PromptHeader, Prompts
+from atspeed.decoding.cache.tree_attention import prefill
 from atspeed.decoding.output import DecodeOutput, StageClock
+from atspeed.decoding.planning.adaptive import BudgetPlanner
 from atspeed.decoding.readback import Counters, Seen, read_back
+from atspeed.decoding.search import keyed
+from atspeed.decoding.search.beam import BeamState, Grid, extend, plain_grid, root_state, select_sample, select_top
+from atspeed.decoding.search.draft_tree import NodeTable, Select, TokenTree, draft_tree, within_budget
 from atspeed.decoding.settings import DecodeSettings
-from atspeed.decoding.tree_attention import prefill
-from atspeed.decoding.tree_forward import first_forward, verify_forward
-from atspeed.decoding.verify import VerifyLevel
+from atspeed.decoding.verification.accept import Verdict, beam_step, decide, needed
+from atspeed.decoding.verification.tree_forward import first_forward, verify_forward
+from atspeed.decoding.verification.verify import VerifyLevel
 from atspeed.items.trie import PrefixTrie
 
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from atspeed.decoding.beam_search import lockstep_coverage
 from atspeed.decoding.decoders import DecodeSettings, decode
+from atspeed.decoding.search.beam_search import lockstep_coverage
 from atspeed.items.trie import PrefixTrie
 
 

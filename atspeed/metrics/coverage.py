@@ -1,7 +1,7 @@
 """Set coverage: the share of one set of token tuples (the target's top-K) found in another (the draft's top-N).
 
-``atspeed.decoding.beam_search.lockstep_coverage`` applies it at every depth to the (parent, token) pairs each model
-keeps when extending the target's beams: strict verification accepts a drafted depth only when the share is 1.
+``atspeed.decoding.search.beam_search.lockstep_coverage`` applies it at every depth to the (parent, token) pairs each
+model keeps when extending the target's beams: strict verification accepts a drafted depth only when the share is 1.
 """
 
 from __future__ import annotations

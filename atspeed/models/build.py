@@ -18,9 +18,9 @@ from atspeed.models.families import Family, check_attention, family_config, rand
 from atspeed.models.zero3 import hf_zero3
 from atspeed.preflight import check_model_weights
 
-# Attention implementations that read atspeed's 4D float tree mask (``atspeed.decoding.tree_attention``): every stage
-# decodes (SFT and alignment validate by decoding), so flash_attention_2, which would read that mask as padding, is
-# refused when the config is parsed.
+# Attention implementations that read atspeed's 4D float tree mask (``atspeed.decoding.cache.tree_attention``): every
+# stage decodes (SFT and alignment validate by decoding), so flash_attention_2, which would read that mask as padding,
+# is refused when the config is parsed.
 Attention = Literal["sdpa", "eager", "flex_attention"]
 # The weights' torch dtype, named ``dtype`` in every stage (the model built or trained: ``model.dtype``; the models
 # loaded for inference: the teacher's, the alignment's frozen target, the decoding stage's target and draft).

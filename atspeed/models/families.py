@@ -3,8 +3,8 @@
 A family is a Hugging Face ``model_type``; its config comes from ``AutoConfig.for_model`` and its model from
 ``AutoModelForCausalLM.from_config``, so a new family is one row here (plus a decoding oracle run over it: the
 tests' ``FAMILIES``) as long as the stock model takes a 4D float attention mask and explicit ``position_ids``
-(``atspeed.decoding.tree_attention``). Sliding-window attention cannot: a 4D mask replaces the model's own masks, so
-the window would silently be ignored, and every config that asks for one is refused (``check_attention``).
+(``atspeed.decoding.cache.tree_attention``). Sliding-window attention cannot: a 4D mask replaces the model's own
+masks, so the window would silently be ignored, and every config that asks for one is refused (``check_attention``).
 """
 
 from __future__ import annotations

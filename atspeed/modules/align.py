@@ -41,8 +41,8 @@ from atspeed.data.teacher_store import TeacherStore, stack_padded, teacher_finge
 from atspeed.decoding.decoders import check_list_length
 from atspeed.decoding.options import DEFAULT_DECODING, DecodeOptions
 from atspeed.decoding.speed_metrics import speed_metrics
-from atspeed.decoding.teacher import Teaching, node_logits, on_policy_teaching, target_teaching
-from atspeed.decoding.teacher_forest import along, gather_codes, level_codes
+from atspeed.decoding.teaching.teacher import Teaching, node_logits, on_policy_teaching, target_teaching
+from atspeed.decoding.teaching.teacher_forest import along, gather_codes, level_codes
 from atspeed.errors import DataError
 from atspeed.losses import LOSSES, LossName, LossOptions, beam_weights, check_loss, check_support, check_top_k, reduce
 from atspeed.models.build import DType, ModelSpec, build_causal_lm, load_model, outside_zero_init, unpartitioned

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from atspeed.decoding.tree_attention import prompt_positions
+from atspeed.decoding.cache.tree_attention import prompt_positions
 
 
 def sequence_ce(

@@ -3,9 +3,9 @@
 ``python -m atspeed predict --config configs/<dataset>/teacher.yaml`` runs the trained target (an SFT export) over
 every training sample (``data.predict_set: train``): its beam search of width K_t, and p(. | x, y_<t) restricted to
 the trie's codes at every identifier position along each beam and along the ground truth, one distribution per
-distinct prefix (``atspeed.decoding.teacher``). ``TeacherShardWriter`` stores them in shards; a resumed run skips the
-samples of complete shards (``skip``). With ``distributions: false`` only the beams, their scores and the ground truth
-are stored (under a kilobyte per sample, what a 7B target affords): the alignment then computes the target's
+distinct prefix (``atspeed.decoding.teaching.teacher``). ``TeacherShardWriter`` stores them in shards; a resumed run
+skips the samples of complete shards (``skip``). With ``distributions: false`` only the beams, their scores and the
+ground truth are stored (under a kilobyte per sample, what a 7B target affords): the alignment then computes the target's
 distributions on the fly (``Align(teacher="recompute" | "on_policy")``).
 """
 
@@ -20,7 +20,7 @@ from jsonargparse.typing import PositiveInt
 from atspeed.data.datamodule import RecDataModule
 from atspeed.data.export_dir import ExportMeta
 from atspeed.decoding.decoders import check_context, check_list_length
-from atspeed.decoding.teacher import teacher_targets
+from atspeed.decoding.teaching.teacher import teacher_targets
 from atspeed.errors import DataError
 from atspeed.models.build import DType, load_model, model_config
 

@@ -11,7 +11,7 @@ import torch
 
 from atspeed.cli import main
 from atspeed.data.teacher_store import TeacherStore, fingerprint
-from atspeed.decoding.teacher_forest import level_codes, prefix_forest
+from atspeed.decoding.teaching.teacher_forest import level_codes, prefix_forest
 from tests.integration.tiny_data import teacher_args
 
 SAMPLES = 96  # training samples of the tiny data (24 users x 4 sliding positions)

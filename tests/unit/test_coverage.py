@@ -22,8 +22,8 @@ from decoding_helpers import (
     tiny_model,
 )
 
-from atspeed.decoding.beam_search import lockstep_coverage
 from atspeed.decoding.decoders import DecodeSettings, decode
+from atspeed.decoding.search.beam_search import lockstep_coverage
 from atspeed.metrics.coverage import coverage
 
 VOCAB = 60

@@ -18,9 +18,9 @@ from decoding_helpers import (
 )
 from transformers import PreTrainedModel
 
-from atspeed.decoding.beam import candidates, select_sample, select_top
-from atspeed.decoding.beam_search import beam_search
-from atspeed.decoding.hf_generate import hf_generate
+from atspeed.decoding.search.beam import candidates, select_sample, select_top
+from atspeed.decoding.search.beam_search import beam_search
+from atspeed.decoding.search.hf_generate import hf_generate
 from atspeed.items.trie import PrefixTrie
 
 VOCAB = 60

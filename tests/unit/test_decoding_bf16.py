@@ -6,9 +6,9 @@ import pytest
 import torch
 from decoding_helpers import left_pad, speculative_world, tiny_model
 
+from atspeed.decoding.cache.tree_attention import run_model
 from atspeed.decoding.decoders import decode
 from atspeed.decoding.settings import DecodeSettings
-from atspeed.decoding.tree_attention import run_model
 
 
 def test_a_bf16_model_gives_float32_logits_of_its_final_hidden_state() -> None:

@@ -13,16 +13,17 @@ from decoding_helpers import (
     speculative_world,
 )
 
-from atspeed.decoding import kv_cache, strict
-from atspeed.decoding.adaptive import BudgetPlanner
-from atspeed.decoding.beam import candidates, extend, root_state, select_sample, select_top
+from atspeed.decoding.cache import kv_cache
+from atspeed.decoding.cache.header import Prompts
+from atspeed.decoding.cache.tree_attention import prefill
 from atspeed.decoding.decoders import BoundDecoder, DecodeSettings, decode
-from atspeed.decoding.draft_tree import budget_rank, draft_tree, within_budget
-from atspeed.decoding.header import Prompts
+from atspeed.decoding.planning.adaptive import BudgetPlanner
+from atspeed.decoding.search.beam import candidates, extend, root_state, select_sample, select_top
+from atspeed.decoding.search.draft_tree import budget_rank, draft_tree, within_budget
 from atspeed.decoding.speculative import speculative_decode
-from atspeed.decoding.tree_attention import prefill
-from atspeed.decoding.tree_forward import first_forward as _first_forward
-from atspeed.decoding.tree_forward import verify_forward as _verify_forward
+from atspeed.decoding.verification import strict
+from atspeed.decoding.verification.tree_forward import first_forward as _first_forward
+from atspeed.decoding.verification.tree_forward import verify_forward as _verify_forward
 
 VOCAB, LEVELS = 50, 3
 ATOL = 1e-4

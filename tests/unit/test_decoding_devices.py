@@ -9,8 +9,8 @@ import pytest
 import torch
 from decoding_helpers import ElsewhereTrie, left_pad, speculative_world
 
+from atspeed.decoding.cache.tree_attention import check_attention
 from atspeed.decoding.decoders import BoundDecoder, DecodeSettings, decode
-from atspeed.decoding.tree_attention import check_attention
 
 VOCAB, LEVELS = 60, 3
 SETTINGS = DecodeSettings(num_beams=3, levels=LEVELS, draft_beams=6, gamma=2)
@@ -48,7 +48,7 @@ def test_flash_attention_is_switched_to_sdpa_before_decoding(world, caplog) -> N
     for model in (target, draft):
         model.config._attn_implementation = "flash_attention_2"  # as a checkpoint whose config asks for it
     try:
-        with caplog.at_level(logging.WARNING, logger="atspeed.decoding.tree_attention"):
+        with caplog.at_level(logging.WARNING, logger="atspeed.decoding.cache.tree_attention"):
             out = decode("spec_strict", target, ids, mask, trie, SETTINGS, draft)
         assert target.config._attn_implementation == draft.config._attn_implementation == "sdpa"
         assert target.model.layers[0].self_attn.config._attn_implementation == "sdpa"

@@ -11,13 +11,13 @@ from decoding_helpers import (
     speculative_world,
 )
 
-from atspeed.decoding import kv_cache
-from atspeed.decoding.beam import root_state, select_top
+from atspeed.decoding.cache import kv_cache
+from atspeed.decoding.cache.header import PromptHeader
+from atspeed.decoding.cache.tree_attention import prefill
 from atspeed.decoding.decoders import BoundDecoder, DecodeSettings
-from atspeed.decoding.draft_tree import draft_tree
-from atspeed.decoding.header import PromptHeader
-from atspeed.decoding.tree_attention import prefill
-from atspeed.decoding.tree_forward import first_forward as _first_forward
+from atspeed.decoding.search.beam import root_state, select_top
+from atspeed.decoding.search.draft_tree import draft_tree
+from atspeed.decoding.verification.tree_forward import first_forward as _first_forward
 
 VOCAB, LEVELS = 50, 3
 HEADER = [11, 4, 29, 8, 17, 3, 40, 22, 9, 13]

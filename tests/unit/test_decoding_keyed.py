@@ -35,9 +35,9 @@ from decoding_helpers import (
     tiny_model,
 )
 
-from atspeed.decoding import keyed
 from atspeed.decoding.decoders import BoundDecoder, DecodeSettings, decode
 from atspeed.decoding.output import DecodeOutput
+from atspeed.decoding.search import keyed
 from atspeed.items.trie import PrefixTrie
 
 VOCAB, LEVELS = 60, 3

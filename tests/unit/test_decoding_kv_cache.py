@@ -8,8 +8,8 @@ import torch
 from decoding_helpers import ALL_FAMILIES, left_pad, one_torch_thread, plain_logits, random_prompts, tiny_model
 from transformers import DynamicCache, PreTrainedModel
 
-from atspeed.decoding import kv_cache
-from atspeed.decoding.tree_attention import forward_tree, prefill
+from atspeed.decoding.cache import kv_cache
+from atspeed.decoding.cache.tree_attention import forward_tree, prefill
 
 VOCAB = 40
 

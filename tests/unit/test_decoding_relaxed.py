@@ -22,11 +22,11 @@ from decoding_helpers import (
 )
 from transformers import PreTrainedModel
 
-from atspeed.decoding import relaxed
 from atspeed.decoding.decoders import DecodeSettings, decode
-from atspeed.decoding.draft_tree import TokenTree
 from atspeed.decoding.output import DecodeOutput
-from atspeed.decoding.verify import LevelInput
+from atspeed.decoding.search.draft_tree import TokenTree
+from atspeed.decoding.verification import relaxed
+from atspeed.decoding.verification.verify import LevelInput
 from atspeed.items.trie import PrefixTrie
 
 VOCAB = 60

@@ -1,5 +1,5 @@
-"""``spec_relaxed_exact`` (recursive rejection sampling, ``atspeed.decoding.recursive``) keeps the distribution of
-the target's sampling beam search, where the paper's ``spec_relaxed`` does not.
+"""``spec_relaxed_exact`` (recursive rejection sampling, ``atspeed.decoding.verification.recursive``) keeps the
+distribution of the target's sampling beam search, where the paper's ``spec_relaxed`` does not.
 
 1. K = 1: its identifiers follow the enumerated trie-constrained distribution (chi-square on 20,000 draws, the test
    of ``test_decoding_sampling``) at N = 3 and 5, gamma = 2, with the target as its own draft (q = p) and with
@@ -30,10 +30,10 @@ from decoding_helpers import (
     tiny_model,
 )
 
-from atspeed.decoding import recursive
 from atspeed.decoding.decoders import DecodeSettings, decode
-from atspeed.decoding.draft_tree import TokenTree
-from atspeed.decoding.verify import LevelInput
+from atspeed.decoding.search.draft_tree import TokenTree
+from atspeed.decoding.verification import recursive
+from atspeed.decoding.verification.verify import LevelInput
 from atspeed.items.trie import PrefixTrie
 
 VOCAB, LEVELS, ITEMS, DRAWS = 40, 3, 30, 20_000

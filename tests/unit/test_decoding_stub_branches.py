@@ -24,10 +24,11 @@ from decoding_helpers import (
     stub_trie,
 )
 
-from atspeed.decoding import kv_cache, strict
+from atspeed.decoding.cache import kv_cache
 from atspeed.decoding.decoders import DecodeSettings, decode
-from atspeed.decoding.draft_tree import TokenTree
-from atspeed.decoding.verify import LevelInput
+from atspeed.decoding.search.draft_tree import TokenTree
+from atspeed.decoding.verification import strict
+from atspeed.decoding.verification.verify import LevelInput
 
 K = N = 2
 PROMPTS = [[17, STUB_PROMPT_A], [STUB_PROMPT_B]]  # row 0 goes through tokens 4 and 7; row 1 through 6 and 9

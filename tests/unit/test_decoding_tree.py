@@ -18,11 +18,11 @@ from decoding_helpers import (
 )
 from transformers import PreTrainedModel
 
-from atspeed.decoding import kv_cache
-from atspeed.decoding.beam import candidates, extend, feed, root_state, select_top
-from atspeed.decoding.draft_tree import TokenTree, draft_tree
-from atspeed.decoding.tree_attention import forward_tree, prefill, prompt_positions
-from atspeed.decoding.tree_forward import verify_forward as _verify_forward
+from atspeed.decoding.cache import kv_cache
+from atspeed.decoding.cache.tree_attention import forward_tree, prefill, prompt_positions
+from atspeed.decoding.search.beam import candidates, extend, feed, root_state, select_top
+from atspeed.decoding.search.draft_tree import TokenTree, draft_tree
+from atspeed.decoding.verification.tree_forward import verify_forward as _verify_forward
 
 VOCAB = 50
 ATOL = 1e-4

@@ -7,8 +7,8 @@ import itertools
 import pytest
 import torch
 
-from atspeed.decoding.beam_search import beam_search
-from atspeed.decoding.hf_generate import hf_generate
+from atspeed.decoding.search.beam_search import beam_search
+from atspeed.decoding.search.hf_generate import hf_generate
 from atspeed.errors import DataError
 from atspeed.items.trie import PrefixTrie
 from atspeed.models.build import ModelSpec, build_causal_lm, load_model

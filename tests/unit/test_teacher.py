@@ -16,9 +16,9 @@ from decoding_helpers import (
 )
 from transformers import LlamaForCausalLM
 
-from atspeed.decoding.beam_search import beam_search
 from atspeed.decoding.decoders import DecodeSettings, decode
-from atspeed.decoding.teacher import (
+from atspeed.decoding.search.beam_search import beam_search
+from atspeed.decoding.teaching.teacher import (
     TeacherTargets,
     Teaching,
     node_logprobs,
@@ -26,7 +26,13 @@ from atspeed.decoding.teacher import (
     target_teaching,
     teacher_targets,
 )
-from atspeed.decoding.teacher_forest import expand_to_vocab, gather_codes, level_codes, prefix_forest, truncate_top_k
+from atspeed.decoding.teaching.teacher_forest import (
+    expand_to_vocab,
+    gather_codes,
+    level_codes,
+    prefix_forest,
+    truncate_top_k,
+)
 from atspeed.items.trie import PrefixTrie
 
 VOCAB = 60

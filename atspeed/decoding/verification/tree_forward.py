@@ -11,10 +11,10 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
-from atspeed.decoding.beam import BeamState
-from atspeed.decoding.draft_tree import TokenTree
-from atspeed.decoding.header import Prompts
-from atspeed.decoding.tree_attention import forward_tree, prompt_positions
+from atspeed.decoding.cache.header import Prompts
+from atspeed.decoding.cache.tree_attention import forward_tree, prompt_positions
+from atspeed.decoding.search.beam import BeamState
+from atspeed.decoding.search.draft_tree import TokenTree
 
 
 def _select(selection, anc: torch.Tensor, *rows: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -13,12 +13,21 @@ from __future__ import annotations
 
 import torch
 
-from atspeed.decoding import keyed
-from atspeed.decoding.beam import candidates, extend, feed, pick, plain_grid, root_state, select_sample, select_top
-from atspeed.decoding.header import PromptHeader, Prompts
-from atspeed.decoding.kv_cache import new_cache
+from atspeed.decoding.cache.header import PromptHeader, Prompts
+from atspeed.decoding.cache.kv_cache import new_cache
+from atspeed.decoding.cache.tree_attention import prefill
 from atspeed.decoding.output import DecodeOutput, StageClock
-from atspeed.decoding.tree_attention import prefill
+from atspeed.decoding.search import keyed
+from atspeed.decoding.search.beam import (
+    candidates,
+    extend,
+    feed,
+    pick,
+    plain_grid,
+    root_state,
+    select_sample,
+    select_top,
+)
 from atspeed.items.trie import PrefixTrie
 from atspeed.metrics.coverage import coverage
 

@@ -37,8 +37,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from atspeed.decoding.beam import BeamState
-from atspeed.decoding.draft_tree import NodeTable, TokenTree
+from atspeed.decoding.search.beam import BeamState
+from atspeed.decoding.search.draft_tree import NodeTable, TokenTree
 from atspeed.items.trie import PrefixTrie
 
 

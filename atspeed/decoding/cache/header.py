@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
-from atspeed.decoding import kv_cache
-from atspeed.decoding.tree_attention import prefill
+from atspeed.decoding.cache import kv_cache
+from atspeed.decoding.cache.tree_attention import prefill
 
 
 @dataclass(frozen=True)

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from atspeed.decoding.beam import select_top
-from atspeed.decoding.verify import LevelDecision, LevelInput, match_drafted
+from atspeed.decoding.search.beam import select_top
+from atspeed.decoding.verification.verify import LevelDecision, LevelInput, match_drafted
 
 
 def verify_level(inp: LevelInput) -> LevelDecision:

@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 from atspeed.decoding import constants
-from atspeed.decoding.beam import BeamState, Grid, extend, feed, pick, plain_grid
-from atspeed.decoding.kv_cache import cache_length
+from atspeed.decoding.cache.kv_cache import cache_length
+from atspeed.decoding.search.beam import BeamState, Grid, extend, feed, pick, plain_grid
 from atspeed.items.trie import PrefixTrie
 
 Select = Callable[[torch.Tensor, int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]

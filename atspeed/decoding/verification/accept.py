@@ -12,10 +12,10 @@ from dataclasses import dataclass
 import torch
 
 from atspeed.decoding import constants
-from atspeed.decoding.adaptive import needed_budgets
-from atspeed.decoding.beam import BeamState, candidates
-from atspeed.decoding.draft_tree import NodeTable, TokenTree
-from atspeed.decoding.verify import LevelInput, VerifyLevel
+from atspeed.decoding.planning.adaptive import needed_budgets
+from atspeed.decoding.search.beam import BeamState, candidates
+from atspeed.decoding.search.draft_tree import NodeTable, TokenTree
+from atspeed.decoding.verification.verify import LevelInput, VerifyLevel
 from atspeed.items.trie import PrefixTrie
 
 

@@ -14,8 +14,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch.utils import benchmark
 
-from atspeed.decoding import kv_cache
-from atspeed.decoding.tree_attention import forward_tree, prefill
+from atspeed.decoding.cache import kv_cache
+from atspeed.decoding.cache.tree_attention import forward_tree, prefill
 
 
 def _ms(fn: Callable[[], object], repeats: int, warmup: int) -> float:

@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from atspeed.decoding.costs import ms_at
-from atspeed.decoding.draft_tree import TokenTree, budget_rank
+from atspeed.decoding.planning.costs import ms_at
+from atspeed.decoding.search.draft_tree import TokenTree, budget_rank
 
 
 def needed_budgets(tree: TokenTree, chosen: list[torch.Tensor], by_score: bool) -> torch.Tensor:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from atspeed.decoding.draft_tree import TokenTree
+from atspeed.decoding.search.draft_tree import TokenTree
 
 
 @dataclass(frozen=True)

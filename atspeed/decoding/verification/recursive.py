@@ -38,9 +38,9 @@ from __future__ import annotations
 
 import torch
 
-from atspeed.decoding.beam import gumbel, select_sample
-from atspeed.decoding.relaxed import candidate_draft_probs
-from atspeed.decoding.verify import LevelDecision, LevelInput, match_drafted
+from atspeed.decoding.search.beam import gumbel, select_sample
+from atspeed.decoding.verification.relaxed import candidate_draft_probs
+from atspeed.decoding.verification.verify import LevelDecision, LevelInput, match_drafted
 
 _TINY = 1.0e-300  # floor of the proposal's normaliser (float64)
 _ZERO_WEIGHT = -1.0e30  # Gumbel key of an unchosen p = 0 candidate: after every p > 0 one, before the chosen

@@ -24,7 +24,7 @@ import torch
 from transformers import DynamicCache
 
 from atspeed.decoding import constants
-from atspeed.decoding.tree_attention import forward_tree
+from atspeed.decoding.cache.tree_attention import forward_tree
 from atspeed.items.trie import PrefixTrie
 
 

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import torch
 
-from atspeed.decoding.beam import gumbel, select_sample
-from atspeed.decoding.verify import LevelDecision, LevelInput, match_drafted
+from atspeed.decoding.search.beam import gumbel, select_sample
+from atspeed.decoding.verification.verify import LevelDecision, LevelInput, match_drafted
 
 _ACCEPTED_FIRST = 1.0e4  # sort key offset between tiers: accepted > residual draws > draws from p
 

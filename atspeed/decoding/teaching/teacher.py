@@ -34,10 +34,11 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from atspeed.decoding.beam_search import beam_search
+from atspeed.decoding.cache.kv_cache import new_cache
+from atspeed.decoding.cache.tree_attention import forward_tree, prefill
 from atspeed.decoding.decoders import DecodeSettings, decode
-from atspeed.decoding.kv_cache import new_cache
-from atspeed.decoding.teacher_forest import (
+from atspeed.decoding.search.beam_search import beam_search
+from atspeed.decoding.teaching.teacher_forest import (
     PrefixForest,
     along,
     gather_codes,
@@ -45,7 +46,6 @@ from atspeed.decoding.teacher_forest import (
     prefix_forest,
     truncate_top_k,
 )
-from atspeed.decoding.tree_attention import forward_tree, prefill
 from atspeed.items.trie import PrefixTrie
 
 

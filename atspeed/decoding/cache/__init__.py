@@ -1,0 +1,1 @@
+"""Cache: every DynamicCache internal, the shared prompt header, tree-attention masks and forwards."""

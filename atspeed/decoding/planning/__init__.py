@@ -1,0 +1,1 @@
+"""Planning: tree budgets from measured forward costs (``budget: auto``)."""

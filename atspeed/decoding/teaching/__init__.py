@@ -1,0 +1,1 @@
+"""Teaching: the target's beams and distributions that draft alignment learns from."""

@@ -1,0 +1,1 @@
+"""Verification: the tree forward, the acceptance walk and its rules (strict, relaxed, recursive exact)."""
