@@ -5,8 +5,8 @@ every training sample (``data.predict_set: train``): its beam search of width K_
 the trie's codes at every identifier position along each beam and along the ground truth, one distribution per
 distinct prefix (``atspeed.decoding.teaching.teacher``). ``TeacherShardWriter`` stores them in shards; a resumed run
 skips the samples of complete shards (``skip``). With ``distributions: false`` only the beams, their scores and the
-ground truth are stored (under a kilobyte per sample, what a 7B target affords): the alignment then computes the target's
-distributions on the fly (``Align(teacher="recompute" | "on_policy")``).
+ground truth are stored (under a kilobyte per sample, what a 7B target affords): the alignment then computes the
+target's distributions on the fly (``Align(teacher="recompute" | "on_policy")``).
 """
 
 from __future__ import annotations
