@@ -18,7 +18,7 @@ QWEN2 = str(ROOT / "configs/tiny/qwen2.yaml")
 
 
 def _decode(exported, out: Path, decoder: str) -> list[list]:
-    main(["predict", *decode_args(exported, out, "--model.init_args.decoder", decoder)])
+    main(["predict", *decode_args(exported, out, "--model.init_args.decoding.decoder", decoder)])
     return [json.loads(line)["items"] for line in (out / "p.jsonl").read_text().splitlines()]
 
 
