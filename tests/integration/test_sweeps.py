@@ -129,8 +129,15 @@ def test_random_and_bayes_propose_values_inside_the_space(tmp_path, method) -> N
 
 ALIGN = {  # an alignment sweep: its runs are parsed, not built (the tiny config's target need not exist)
     "metric": {"name": "val/mean_accepted_depth", "goal": "maximize"},
-    "command": [*COMMAND, "fit", "--config", str(ROOT / "configs/tiny/align.yaml"), "--data.source.init_args.path",
-                "unused", "${args}"],  # fmt: skip
+    "command": [
+        *COMMAND,
+        "fit",
+        "--config",
+        str(ROOT / "configs/tiny/align.yaml"),
+        "--data.source.init_args.path",
+        "unused",
+        "${args}",
+    ],
 }
 BAD = [
     ({"parameters": {"model.init_args.lrr": {"values": [0.1]}}}, "lrr"),  # not a CLI key
