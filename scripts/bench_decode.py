@@ -39,7 +39,8 @@ from atspeed.bench.decode_bench import build_grid, check_grid, run_grid
 from atspeed.bench.report import check_timing_flags, machine, plot_speedups, table, write_json
 from atspeed.bench.workload import load_workload, parameters, smoke_workload
 from atspeed.data.sources import SOURCES
-from atspeed.decoding.decoders import DECODERS, DecoderName, vocab_size
+from atspeed.decoding.checks import vocab_size
+from atspeed.decoding.decoders import DECODERS, DecoderName
 from atspeed.decoding.options import parse_budget
 from atspeed.wandb_log import log_bench_run, wandb_mode
 

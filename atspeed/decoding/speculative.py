@@ -52,6 +52,10 @@ class DecodeOutputBuffer:
     sequences: torch.Tensor
     scores: torch.Tensor
 
+    @classmethod
+    def empty(cls, b: int, k: int, levels: int, device: torch.device) -> DecodeOutputBuffer:
+        return cls(torch.zeros(b, k, levels, dtype=torch.long, device=device), torch.zeros(b, k, device=device))
+
 
 def _retire(
     going: int, levels: int, rows: torch.Tensor, beams: tuple[BeamState, BeamState], caches, out: DecodeOutputBuffer
@@ -229,16 +233,14 @@ def speculative_decode(
     root, grid = (root, plain_grid) if noise_keys is None else (keyed.keyed_root(root, noise_keys), keyed.beam_grid)
     loop = _Loop(root, root, [prompts.cache(target, b), kv_cache.new_cache()], torch.arange(b, device=device),
                  list(range(b)))  # fmt: skip
-    out = DecodeOutputBuffer(
-        torch.zeros(b, num_beams, levels, dtype=torch.long, device=device), torch.zeros(b, num_beams, device=device)
+    out = DecodeOutputBuffer.empty(b, num_beams, levels, device)
+    run = _Run(
+        target, draft, trie, settings, verify_level, select, sample, generator, clock, grid, noise_keys is not None
     )
-    keys = noise_keys is not None
-    run = _Run(target, draft, trie, settings, verify_level, select, sample, generator, clock, grid, keys)
     count = Counters([0] * b, [0] * b, [0] * b)
     depth_before = [0] * b
     while left := loop.next_call(levels, out):
-        m = planner.plan() if planner is not None else budget
-        m = m if m is not None else gamma * draft_beams
+        m = next(b for b in (planner.plan() if planner is not None else budget, gamma * draft_beams) if b is not None)
         tree, verdict, drafts = run.call(loop, prompts, min(gamma, left) if m != 0 else 0, m)
         need = needed(tree, verdict, not sample) if planner is not None and tree.levels else None
         loop.seen = read_back(loop.t_beams, loop.d_beams, verdict, tree, need, levels)

@@ -38,7 +38,7 @@ from transformers import PreTrainedModel
 from atspeed.data.datamodule import RecDataModule
 from atspeed.data.export_dir import check_same_identifiers
 from atspeed.data.teacher_store import TeacherStore, stack_padded, teacher_fingerprint
-from atspeed.decoding.decoders import check_list_length
+from atspeed.decoding.checks import check_list_length
 from atspeed.decoding.options import DEFAULT_DECODING, DecodeOptions
 from atspeed.decoding.speed_metrics import speed_metrics
 from atspeed.decoding.teaching.teacher import Teaching, node_logits, on_policy_teaching, target_teaching

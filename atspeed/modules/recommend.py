@@ -23,7 +23,8 @@ from atspeed.callbacks.predictions import prediction_rows
 from atspeed.data.datamodule import RecDataModule
 from atspeed.data.export_dir import INDEX_FILE, ExportMeta, check_same_identifiers
 from atspeed.data.json_file import read_json
-from atspeed.decoding.decoders import BoundDecoder, DecodeSettings, check_context, check_list_length
+from atspeed.decoding.checks import check_context, check_list_length
+from atspeed.decoding.decoders import BoundDecoder, DecodeSettings
 from atspeed.decoding.options import DEFAULT_DECODING, DecodeOptions
 from atspeed.decoding.output import SUMMARY_KEYS, DecodeOutput, synced_now
 from atspeed.errors import DataError

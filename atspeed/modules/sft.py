@@ -14,7 +14,8 @@ from transformers import PreTrainedModel
 from atspeed.callbacks.predictions import prediction_rows
 from atspeed.data.batches import IGNORE
 from atspeed.data.datamodule import RecDataModule
-from atspeed.decoding.decoders import DecodeSettings, check_list_length, decode
+from atspeed.decoding.checks import check_list_length
+from atspeed.decoding.decoders import DecodeSettings, decode
 from atspeed.errors import DataError
 from atspeed.metrics.ranking import RankingMetrics, popularity_ranking
 from atspeed.models.build import LoraSpec, ModelSpec, apply_lora, build_causal_lm, context_length

@@ -19,7 +19,7 @@ from jsonargparse.typing import PositiveInt
 
 from atspeed.data.datamodule import RecDataModule
 from atspeed.data.export_dir import ExportMeta
-from atspeed.decoding.decoders import check_context, check_list_length
+from atspeed.decoding.checks import check_context, check_list_length
 from atspeed.decoding.teaching.teacher import teacher_targets
 from atspeed.errors import DataError
 from atspeed.models.build import DType, load_model, model_config

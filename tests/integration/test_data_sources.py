@@ -52,7 +52,7 @@ def test_the_source_is_chosen_by_class_path_with_its_own_keys(tmp_path, capsys) 
     cli = main(tiny_args(data, tmp_path / "run", "--data.source.init_args.name", "toy"), run=False)
     assert cli.datamodule.hparams.source.name == "toy" and Path(cli.datamodule.hparams.source.path) == data
     err = fails(tiny_args(data, tmp_path / "run", "--data.source.init_args.min_rating", "4"), capsys)
-    assert err == "error: data.source.init_args: Option 'min_rating' is not accepted"  # processed data has no ratings
+    assert err == "error: data.source: Option 'min_rating' is not accepted"  # processed data has no ratings
 
 
 def test_the_export_settings_left_unset_are_taken_with_one_logged_line(exported, tmp_path, capsys) -> None:

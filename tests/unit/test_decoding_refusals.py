@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from atspeed.bench.host_syncs import HostSyncCounter
-from atspeed.decoding.decoders import DECODERS, BoundDecoder, check_prompts, decode
+from atspeed.decoding.checks import check_prompts
+from atspeed.decoding.decoders import DECODERS, BoundDecoder, decode
 from atspeed.decoding.settings import DecodeSettings
 from atspeed.errors import DataError
 from atspeed.items.trie import PrefixTrie

@@ -7,14 +7,8 @@ import torch
 from decoding_helpers import left_pad, one_torch_thread, random_trie, tiny_model
 from transformers import LlamaForCausalLM
 
-from atspeed.decoding.decoders import (
-    DECODERS,
-    DecodeSettings,
-    check_context,
-    check_models,
-    check_settings,
-    decode,
-)
+from atspeed.decoding.checks import check_context
+from atspeed.decoding.decoders import DECODERS, DecodeSettings, check_models, check_settings, decode
 
 VOCAB = 40
 DRAFTING = [name for name, spec in DECODERS.items() if spec.needs_draft]
