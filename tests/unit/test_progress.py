@@ -5,9 +5,8 @@ from __future__ import annotations
 import io
 import logging
 import time
-from types import SimpleNamespace
-
 import typing
+from types import SimpleNamespace
 
 import pytest
 import torch
