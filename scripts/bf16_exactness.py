@@ -90,6 +90,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--draft")
     parser.add_argument("--source", default="processed")
     parser.add_argument("--path")
+    parser.add_argument("--index-key-offset", type=int, default=0, help="-1 for Amazon Beauty's files (see configs)")
     parser.add_argument("--random", action="store_true", help="random 4-layer Llamas instead of exported models")
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--ks", type=int, nargs="+", default=[1, 3, 10, 20])
@@ -105,7 +106,8 @@ def main(argv: list[str] | None = None) -> dict:
         dtype = getattr(torch, args.dtype)
         work = dataclasses.replace(work, target=work.target.to(dtype), draft=work.draft.to(dtype))
     elif args.target and args.draft:
-        work = load_workload(args.target, args.draft, args.requests, args.source, args.path, dtype=args.dtype)
+        work = load_workload(args.target, args.draft, args.requests, args.source, args.path, args.index_key_offset,
+                             dtype=args.dtype)  # fmt: skip
     else:
         parser.error("give --target and --draft (exported model directories), or --random")
     device = torch.device(args.device)
