@@ -46,6 +46,7 @@ from jsonargparse import ArgumentParser
 from atspeed.atomic import atomic_file, check_replaceable
 from atspeed.callbacks.export import plain_model, write_export
 from atspeed.data.datamodule import RecDataModule
+from atspeed.data.sources import upgrade_data_hparams
 from atspeed.errors import DataError
 from atspeed.parsing import command_parser, fail, parse
 from atspeed.preflight import check_checkpoint, load_weights_only, weights_only_refusal
@@ -159,6 +160,10 @@ def load_checkpoint(path: Path, name: Path) -> dict[str, Any]:
 def build_datamodule(checkpoint: dict[str, Any], name: Path) -> RecDataModule:
     """The fit's data module, from the checkpoint's hyper-parameters, set up (tokenizer, item index)."""
     hparams = {k: v for k, v in checkpoint["datamodule_hyper_parameters"].items() if k != "_instantiator"}
+    try:
+        hparams = upgrade_data_hparams(hparams)  # a checkpoint from before typed sources
+    except DataError as err:
+        raise DataError(f"CKPT: {name}: its data source: {err}") from None
     try:
         dm = RecDataModule(**hparams)
     except TypeError as err:

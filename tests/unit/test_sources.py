@@ -430,3 +430,21 @@ def test_amazon_bad_gzip_and_bad_encoding(tmp_path: Path) -> None:
     latin.write_bytes(GOOD.encode() + b'{"reviewerID": "\xe9"}\n')
     with pytest.raises(DataError, match=r"latin.json:2: not UTF-8 text"):
         load_source(Amazon2014Options(path=latin))
+
+
+def test_checkpoints_from_before_typed_sources_upgrade_their_data_hyper_parameters() -> None:
+    """A fit checkpointed before ``data.source`` took options objects (flat ``source``, ``path``, ``kcore``, ...) still
+    exports and its data module builds: the flat keys become the source's options."""
+    from atspeed.data.sources import MovieLensOptions, ProcessedOptions, upgrade_data_hparams
+    from atspeed.errors import DataError
+
+    old = {"source": "processed", "path": "d", "meta_path": None, "name": None, "min_rating": None, "kcore": 3,
+           "split": "global_time", "batch_size": 8}  # fmt: skip
+    new = upgrade_data_hparams(old)
+    assert new["source"] == ProcessedOptions(path="d", kcore=3) and new["split"] == "global_time"
+    assert not {"path", "kcore", "meta_path", "name", "min_rating"} & set(new) and old["source"] == "processed"
+    embedded = upgrade_data_hparams({"source": "recbole", "path": None, "kcore": 0})  # the wheel's MovieLens-100k
+    assert embedded["source"] == MovieLensOptions()
+    assert upgrade_data_hparams(new) == new  # today's form passes unchanged
+    with pytest.raises(DataError, match="unknown source 'nope'"):
+        upgrade_data_hparams({"source": "nope"})

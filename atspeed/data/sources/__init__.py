@@ -76,6 +76,26 @@ def source_options(name: str, **fields: Any) -> SourceOptions:
     return options_class(**given)
 
 
+FLAT_SOURCE_KEYS = ("path", "meta_path", "name", "min_rating", "kcore")  # RecDataModule's keys before data.source
+
+
+def upgrade_data_hparams(hparams: dict[str, Any]) -> dict[str, Any]:
+    """A data module's hyper-parameters as checkpoints before typed sources hold them (``source`` a name beside flat
+    ``path``, ``kcore``, ...), in today's form (``source`` an options object); today's pass unchanged. The old
+    ``recbole`` source without a path was the embedded MovieLens-100k: today's ``movielens``."""
+    if not isinstance(hparams.get("source"), str):
+        return hparams
+    out = dict(hparams)
+    flat = {key: out.pop(key) for key in FLAT_SOURCE_KEYS if key in out}
+    name = "movielens" if out["source"] == "recbole" and flat.get("path") is None else out["source"]
+    if name not in SOURCES:
+        raise DataError(f"unknown source {name!r}; choose one of {', '.join(SOURCES)}")
+    options_class = SOURCES[name].options
+    known = {f.name for f in dataclasses.fields(options_class)}
+    out["source"] = options_class(**{key: value for key, value in flat.items() if key in known and value is not None})
+    return out
+
+
 def _required(field: dataclasses.Field) -> bool:
     return field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
 
@@ -94,4 +114,5 @@ __all__ = [
     "load_source",
     "source_name",
     "source_options",
+    "upgrade_data_hparams",
 ]
