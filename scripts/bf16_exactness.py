@@ -8,13 +8,17 @@ Both models in bf16 (on the CPU unless --device says otherwise). For K in --ks: 
 ``spec_strict`` (the given draft, N = --draft-beams, gamma = --gamma) differs from ``beam``; the same with the target
 as its own draft (N = K, gamma = L) and its target calls per list (1.00 = every tree accepted); and, for each
 differing list, the deciding gap (the smallest score gap between consecutive items of beam's list), which says
-whether the difference sits where bf16 rounding can decide. Prints a table and writes JSON. Runs against whatever
+whether the difference sits where bf16 rounding can decide. Against a float32 copy of the target's own beam search
+(``fp32_beam``): how often bf16 beam search and bf16 spec_strict each differ from it, which says whether strict
+decoding in bf16 is as exact as bf16 beam search is (neither can be closer to the float32 lists than the rounding of
+the forwards allows). Prints a table and writes JSON. Runs against whatever
 ``atspeed`` is importable, so the same command measures an older checkout (PYTHONPATH=<old checkout>).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import sys
 import time
@@ -67,12 +71,16 @@ def decode_all(work: Workload, name: str, settings: DecodeSettings, draft, batch
     return torch.cat(sequences), torch.cat(scores), torch.cat(calls)
 
 
-def compare(work: Workload, k: int, args, device) -> dict:
+def compare(work: Workload, k: int, args, device, fp32_target: torch.nn.Module | None = None) -> dict:
     levels = work.levels
     base = DecodeSettings(num_beams=k, levels=levels, draft_beams=max(args.draft_beams, k), gamma=args.gamma,
                           pad_token_id=work.pad_token_id)  # fmt: skip
     beam_seq, beam_scores, _ = decode_all(work, "beam", base, None, args.batch, device)
     row = {"K": k, "lists": len(work.prompts)}
+    fp32_seq = None
+    if fp32_target is not None:
+        fp32_seq, _, _ = decode_all(dataclasses.replace(work, target=fp32_target), "beam", base, None, args.batch, device)
+        row["beam_differs_from_fp32_beam"] = float((beam_seq != fp32_seq).flatten(1).any(1).float().mean())
     runs = {"draft": (base, work.draft), "self": (DecodeSettings(k, levels, k, levels, work.pad_token_id), work.target)}
     for label, (settings, draft) in runs.items():
         seq, _, calls = decode_all(work, "spec_strict", settings, draft, args.batch, device)
@@ -81,6 +89,8 @@ def compare(work: Workload, k: int, args, device) -> dict:
         row[f"{label}_differs"] = float(differs.float().mean())
         row[f"{label}_calls_per_list"] = float(calls.mean())
         row[f"{label}_max_deciding_gap"] = float(gaps[differs].max()) if differs.any() else None
+        if fp32_seq is not None:
+            row[f"{label}_differs_from_fp32_beam"] = float((seq != fp32_seq).flatten(1).any(1).float().mean())
     return row
 
 
@@ -113,18 +123,28 @@ def main(argv: list[str] | None = None) -> dict:
     device = torch.device(args.device)
     work = work.to(device)
     started = time.perf_counter()
-    rows = [compare(work, k, args, device) for k in args.ks]
+    fp32_target = None if args.dtype == "float32" else copy.deepcopy(work.target).float()
+    rows = [compare(work, k, args, device, fp32_target) for k in args.ks]
     result = {"dtype": args.dtype, "device": str(device), "info": work.info, "rows": rows,
               "seconds": round(time.perf_counter() - started, 1)}  # fmt: skip
-    cells = []
-    for r in rows:
-        gap = "-" if r["draft_max_deciding_gap"] is None else f"{r['draft_max_deciding_gap']:.3f}"
-        cells.append([str(r["K"]), str(r["lists"]), f"{100 * r['draft_differs']:.1f}%", gap,
-                      f"{100 * r['self_differs']:.1f}%", f"{r['self_calls_per_list']:.2f}"])  # fmt: skip
-    print(text_table(["K", "lists", "draft: differs", "max gap", "self: differs", "calls/list"], cells, left=0))
+    print(text_table(*_table(rows), left=0))
     if args.out:
         write_json(args.out, result)
     return result
+
+
+def _table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
+    def pct(r: dict, key: str) -> str:
+        return "-" if r.get(key) is None else f"{100 * r[key]:.1f}%"
+
+    head = ["K", "lists", "draft: differs", "max gap", "self: differs", "calls/list", "vs fp32: beam", "spec_strict"]
+    cells = []
+    for r in rows:
+        gap = "-" if r["draft_max_deciding_gap"] is None else f"{r['draft_max_deciding_gap']:.3f}"
+        cells.append([str(r["K"]), str(r["lists"]), pct(r, "draft_differs"), gap, pct(r, "self_differs"),
+                      f"{r['self_calls_per_list']:.2f}", pct(r, "beam_differs_from_fp32_beam"),
+                      pct(r, "draft_differs_from_fp32_beam")])  # fmt: skip
+    return head, cells
 
 
 if __name__ == "__main__":
