@@ -171,15 +171,17 @@ class PrefixTrie:
         if table is None:
             mask = trie._sparse_mask(states.reshape(-1)).view(*states.shape, self.vocab_size)
             return mask if allowed else ~mask
-        lo, hi = trie.span
-        rows = table[states.remainder(table.shape[0])]  # [..., hi - lo + 2]
-        rows = rows >= 0 if allowed else rows < 0
-        out = (torch.zeros if allowed else torch.ones)(*states.shape, self.vocab_size, dtype=torch.bool,
-                                                      device=states.device)  # fmt: skip
-        out[..., lo:hi] = rows[..., : hi - lo]
-        if self.eos_token_id is not None and trie._eos_column == hi - lo:
-            out[..., self.eos_token_id] = rows[..., hi - lo]
-        return out
+        allowed_table, forbidden_table, columns = trie._mask_tables
+        rows = (allowed_table if allowed else forbidden_table)[states.remainder(table.shape[0])]  # [..., hi - lo + 2]
+        return rows.index_select(-1, columns)  # [..., V]: three ops, whatever the vocabulary
+
+    @functools.cached_property
+    def _mask_tables(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``_table >= 0`` (bool [S + 1, hi - lo + 2]: allowed), its negation, and the table column of every token
+        id [V] (the "none" column, never allowed, outside the span but for EOS)."""
+        with torch.inference_mode(False):  # usable outside inference mode too (a validation step inside fit)
+            allowed = self._table >= 0
+            return allowed, ~allowed, self._columns[1 : self.vocab_size + 1].clone()
 
     def _sparse_mask(self, states: torch.Tensor) -> torch.Tensor:
         g = self.graph

@@ -32,11 +32,13 @@ A keyed beam holds G~ in ``BeamState.scores`` (what the beam steps and strict ve
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from atspeed.decoding import constants
 from atspeed.decoding.search.beam import BeamState
 from atspeed.decoding.search.draft_tree import NodeTable, TokenTree
 from atspeed.items.trie import PrefixTrie
@@ -63,11 +65,20 @@ def request_keys(seed: int, request_ids: torch.Tensor) -> torch.Tensor:
     return mix(mix(torch.full_like(request_ids, seed)) ^ request_ids.long())
 
 
+@functools.lru_cache(maxsize=64)
+def _constant(kind: str, lo: int, hi: int, device: torch.device) -> torch.Tensor:
+    """Hash inputs that depend only on sizes, made once per device (``decoding.constants``' reasoning)."""
+    with torch.inference_mode(False):
+        if kind == "positions":  # position c's offset in a prefix part, (c + 1) << 40, c in lo..hi-1
+            return (torch.arange(lo, hi, device=device) + 1) << 40
+        return mix(torch.arange(lo, hi, device=device) * _MUL2)  # "tokens": each token's own hash
+
+
 def prefix_keys(sequences: torch.Tensor, depth: torch.Tensor, noise_keys: torch.Tensor) -> torch.Tensor:
     """[B, W] int64 key of each prefix: ``sequences`` [B, W, C] read up to ``depth`` ([B] or [B, W]) tokens, under
     its request's key [B]. Each (position, token) is hashed apart, then summed (48-bit parts: no overflow)."""
-    column = torch.arange(sequences.shape[2], device=sequences.device)
-    parts = mix(sequences + ((column + 1) << 40)) & _LOW48  # [B, W, C]
+    column = constants.arange(sequences.shape[2], sequences.device)
+    parts = mix(sequences + _constant("positions", 0, sequences.shape[2], sequences.device)) & _LOW48  # [B, W, C]
     depth = depth[:, None] if depth.ndim == 1 else depth
     inside = column[None, None, :] < depth[..., None]  # [B, W, C]
     return mix(torch.where(inside, parts, 0).sum(2) ^ noise_keys[:, None])
@@ -75,15 +86,16 @@ def prefix_keys(sequences: torch.Tensor, depth: torch.Tensor, noise_keys: torch.
 
 def keyed_gumbel(keys: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
     """[B, W, hi - lo] float64 standard Gumbel noise of tokens lo..hi-1 after each prefix key [B, W]."""
-    tokens = mix(torch.arange(lo, hi, device=keys.device) * _MUL2)  # [V']
+    tokens = _constant("tokens", lo, hi, keys.device)  # [V']
     bits = mix(keys[..., None] ^ tokens)
     u = (((bits >> 11) & ((1 << 53) - 1)).double() + 0.5) * 2.0**-53  # in (0, 1)
     return -torch.log(-torch.log(u))
 
 
 def _log1mexp(x: torch.Tensor) -> torch.Tensor:
-    """log(1 - exp(x)) for x <= 0, accurate on both sides of -log 2."""
-    return torch.where(x > -0.6931, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+    """log(1 - exp(x)) for x <= 0 in float64 (-inf at 0). One branch: below -log 2, where log1p(-exp(x)) would be
+    the accurate form, this one's absolute error stays under 1e-16, far below anything the keys compare."""
+    return torch.log(-torch.expm1(x))
 
 
 def truncate(raw: torch.Tensor, parent: torch.Tensor) -> torch.Tensor:
@@ -91,7 +103,8 @@ def truncate(raw: torch.Tensor, parent: torch.Tensor) -> torch.Tensor:
     and the parents' keys ``parent`` [B, W]: conditioned on their maximum being the parent's (module docstring)."""
     z = raw.max(2, keepdim=True).values
     keys = -torch.logaddexp(-parent[..., None], -raw + _log1mexp(raw - z))
-    return torch.where(torch.isfinite(raw) & torch.isfinite(parent)[..., None], keys, float("-inf"))
+    live = (raw > float("-inf")) & (parent > float("-inf"))[..., None]  # neither is +inf or NaN
+    return torch.where(live, keys, float("-inf"))
 
 
 def grid(
@@ -134,7 +147,7 @@ def _step_log_probs(logits: torch.Tensor, trie_states: torch.Tensor, tokens: tor
     step = torch.log_softmax(logits[..., lo:hi].float().masked_fill(~allowed, float("-inf")), dim=-1)
     picked = step.gather(2, (tokens - lo).clamp(0, hi - lo - 1)[..., None])[..., 0]
     inside = (tokens >= lo) & (tokens < hi)
-    return torch.where(inside & torch.isfinite(picked), picked, float("-inf"))
+    return torch.where(inside & (picked > float("-inf")), picked, float("-inf"))  # NaN (nothing allowed) too
 
 
 @dataclass(frozen=True)
@@ -173,4 +186,4 @@ class TreeKeys:
         node_logits = self.logits.gather(1, nodes[..., None].expand(b, k, self.logits.shape[2]))
         step = _step_log_probs(node_logits, self.table.trie_states.gather(1, nodes), tokens, self.trie)
         phi = self.log_probs.gather(1, nodes) + torch.where(grow[:, None], step, 0.0)
-        return torch.where(torch.isfinite(keys), phi, float("-inf"))
+        return torch.where(keys > float("-inf"), phi, float("-inf"))

@@ -55,13 +55,12 @@ def verify_level(inp: LevelInput) -> LevelDecision:
     # positive entries than beams are missing) draws from p, so a candidate the trie forbids is never taken
     p = torch.softmax(inp.cand, dim=1).nan_to_num(0.0).masked_fill(accepted, 0.0)
     residual = (p - candidate_draft_probs(inp)).clamp(min=0)
-    noise = gumbel(p.shape, gen, p.device)
-    keys = torch.where(residual > 0, residual.log() + noise, p.log() + noise - _ACCEPTED_FIRST)
-    shuffle = torch.rand(keys.shape, generator=gen, device=gen.device).to(keys.device)
-    keys = torch.where(accepted, _ACCEPTED_FIRST + shuffle, keys)
-    # rows with nothing drafted at this level take the bonus step: K samples from p
-    bonus = inp.cand + gumbel(inp.cand.shape, gen, inp.cand.device)
-    keys = torch.where(inp.can_match[:, None], keys, bonus)
+    # One Gumbel draw per candidate serves the one tier it falls in (each draw is used once, so they stay
+    # independent): accepted candidates in random order, residual draws, draws from p; and in rows with nothing
+    # drafted at this level, the bonus step's K samples from p.
+    tier = torch.where(residual > 0, residual.log(), p.log() - _ACCEPTED_FIRST)
+    tier = torch.where(accepted, _ACCEPTED_FIRST, tier)
+    keys = torch.where(inp.can_match[:, None], tier, inp.cand) + gumbel(p.shape, gen, p.device)
     chosen = torch.topk(keys, k, dim=1).indices
     parents, tokens, scores = chosen // vocab, chosen % vocab, inp.cand.gather(1, chosen)
     found, nodes = match_drafted(inp, parents, tokens)
