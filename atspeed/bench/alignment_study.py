@@ -31,11 +31,13 @@ DEFAULT_LOSSES = ("sft", "word_kd", "seq_kd", "tvd_kd", "atspeed_s", "atspeed_s_
 DEFAULT_SLIDING_LOSSES = ("seq_kd", "atspeed_s", "atspeed_r")
 DEFAULT_ON_POLICY_LOSSES = ("atspeed_s", "atspeed_r")
 DEFAULT_LARGE_LOSSES = ("sft", "atspeed_s", "atspeed_s_authors", "atspeed_r")
+# the larger draft: a quarter of the target's width (target_sft.yaml: hidden 128, two layers), ~200 K parameters
+# against the SFT draft's 23 K, so that draft capacity and alignment can be told apart
 DEFAULT_LARGE_DRAFT = {
-    "hidden_size": 32,
+    "hidden_size": 64,
     "num_layers": 2,
-    "num_heads": 2,
-    "intermediate_size": 64,
+    "num_heads": 4,
+    "intermediate_size": 128,
     "max_positions": 256,
 }
 SIZE_KEYS = tuple(f.name for f in dataclasses.fields(ModelSpec) if f.name != "path")

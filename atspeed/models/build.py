@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from jsonargparse.typing import PositiveInt
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
@@ -36,15 +37,15 @@ class ModelSpec:
     checkpoint's config.json says them)."""
     family: Family = "llama"
     """Model family built from scratch (``atspeed.models.families.FAMILIES``): llama or qwen2."""
-    hidden_size: int = 128
+    hidden_size: PositiveInt = 128
     """Width of the model built from scratch."""
-    num_layers: int = 2
+    num_layers: PositiveInt = 2
     """Decoder layers of the model built from scratch."""
-    num_heads: int = 4
+    num_heads: PositiveInt = 4
     """Attention heads of the model built from scratch."""
-    intermediate_size: int | None = None
+    intermediate_size: PositiveInt | None = None
     """MLP width; default 4 x hidden_size."""
-    max_positions: int = 256
+    max_positions: PositiveInt = 256
     """Context length of the model built from scratch (prompt + identifier)."""
     dtype: DType = "float32"
     """torch dtype name of the weights, e.g. float32 or bfloat16."""

@@ -112,6 +112,17 @@ def test_out_of_range_values_are_refused_by_parsing(capsys, key, value, type_nam
     assert lines[0].startswith(f"error: {key}: Not of type {type_name}") and value in lines[0]
 
 
+@pytest.mark.parametrize(("key", "value"), [("hidden_size", "0"), ("num_layers", "-1"), ("intermediate_size", "0")])
+def test_model_sizes_are_refused_by_parsing(capsys, key, value) -> None:
+    """A model built from scratch: its sizes are PositiveInt, refused while parsing (before any data or model)."""
+    full = f"model.init_args.model.{key}"
+    code, out, err = _exits(["fit", "--config", "configs/tiny/target_sft.yaml", f"--{full}", value, "--print_config"],
+                            capsys)  # fmt: skip
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert code == 2 and not out and len(lines) == 1, err
+    assert lines[0].startswith(f"error: {full}: ") and "PositiveInt" in lines[0] and value in lines[0]
+
+
 def test_python_m_atspeed_refuses_alpha_above_one_while_parsing() -> None:
     """The issue's own command, in a fresh process: exit 2 with one line naming the key."""
     done = run_cli("fit", ["--config", "configs/tiny/align.yaml", "--model.init_args.alpha", "1.5", "--print_config"])

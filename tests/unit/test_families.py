@@ -87,7 +87,7 @@ def test_the_checkpoint_allow_list_is_read_from_the_signatures() -> None:
     hand_kept = [ModelSpec, LoraSpec, SemanticIdSpec, EvalSpec, LossOptions, PositiveInt, NonNegativeInt, PositiveFloat]
     assert set(hand_kept) <= set(allowed)
     assert not {int, float, str, bool, type(None)} & set(allowed)
-    assert set(checkpoint_types([NewStage])) == {NewOptions, NewInner, PositiveFloat, ModelSpec}
+    assert set(checkpoint_types([NewStage])) == {NewOptions, NewInner, PositiveFloat, ModelSpec, PositiveInt}
 
 
 @dataclass
