@@ -79,7 +79,8 @@ def compare(work: Workload, k: int, args, device, fp32_target: torch.nn.Module |
     row = {"K": k, "lists": len(work.prompts)}
     fp32_seq = None
     if fp32_target is not None:
-        fp32_seq, _, _ = decode_all(dataclasses.replace(work, target=fp32_target), "beam", base, None, args.batch, device)
+        fp32_work = dataclasses.replace(work, target=fp32_target)
+        fp32_seq, _, _ = decode_all(fp32_work, "beam", base, None, args.batch, device)
         row["beam_differs_from_fp32_beam"] = float((beam_seq != fp32_seq).flatten(1).any(1).float().mean())
     runs = {"draft": (base, work.draft), "self": (DecodeSettings(k, levels, k, levels, work.pad_token_id), work.target)}
     for label, (settings, draft) in runs.items():
