@@ -18,8 +18,10 @@ string) is appended to every stage's command.
 Decoding (batch size 1, --requests test requests of a seeded subset): the references (beam, beam_sample and, where
 the decoder table has it, beam_sample_keyed) once per K, then every draft with every decoder of --decoders at every K
 of --ks (N = --draft-beams, gamma = --gamma). Rows go to <out>.partial.json as they are decoded: a rerun skips the
-rows it holds. Writes the JSON report (--out), a PNG of calls per list against K with error bars (--plot), and
-prints the tables and the "paper claim -> reproduced here? -> evidence" table in markdown.
+rows it holds. Writes the JSON report (--out) with every row of that file, so runs with narrower plans (a K sweep for
+one seed, the relaxed decoders over all test users with --requests 3553) add up to one report; a PNG of calls per
+list against K with error bars (--plot); and prints the tables (call counts from the --requests rows) and the "paper
+claim -> reproduced here? -> evidence" table in markdown.
 """
 
 from __future__ import annotations
@@ -168,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
         args.dtype,
     )
     partial = study_decode.PartialRows(args.out.with_suffix(".partial.json"))
-    rows = study_decode.decode_study(work, args.runs, drafts, decode, partial, device)
+    study_decode.decode_study(work, args.runs, drafts, decode, partial, device)
+    rows = partial.rows  # every row decoded for --out so far, by this plan or an earlier one (module docstring)
     report = _report(args, argv, work, drafts, ran, rows, started, trained, load_before, partial.decoded)
     write_json(args.out, report)
     _print_tables(args, rows, work.levels)
@@ -228,15 +231,17 @@ def _report(args, argv, work, drafts, ran, rows, started, trained, load_before, 
 
 
 def _print_tables(args, rows: list[dict], levels: int) -> None:
-    agg = study_tables.aggregate(rows)
+    every = study_tables.aggregate(rows)
+    agg = [e for e in every if e["requests"] == args.requests]  # call counts: the --requests rows
     k = 10 if 10 in args.ks else max(args.ks)
     n, gamma = args.draft_beams, args.gamma
-    for decoder in args.decoders:
+    decoders = tuple(dict.fromkeys(e["decoder"] for e in agg if e["group"] is not None))
+    for decoder in decoders:
         print(study_tables.calls_table(agg, decoder, n, gamma), end="\n\n")
-    print(study_tables.accuracy_table(agg, k, n, gamma), end="\n\n")
-    print(study_tables.claims_table(agg, k, n, gamma, levels), end="\n\n")
+    print(study_tables.accuracy_table(every, k, n, gamma), end="\n\n")
+    print(study_tables.claims_table(every, k, n, gamma, levels, requests=args.requests), end="\n\n")
     title = f"{args.data}: {len(rows)} rows, {args.requests} requests"
-    if study_tables.plot_calls(args.plot, agg, tuple(args.decoders), n, gamma, title):
+    if study_tables.plot_calls(args.plot, agg, decoders, n, gamma, title):
         print(f"wrote {args.plot}")
     else:
         print("matplotlib is not installed: no plot", file=sys.stderr)

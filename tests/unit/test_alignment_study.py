@@ -198,3 +198,18 @@ def test_plot_calls(tmp_path) -> None:
         pytest.skip("matplotlib is not installed")
     assert plot_calls(tmp_path / "p.png", aggregate(study_rows()), ("spec_strict", "spec_relaxed"), 40, 3, "t")
     assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_rows_of_another_request_count_stay_apart() -> None:
+    """All-users rows (another request count) neither mix into the 1,000-request call counts nor escape the
+    accuracy claim, each compared with the reference decoded on its own requests."""
+    rows = study_rows()
+    wide = [r | {"requests": 3553} for r in rows if r["group"] in (None, "atspeed_r") and r["K"] == 10]
+    agg = aggregate(rows + [r | {"recall": 0.5} if r["decoder"] == "spec_relaxed" else r for r in wide])
+    assert {e["requests"] for e in agg if e["group"] == "atspeed_r" and e["decoder"] == "spec_relaxed"} == {1000, 3553}
+    line = claims_table(agg, 10, 40, 3, 4, requests=1000).splitlines()[5]
+    assert "| no |" in line and "over 3553 requests" in line and "(3553 requests)" in line
+    assert (
+        claims_table(agg, 10, 40, 3, 4, requests=1000).splitlines()[2:5]
+        == claims_table(aggregate(rows), 10, 40, 3, 4).splitlines()[2:5]
+    )

@@ -103,8 +103,9 @@ def test_a_llama_sized_vocabulary_masks_from_the_identifier_span_without_read_ba
         assert _syncs_per_call(name, target, draft, trie, prompts, settings) <= LIMIT[name], name
 
 
-# kernels per target call outside the models (ops that are not views); the keyed decoders hash their noise (~830)
-LAUNCH_LIMIT = {"beam": 100, "spec_strict": 300}
+# kernels per target call outside the models (ops that are not views); the keyed decoders hash their noise (~670),
+# the recursive sampler walks the drafts one by one (~3,600)
+LAUNCH_LIMIT = {"beam": 100, "spec_strict": 300, "spec_relaxed": 300}
 
 
 @pytest.mark.parametrize("name", sorted(LAUNCH_LIMIT))
