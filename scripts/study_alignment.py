@@ -40,7 +40,7 @@ from typing import get_args
 import torch
 
 from atspeed.bench import alignment_study as study
-from atspeed.bench import study_decode, study_tables
+from atspeed.bench import study_decode, study_plot, study_tables
 from atspeed.bench.decode_bench import check_grid
 from atspeed.bench.report import check_timing_flags, machine, write_json
 from atspeed.bench.workload import load_workload, parameters
@@ -239,9 +239,10 @@ def _print_tables(args, rows: list[dict], levels: int) -> None:
     for decoder in decoders:
         print(study_tables.calls_table(agg, decoder, n, gamma), end="\n\n")
     print(study_tables.accuracy_table(every, k, n, gamma), end="\n\n")
+    print(study_tables.exactness_table(rows), end="\n\n")
     print(study_tables.claims_table(every, k, n, gamma, levels, requests=args.requests), end="\n\n")
     title = f"{args.data}: {len(rows)} rows, {args.requests} requests"
-    if study_tables.plot_calls(args.plot, agg, decoders, n, gamma, title):
+    if study_plot.plot_calls(args.plot, agg, decoders, n, gamma, title):
         print(f"wrote {args.plot}")
     else:
         print("matplotlib is not installed: no plot", file=sys.stderr)

@@ -30,7 +30,7 @@ DEFAULT_LOSSES = ("sft", "word_kd", "seq_kd", "tvd_kd", "atspeed_s", "atspeed_s_
 # target calls per list at K = 10, within one standard error of each other)
 DEFAULT_SLIDING_LOSSES = ("seq_kd", "atspeed_s", "atspeed_r")
 DEFAULT_ON_POLICY_LOSSES = ("atspeed_s", "atspeed_r")
-DEFAULT_LARGE_LOSSES = ("sft", "atspeed_s", "atspeed_s_authors", "atspeed_r")
+DEFAULT_LARGE_LOSSES = ("sft", "seq_kd", "atspeed_s", "atspeed_s_authors", "atspeed_r")
 # the larger draft: a quarter of the target's width (target_sft.yaml: hidden 128, two layers), ~200 K parameters
 # against the SFT draft's 23 K, so that draft capacity and alignment can be told apart
 DEFAULT_LARGE_DRAFT = {

@@ -10,6 +10,7 @@ cutoff min(10, K) against the ground truth, with their standard error over the d
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -125,7 +126,13 @@ def decode_row(config: BenchConfig, work: Workload, batches: list, plan: DecodeP
         "ndcg": ndcg_mean,
         "ndcg_se": ndcg_se,
         "recall_ci95": None if recall_se is None else [recall_mean - Z95 * recall_se, recall_mean + Z95 * recall_se],
+        "lists_sha1": lists_fingerprint(items),
     }
+
+
+def lists_fingerprint(items: torch.Tensor) -> str:
+    """SHA-1 of the decoded lists (item ids [R, K], in order): equal fingerprints, identical lists."""
+    return hashlib.sha1(items.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()
 
 
 class PartialRows:
