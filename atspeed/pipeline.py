@@ -161,7 +161,7 @@ def summarise(stages: list[Stage], k: int = SUMMARY_K) -> dict:
             ref = DecodeResult.from_speed(refs[name, row["K"]]["speed"]) if (name, row["K"]) in refs else None
             row[field] = DecodeResult.from_speed(row["speed"]).speedup_over(ref) if row["ms_per_list"] else None
         beam, spec = refs.get(("beam", row["K"])), DECODERS.get(row["decoder"])
-        checked = spec is not None and spec.contract == "equals beam" and beam is not None
+        checked = spec is not None and spec.equals == "beam" and beam is not None
         row["equals_beam"] = (row["recall"], row["ndcg"]) == (beam["recall"], beam["ndcg"]) if checked else None
     return {"k": k, "rows": [{key: v for key, v in row.items() if key != "speed"} for row in rows]}
 

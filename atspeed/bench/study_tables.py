@@ -173,9 +173,8 @@ def _accuracy_claim(agg: list[dict], k: int) -> tuple[str, str]:
     sampling itself keep beam search's accuracy (the reference against ``beam``, at the largest request count)?"""
     refs = {(e["decoder"], e["requests"]): e for e in agg if e["group"] is None and e["K"] == k}
 
-    def reference(e: dict) -> dict | None:
-        keyed = refs.get(("beam_sample_keyed", e["requests"])) if e["decoder"] == "spec_keyed" else None
-        return keyed or refs.get(("beam_sample", e["requests"]))
+    def reference(e: dict) -> dict | None:  # the decoder it equals (spec_keyed: beam_sample_keyed), else beam_sample
+        return refs.get((DECODERS[e["decoder"]].equals or "beam_sample", e["requests"]))
 
     relaxed = [e for e in agg if e["decoder"] in RELAXED and e["K"] == k and e["group"] is not None]
     relaxed = [e for e in relaxed if reference(e) is not None]
@@ -223,10 +222,9 @@ def exactness_table(rows: list[dict]) -> str:
     }
     counts: dict[tuple[str, str], list[int]] = {}
     for r in rows:
-        contract = DECODERS[r["decoder"]].contract if r["decoder"] in DECODERS else ""
-        if not r["group"] or not contract.startswith("equals ") or not r.get("lists_sha1"):
+        reference = DECODERS[r["decoder"]].equals if r["decoder"] in DECODERS else None
+        if not r["group"] or reference is None or not r.get("lists_sha1"):
             continue
-        reference = contract.removeprefix("equals ")
         expected = refs.get((reference, r["K"], r["requests"], r["decode_seed"]))
         if expected:
             seen = counts.setdefault((r["decoder"], reference), [0, 0])

@@ -123,6 +123,11 @@ class DecoderSpec:
     help: str  # one line for --help
 
     @property
+    def equals(self) -> str | None:
+        """The decoder whose lists this one's equal exactly (a contract "equals <name>"), else None."""
+        return self.contract.removeprefix("equals ") if self.contract.startswith("equals ") else None
+
+    @property
     def deterministic(self) -> bool:
         """Its lists are a function of the prompts (the decoders whose lists can be compared with HF generate's)."""
         return not self.samples

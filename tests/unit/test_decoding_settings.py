@@ -174,3 +174,9 @@ def test_decode_runs_without_gradients(target) -> None:
     out = decode("beam", target, input_ids, mask, random_trie(VOCAB, 3, seed=0), DecodeSettings(2, 3))
     assert not out.scores.requires_grad
     assert out.sequences.dtype == torch.long
+
+
+def test_equals_names_the_decoder_whose_lists_a_contract_promises() -> None:
+    equals = {name: spec.equals for name, spec in DECODERS.items() if spec.equals}
+    assert equals == {"spec_strict": "beam", "hf_beam": "beam", "spec_keyed": "beam_sample_keyed"}
+    assert all(target in DECODERS for target in equals.values())
