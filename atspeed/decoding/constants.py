@@ -10,6 +10,9 @@ import functools
 
 import torch
 
+TIE_STEPS_MAX = 2**25
+"""The most candidates ``tie_steps`` serves: (i + 1) * 2**-50 stays at most 2**-25, below half a float32 step."""
+
 
 @functools.lru_cache(maxsize=256)
 def _made(kind: str, n: int, device: torch.device) -> torch.Tensor:
@@ -20,6 +23,10 @@ def _made(kind: str, n: int, device: torch.device) -> torch.Tensor:
             return torch.eye(n, dtype=torch.bool, device=device)
         if kind == "tril":
             return torch.ones(n, n, dtype=torch.bool, device=device).tril()
+        if kind.startswith("column"):  # "column<d>": arange(n) viewed [n, 1, ..., 1] with d ones
+            return torch.arange(n, device=device).view(n, *[1] * int(kind[6:]))
+        if kind == "tie_steps":
+            return torch.arange(1, n + 1, dtype=torch.float64, device=device) * 2.0**-50
         shift = max(n - 1, 1).bit_length()  # "countdown": n - 1 - i in the low bits of a tie-break key
         return (1 << shift) - 1 - torch.arange(n, device=device)
 
@@ -27,6 +34,12 @@ def _made(kind: str, n: int, device: torch.device) -> torch.Tensor:
 def arange(n: int, device: torch.device) -> torch.Tensor:
     """``torch.arange(n)`` (int64) on ``device``."""
     return _made("arange", n, torch.device(device))
+
+
+def column(n: int, device: torch.device, dims: int = 1) -> torch.Tensor:
+    """``arange(n)`` viewed [n, 1] (``dims`` trailing ones): a batch index that broadcasts against [n, k, ...] indices
+    (``x[column(b), idx]`` gathers rows of ``x`` [B, W, ...] in one op, where ``gather`` needs the index expanded)."""
+    return _made(f"column{dims}", n, torch.device(device))
 
 
 def eye(n: int, device: torch.device) -> torch.Tensor:
@@ -42,3 +55,24 @@ def tril(n: int, device: torch.device) -> torch.Tensor:
 def countdown(n: int, device: torch.device) -> torch.Tensor:
     """``2**b - 1 - arange(n)`` (int64) with ``b`` the bits of ``n - 1``: index ``i``'s tie-break, larger first."""
     return _made("countdown", n, torch.device(device))
+
+
+def tie_steps(n: int, device: torch.device) -> torch.Tensor:
+    """``(arange(n) + 1) * 2**-50`` (float64) on ``device``: index ``i``'s relative tie-break step (n <= 2**25)."""
+    return _made("tie_steps", n, torch.device(device))
+
+
+@functools.lru_cache(maxsize=16)
+def tie_floor(device: torch.device) -> torch.Tensor:
+    """0-dim float64 ``2**-1000`` on ``device``: the size ``ordered_keys`` gives a zero (hypot(v, it) = |v| else)."""
+    with torch.inference_mode(False):
+        return torch.full((), 2.0**-1000, dtype=torch.float64, device=device)
+
+
+@functools.lru_cache(maxsize=16)
+def mask_values(dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """0-dim ``(0, finfo(dtype).min)`` on ``device``: an additive attention mask's two values (``torch.where`` with
+    Python numbers would make them at every call)."""
+    with torch.inference_mode(False):
+        zero = torch.zeros((), dtype=dtype, device=device)
+        return zero, torch.full((), torch.finfo(dtype).min, dtype=dtype, device=device)

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
+from atspeed.decoding import constants
 from atspeed.decoding.cache import kv_cache
 from atspeed.decoding.cache.header import PromptHeader, Prompts
 from atspeed.decoding.cache.tree_attention import prefill
@@ -93,7 +94,6 @@ def _advance(
     same beams differs only in what they attend in its cache and in how much of them it has fed. Keyed beams
     (``tree_keys``) also carry their log-probabilities and their requests' keys."""
     depth = t_beams.depth + verdict.accepted
-    nodes = verdict.nodes[..., None]
     view = dataclasses.replace(
         table.as_beams(node_visible, depth, t_beams.prompt_lengths), noise_keys=t_beams.noise_keys
     )
@@ -103,9 +103,9 @@ def _advance(
     new = extend(view, verdict.nodes, verdict.tokens, verdict.scores, trie, grow=~verdict.complete, log_probs=log_probs)
     return new, dataclasses.replace(
         new,
-        visible=table.draft_visible.gather(1, nodes.expand(-1, -1, table.draft_visible.shape[2])),
+        visible=table.draft_visible[constants.column(depth.shape[0], depth.device), verdict.nodes],
         # the draft never fed its last drafted level; with nothing drafted, it fed what it had fed
-        fed=depth - (verdict.accepted == g).long() if g else d_beams.fed,
+        fed=depth - verdict.accepted // g if g else d_beams.fed,  # accepted // g: 1 where all g levels passed
     )  # fmt: skip
 
 

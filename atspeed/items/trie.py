@@ -91,15 +91,16 @@ class PrefixTrie:
     def _copies(self) -> dict[str, PrefixTrie]:
         return {}
 
-    def advance(self, states: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    def advance(self, states: torch.Tensor, tokens: torch.Tensor, in_vocab: bool = False) -> torch.Tensor:
         """Next states [M] after appending ``tokens`` [M] to ``states`` [M]; -1 if not allowed (dead stays dead).
 
         EOS after a complete identifier (when ``eos_token_id`` is set) keeps the state, so finished beams can
-        be advanced with EOS padding. Runs on the states' device (the trie follows them: ``on``).
+        be advanced with EOS padding. Runs on the states' device (the trie follows them: ``on``). ``in_vocab``: the
+        caller vouches that every token is in [0, V) (a decoder's own choices), which saves an op per step.
         """
         trie = self.on(states.device)
         if trie._table is not None:
-            return trie._dense_advance(trie._table, states, tokens)
+            return trie._dense_advance(trie._table, states, tokens if in_vocab else tokens.clamp(-1, self.vocab_size))
         g = trie.graph
         nxt = step(g.keys, g.child_state, states, tokens, self.vocab_size)
         if self.eos_token_id is not None:
@@ -122,7 +123,7 @@ class PrefixTrie:
     def _table(self) -> torch.Tensor | None:
         """Every state's next state by every identifier-span token, plus an EOS and a "none" column: int32
         [S + 1, hi - lo + 2] (-1: not allowed), when that fits in ``DENSE_MASK_LIMIT`` entries; row S, where a dead
-        state (-1) lands through ``remainder``, is all -1. Masks and transitions are then one gather each (a
+        state (-1) lands as a negative index, is all -1. Masks and transitions are then one gather each (a
         LLaMA-sized vocabulary costs only its identifier columns)."""
         lo, hi = self.span
         s, width = self.num_states, hi - lo + 2
@@ -144,17 +145,18 @@ class PrefixTrie:
 
     @functools.cached_property
     def _columns(self) -> torch.Tensor:
-        """[V + 2] the ``_table`` column of each token id t at index t + 1 (ids below 0 and from V up: "none")."""
+        """[V + 2] the ``_table`` column of each token id t in [0, V) at index t; index V and index V + 1 (= -1, as a
+        negative index) give the "none" column, where tokens clamped to [-1, V] outside the vocabulary land."""
         lo, hi = self.span
         columns = torch.full((self.vocab_size + 2,), hi - lo + 1, dtype=torch.long, device=self.device)
-        columns[lo + 1 : hi + 1] = torch.arange(hi - lo, device=self.device)
+        columns[lo:hi] = torch.arange(hi - lo, device=self.device)
         if self.eos_token_id is not None:
-            columns[self.eos_token_id + 1] = self._eos_column
+            columns[self.eos_token_id] = self._eos_column
         return columns
 
     def _dense_advance(self, table: torch.Tensor, states: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        column = self._columns[tokens.clamp(-1, self.vocab_size) + 1]
-        return table[states.remainder(table.shape[0]), column].long()
+        """``tokens`` in [-1, V] (index -1 is the last entry of ``_columns``: "none")."""
+        return table[states, self._columns[tokens]].long()  # a dead state (-1) indexes the last row, all -1
 
     def mask(self, states: torch.Tensor) -> torch.Tensor:
         """Allowed next tokens [..., V] (bool) for ``states`` [...]; a dead state allows nothing. On the states' device;
@@ -172,8 +174,8 @@ class PrefixTrie:
             mask = trie._sparse_mask(states.reshape(-1)).view(*states.shape, self.vocab_size)
             return mask if allowed else ~mask
         allowed_table, forbidden_table, columns = trie._mask_tables
-        rows = (allowed_table if allowed else forbidden_table)[states.remainder(table.shape[0])]  # [..., hi - lo + 2]
-        return rows.index_select(-1, columns)  # [..., V]: three ops, whatever the vocabulary
+        rows = (allowed_table if allowed else forbidden_table)[states]  # [..., hi - lo + 2]; -1: the last row
+        return rows.index_select(-1, columns)  # [..., V]: two ops, whatever the vocabulary
 
     @functools.cached_property
     def _mask_tables(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -181,7 +183,7 @@ class PrefixTrie:
         id [V] (the "none" column, never allowed, outside the span but for EOS)."""
         with torch.inference_mode(False):  # usable outside inference mode too (a validation step inside fit)
             allowed = self._table >= 0
-            return allowed, ~allowed, self._columns[1 : self.vocab_size + 1].clone()
+            return allowed, ~allowed, self._columns[: self.vocab_size].clone()
 
     def _sparse_mask(self, states: torch.Tensor) -> torch.Tensor:
         g = self.graph

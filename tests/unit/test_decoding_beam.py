@@ -18,7 +18,8 @@ from decoding_helpers import (
 )
 from transformers import PreTrainedModel
 
-from atspeed.decoding.search.beam import candidates, select_sample, select_top
+from atspeed.decoding.search import beam
+from atspeed.decoding.search.beam import candidates, ordered_keys, select_sample, select_top
 from atspeed.decoding.search.beam_search import beam_search
 from atspeed.decoding.search.hf_generate import hf_generate
 from atspeed.items.trie import PrefixTrie
@@ -141,6 +142,23 @@ def test_select_top_is_a_stable_descending_sort_on_bf16_rounded_scores(seed: int
     order = torch.sort(cand, dim=1, descending=True, stable=True).indices[:, :25]
     assert torch.equal(parents * 30 + tokens, order)
     assert torch.equal(scores, cand.gather(1, order))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_ordered_keys_sort_like_a_stable_sort_over_every_float32_magnitude(seed: int) -> None:
+    """Both key forms (float64 steps; integer bits) order neighbouring float32 values (one step apart, either
+    sign, subnormal to huge), exact ties, zeros of both signs and -inf like a stable descending sort, over the
+    whole row."""
+    gen = torch.Generator().manual_seed(seed)
+    base = torch.randn(2, 400, generator=gen) * torch.logspace(-44, 38, 400).float()
+    neighbours = torch.nextafter(base, torch.full_like(base, float("inf")))
+    cand = torch.cat([base, neighbours, base[:, :50], -base[:, ::3]], dim=1)  # steps, ties, both signs
+    cand[:, ::11] = float("-inf")
+    cand[:, 7], cand[:, 9], cand[:, 13] = -0.0, 0.0, 1e-45
+    cand = cand[:, torch.randperm(cand.shape[1], generator=gen)]
+    order = torch.sort(cand, dim=1, descending=True, stable=True).indices
+    for keys in (ordered_keys(cand), beam._ordered_bits(cand)):
+        assert torch.equal(torch.sort(keys, dim=1, descending=True).indices, order)
 
 
 def test_candidates_are_log_softmax_plus_score_where_the_trie_allows() -> None:

@@ -103,20 +103,24 @@ def test_a_llama_sized_vocabulary_masks_from_the_identifier_span_without_read_ba
         assert _syncs_per_call(name, target, draft, trie, prompts, settings) <= LIMIT[name], name
 
 
-# kernels per target call outside the models (ops that are not views); the keyed decoders hash their noise (~670),
-# the recursive sampler walks the drafts one by one (~3,600)
-LAUNCH_LIMIT = {"beam": 100, "spec_strict": 300, "spec_relaxed": 300}
+# per target call outside the models: eager ops (views included: each costs the host a dispatch) and the kernel
+# launches among them; the keyed decoders hash their noise (~760 ops), the recursive sampler walks the drafts one by
+# one (~4,800)
+OP_LIMIT = {"beam": (60, 45), "spec_strict": (300, 240), "spec_relaxed": (320, 250)}
 
 
-@pytest.mark.parametrize("name", sorted(LAUNCH_LIMIT))
-def test_kernel_launches_per_target_call_stay_within_the_limit(name) -> None:
+@pytest.mark.parametrize("name", sorted(OP_LIMIT))
+def test_eager_ops_per_target_call_stay_within_the_limit(name) -> None:
     """The issue's setting, K = 10, N = 40, gamma = 3, batch 1 (the ``count_host_syncs.py`` world): every op the
-    decoder launches beside the models costs the host 5-8 us on a GPU."""
+    decoder dispatches beside the models costs the host 5-8 us on a GPU, a view as much as a launch."""
     target, draft, trie, prompts = speculative_world(200, 4, [30], seed=1, draft_seed=2, prompt_seed=3, items=3000)
     decoder = BoundDecoder(name, target, trie, DecodeSettings(10, 4, 40, 3), draft=draft)
     input_ids, mask = left_pad(prompts)
     decoder(input_ids, mask)
     with HostSyncCounter([target, draft]) as counter:
         decoder(input_ids, mask)
-    assert (counter.launches - counter.model_launches) / counter.calls(target) < LAUNCH_LIMIT[name]
+    calls = counter.calls(target)
+    ops, launches = OP_LIMIT[name]
+    assert (counter.ops - counter.model_ops) / calls < ops
+    assert (counter.launches - counter.model_launches) / calls < launches
     assert counter.launches < counter.ops  # views are counted apart

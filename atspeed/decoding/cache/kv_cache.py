@@ -18,6 +18,8 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
+from atspeed.decoding import constants
+
 
 def new_cache() -> DynamicCache:
     """An empty cache; layers initialise on the first forward."""
@@ -46,11 +48,15 @@ def crop(cache: DynamicCache, length: int) -> None:
 
 def gather_positions(cache: DynamicCache, index: torch.Tensor) -> None:
     """Keep positions ``index`` [B, S'] of each row, in that order (in place); S' may be smaller than S."""
+    picks: dict[tuple[torch.device, int], tuple[torch.Tensor, ...]] = {}  # per device and head count: made once
     for layer in _layers(cache):
-        b, h, _, d = layer.keys.shape
-        idx = index.to(layer.keys.device)[:, None, :, None].expand(b, h, index.shape[1], d)
-        layer.keys = layer.keys.gather(2, idx)
-        layer.values = layer.values.gather(2, idx)
+        b, h, _, _ = layer.keys.shape
+        key = (layer.keys.device, h)
+        if key not in picks:
+            device = layer.keys.device
+            picks[key] = (constants.column(b, device, 2), constants.column(h, device), index.to(device)[:, None, :])
+        layer.keys = layer.keys[picks[key]]  # [B, H, S', D]
+        layer.values = layer.values[picks[key]]
 
 
 def select_rows(cache: DynamicCache, rows: torch.Tensor) -> None:
@@ -84,7 +90,7 @@ def keep_index(needed: torch.Tensor, width: int | None = None) -> tuple[torch.Te
     count = needed.sum(1)  # [B]
     if width is None:
         width = int(count.max()) if needed.numel() else 0
-    order = torch.sort((~needed).to(torch.int8), dim=1, stable=True).indices  # needed first, order preserved
+    order = torch.sort(needed.to(torch.int8), dim=1, descending=True, stable=True).indices  # needed first, in order
     index = order[:, :width]
-    kept = torch.arange(width, device=needed.device)[None, :] < count[:, None]
+    kept = constants.arange(width, needed.device) < count[:, None]
     return index, kept

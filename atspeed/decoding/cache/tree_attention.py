@@ -90,8 +90,8 @@ def run_model(model: torch.nn.Module, keep: int, **inputs) -> torch.Tensor:
 
 def float_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """[B, Q, S + Q] bool -> [B, 1, Q, S + Q] additive float mask."""
-    blocked = torch.finfo(dtype).min
-    return torch.full(allowed.shape, blocked, dtype=dtype, device=allowed.device).masked_fill_(allowed, 0.0)[:, None]
+    attend, blocked = constants.mask_values(dtype, allowed.device)
+    return torch.where(allowed[:, None], attend, blocked)
 
 
 def forward_tree(
@@ -102,13 +102,16 @@ def forward_tree(
     past: torch.Tensor,
     tree: torch.Tensor,
     keep: int = 0,
+    diagonal: bool = False,
 ) -> torch.Tensor:
     """Run ``model`` on nodes ``tokens`` [B, Q] at ``positions`` [B, Q]; append them to ``cache``.
 
-    ``past`` [B, Q, S] and ``tree`` [B, Q, Q] (bool) say what each node attends. Returns float32 logits [B, Q, V], or
-    of the last ``keep`` nodes only when ``keep`` > 0.
+    ``past`` [B, Q, S] and ``tree`` [B, Q, Q] (bool) say what each node attends; every node attends itself too
+    (``diagonal``: ``tree`` already says so). Returns float32 logits [B, Q, V], or of the last ``keep`` nodes only
+    when ``keep`` > 0.
     """
-    allowed = torch.cat([past, tree | constants.eye(tokens.shape[1], tokens.device)], dim=2)  # [B, Q, S + Q]
+    own = tree if diagonal else tree | constants.eye(tokens.shape[1], tokens.device)
+    allowed = torch.cat([past, own], dim=2)  # [B, Q, S + Q]
     return run_model(
         model, keep, input_ids=tokens, attention_mask=float_mask(allowed, model_dtype(model)), position_ids=positions,
         past_key_values=cache,

@@ -60,7 +60,8 @@ class BeamState:
     def gather_visible(self, index: torch.Tensor, kept: torch.Tensor) -> BeamState:
         """``visible`` re-expressed after the cache kept positions ``index`` [B, S'] (``kept`` marks real ones)."""
         b, w, _ = self.visible.shape
-        visible = self.visible.gather(2, index[:, None, :].expand(b, w, index.shape[1])) & kept[:, None, :]
+        rows, beams = constants.column(b, index.device, 2), constants.column(w, index.device)
+        visible = self.visible[rows, beams, index[:, None, :]] & kept[:, None, :]
         return dataclasses.replace(self, visible=visible)
 
 
@@ -77,7 +78,7 @@ def root_state(attention_mask: torch.Tensor, capacity: int, width: int = 1) -> B
     return BeamState(
         sequences=torch.zeros(b, width, capacity, dtype=torch.long, device=device),
         scores=torch.zeros(b, width, device=device).masked_fill(~live, float("-inf")),
-        trie_states=torch.where(live, 0, -1),
+        trie_states=live.long() - 1,
         visible=attention_mask.bool()[:, None, :].expand(b, width, attention_mask.shape[1]),
         depth=zeros,
         fed=zeros.clone(),
@@ -109,13 +110,28 @@ def pick(values: torch.Tensor | None, parents: torch.Tensor, tokens: torch.Tenso
 
 
 def ordered_keys(cand: torch.Tensor) -> torch.Tensor:
-    """int64 keys [B, M] that order ``cand`` [B, M] by value, descending, and equal values by index, ascending.
+    """Keys [B, M] (float64) that order ``cand`` [B, M] (float32) by value, descending, and equal values by index,
+    ascending.
 
     ``torch.topk`` leaves the order among equal values unspecified (and it differs on CUDA), while bf16 logits make
     exact ties common; one ``topk`` over these keys breaks every tie by the lower flattened index, i.e. the lower
-    (beam, token id), wherever it runs. Float32 bits map to integers of the same order; the index fills the low bits.
+    (beam, token id), wherever it runs. In float64 each value v moves down by ``(|v| + 2**-1000) * (i + 1) * eps``
+    (``constants.tie_steps``, at most 2**-25 relative): less than half the gap to the next float32, more than two
+    float64 steps between indices; -inf is first clamped to -1e300 so dead entries keep their index order too. Four
+    ops (the integer-bits form took nine); beyond 2**25 candidates, or without float64 (MPS), the integer form.
     """
-    bits = (cand.float() + 0.0).view(torch.int32)  # + 0.0 turns -0.0 into +0.0
+    m = cand.shape[1]
+    if m > constants.TIE_STEPS_MAX or cand.device.type == "mps":
+        return _ordered_bits(cand)
+    value = cand.double().clamp_(min=-1e300)
+    size = torch.hypot(value, constants.tie_floor(cand.device))  # |v|, or 2**-1000 for v = 0
+    return torch.addcmul(value, size, constants.tie_steps(m, cand.device), value=-1.0)
+
+
+def _ordered_bits(cand: torch.Tensor) -> torch.Tensor:
+    """int64 keys of the same order as ``ordered_keys``: the float32 bits mapped to integers of the same order (+0.0
+    for -0.0), shifted up, the index countdown in the low bits."""
+    bits = (cand.float() + 0.0).view(torch.int32)
     ordered = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).long()  # monotone in the float's value (negatives flipped)
     shift = max(cand.shape[1] - 1, 1).bit_length()
     return (ordered << shift) | constants.countdown(cand.shape[1], cand.device)
@@ -133,11 +149,17 @@ def gumbel(shape: torch.Size, generator: torch.Generator, device: torch.device) 
     return -torch.log(-torch.log(u.clamp(min=1e-20, max=1.0 - 1e-7)))
 
 
+def perturbed(scores: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """``scores`` plus standard Gumbel noise (the same draws and values as ``scores + gumbel(...)``, one op less)."""
+    u = torch.rand(scores.shape, generator=generator, device=generator.device).to(scores.device)
+    return scores - torch.log(-torch.log(u.clamp(min=1e-20, max=1.0 - 1e-7)))
+
+
 def select_sample(
     cand: torch.Tensor, width: int, vocab: int, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``width`` candidates drawn without replacement from softmax(``cand``) (Gumbel top-k); scores are ``cand``."""
-    keys = cand + gumbel(cand.shape, generator, cand.device)
+    keys = perturbed(cand, generator)
     index = torch.topk(keys, width, dim=1).indices
     return index // vocab, index % vocab, cand.gather(1, index)
 
@@ -154,20 +176,19 @@ def extend(
     """New beams [B, k]: beam ``parents`` followed by ``tokens`` (not yet fed), with cumulative ``scores`` (and, for
     keyed beams, ``log_probs``).
 
-    Rows where ``grow`` [B] is false take the parents as they are (no token appended).
+    Rows where ``grow`` [B] is false take the parents as they are (no token appended: depth and trie states stay).
     """
     b, k = parents.shape
-    capacity = state.sequences.shape[2]
-    parent_sequences = state.sequences.gather(1, parents.unsqueeze(2).expand(b, k, capacity))
-    column = state.depth.clamp(max=capacity - 1).view(b, 1, 1).expand(b, k, 1)
-    sequences = parent_sequences.scatter(2, column, tokens.unsqueeze(2))
+    rows = constants.column(b, parents.device)
+    sequences = state.sequences[rows, parents]  # [B, k, C] a copy
+    # a row that does not grow gets the token past its depth, where nothing reads it (capacity holds one more)
+    sequences[rows, constants.arange(k, parents.device), state.depth[:, None]] = tokens
     parent_states = state.trie_states.gather(1, parents)
-    trie_states, depth = trie.advance(parent_states, tokens), state.depth + 1
+    trie_states, depth = trie.advance(parent_states, tokens, in_vocab=True), state.depth + 1
     if grow is not None:
-        sequences = torch.where(grow.view(b, 1, 1), sequences, parent_sequences)
-        trie_states = torch.where(grow.view(b, 1), trie_states, parent_states)
+        trie_states = torch.where(grow[:, None], trie_states, parent_states)
         depth = state.depth + grow.long()
-    visible = state.visible.gather(1, parents.unsqueeze(2).expand(b, k, state.visible.shape[2]))
+    visible = state.visible[rows, parents]
     return dataclasses.replace(
         state,
         sequences=sequences,
@@ -190,18 +211,20 @@ def feed(
     """
     b, w, capacity = state.sequences.shape
     device = state.sequences.device
-    unfed = state.depth - state.fed  # [B]
-    r = max(int(unfed.max()) if longest is None else longest, 1)
+    r = max(int((state.depth - state.fed).max()) if longest is None else longest, 1)
     if r == 1:  # the draft's later steps: one token per beam, each beam's own chain is itself
-        tokens = state.sequences.gather(2, state.fed.clamp(max=capacity - 1)[:, None, None].expand(b, w, 1))
+        column = state.fed.clamp(max=capacity - 1)[:, None]
+        tokens = state.sequences[constants.column(b, device), constants.arange(w, device), column]  # [B, W]
         positions = (state.prompt_lengths + state.fed)[:, None].expand(b, w)
-        seen = constants.eye(w, device) & (unfed > 0)[:, None, None]  # [B, W, W]
-        logits = forward_tree(model, cache, tokens.view(b, w), positions, state.visible, seen)  # [B, W, V]
+        seen = constants.eye(w, device) & (state.fed < state.depth).view(b, 1, 1)  # [B, W, W]
+        logits = forward_tree(model, cache, tokens, positions, state.visible, seen)  # [B, W, V]
         return logits, dataclasses.replace(state, visible=torch.cat([state.visible, seen], dim=2), fed=state.depth)
     steps = constants.arange(r, device)
+    unfed = state.depth - state.fed  # [B]
     valid = steps < unfed[:, None]  # [B, R]
     column = (state.fed[:, None] + steps).clamp(max=capacity - 1)  # [B, R]
-    tokens = state.sequences.gather(2, column[:, None, :].expand(b, w, r)).reshape(b, w * r)
+    rows, beams = constants.column(b, device, 2), constants.column(w, device)
+    tokens = state.sequences[rows, beams, column[:, None, :]].reshape(b, w * r)
     positions = ((state.prompt_lengths + state.fed)[:, None] + steps)[:, None, :].expand(b, w, r)
     node_valid = valid[:, None, :].expand(b, w, r).reshape(b, w * r)  # [B, Q]
     past = (state.visible[:, :, None, :] & valid[:, None, :, None]).reshape(b, w * r, -1)

@@ -52,10 +52,8 @@ class TokenTree:
         return self.roots + self.levels * self.width
 
     def node_levels(self) -> torch.Tensor:
-        """[Q] each node's level: K zeros (the roots), then N ones, ..., N times G."""
-        device = self.parents.device
-        return torch.cat([torch.zeros(self.roots, dtype=torch.long, device=device),
-                          torch.arange(1, self.levels + 1, device=device).repeat_interleave(self.width)])  # fmt: skip
+        """[1, Q] each node's level: K zeros (the roots), then N ones, ..., N times G (a shared constant)."""
+        return _node_levels(self.roots, self.width, self.levels, self.parents.device)
 
     def offset(self, level: int) -> int:
         """Node id of the first node of ``level`` (0 = roots)."""
@@ -70,12 +68,12 @@ class TokenTree:
         return self._drafted[:, level - 1]
 
     def node_keys(self, vocab: int) -> torch.Tensor:
-        """[B, G, N] ``parent node id * vocab + token`` of every node, -1 where not drafted or not verified (made
-        once per tree: every level's verification looks its nodes up by these keys)."""
+        """[B, G, 1, N] ``parent node id * vocab + token`` of every node, -1 where not drafted or not verified (made
+        once per tree: every level's verification looks its nodes up by these keys, against [B, K, 1] choices)."""
         cached = self.__dict__.get("_node_keys")
         if cached is None or cached[0] != vocab:
             offsets = _level_offsets(self.roots, self.width, self.levels, self.parents.device)
-            keys = ((self.parents + offsets) * vocab + self.tokens).masked_fill(~self._drafted, -1)
+            keys = ((self.parents + offsets) * vocab + self.tokens).masked_fill(~self._drafted, -1)[:, :, None]
             cached = self.__dict__["_node_keys"] = (vocab, keys)
         return cached[1]
 
@@ -121,6 +119,13 @@ class TokenTree:
             chain.append(node)
         anc = torch.zeros(b, q, q, dtype=torch.bool, device=device).scatter_(2, torch.stack(chain, 2), True)
         return anc, node
+
+
+@functools.lru_cache(maxsize=64)
+def _node_levels(roots: int, width: int, levels: int, device: torch.device) -> torch.Tensor:
+    with torch.inference_mode(False):
+        counts = torch.tensor([roots] + [width] * levels, device=device)
+        return torch.arange(levels + 1, device=device).repeat_interleave(counts)[None, :]
 
 
 @functools.lru_cache(maxsize=64)

@@ -170,7 +170,7 @@ class TreeKeys:
             parent_logits = logits.gather(1, parents[..., None].expand(b, tree.width, logits.shape[2]))
             step = _step_log_probs(parent_logits, table.trie_states.gather(1, parents), tree.tokens[:, g - 1], trie)
             phi.append(torch.cat(phi, 1).gather(1, parents) + step)
-        depth = beams.depth[:, None] + tree.node_levels()[None, :]  # [B, Q]
+        depth = beams.depth[:, None] + tree.node_levels()  # [B, Q]
         prefixes = prefix_keys(table.sequences, depth, beams.noise_keys)
         return cls(torch.cat(phi, 1), prefixes, logits, table, trie)
 

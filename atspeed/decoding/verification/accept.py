@@ -49,32 +49,32 @@ def decide(
     their scores, trie states) -> scores [B, K * V] of every extension (None: ``candidates``; ``keyed.TreeKeys.grid``:
     keyed Gumbel keys)."""
     b, k = beams.scores.shape
-    reachable = (levels - beams.depth).clamp(max=tree.levels)  # [B]
+    left = levels - beams.depth  # [B]
+    reachable = left.clamp(max=tree.levels)
     current = constants.arange(k, logits.device).expand(b, k)
+    rows = constants.column(b, logits.device)
     scores, trie_states = beams.scores, beams.trie_states
-    at: dict[str, list[torch.Tensor]] = {"ok": [], "current": [], "scores": [], "parents": [], "tokens": [],
-                                         "stop_scores": []}  # fmt: skip
+    oks, visited, ids, values = [], [], [], []  # per level: [B]; [B, K]; current, parents, tokens; two scores
     for g in range(1, tree.levels + 2):  # fixed count: no row's progress is read back
         # [B, K, V] the current nodes' logits (level 1: the roots, nodes 0..K-1)
-        node_logits = logits[:, :k] if g == 1 else logits.gather(1, current.unsqueeze(2).expand(b, k, logits.shape[2]))
+        node_logits = logits[:, :k] if g == 1 else logits[rows, current]
         if grid is None:
             cand = candidates(node_logits, scores, trie_states, trie)
         else:
             cand = grid(node_logits, current, scores, trie_states)
         d = verify_level(LevelInput(cand, current, g, g <= reachable, tree, generator))
-        for key, value in (("ok", d.ok), ("current", current), ("scores", scores), ("parents", d.stop_parents),
-                           ("tokens", d.stop_tokens), ("stop_scores", d.stop_scores)):  # fmt: skip
-            at[key].append(value)
+        oks.append(d.ok)
+        visited.append(current)
+        ids += [current, d.stop_parents, d.stop_tokens]
+        values += [scores, d.stop_scores]
         current, scores = d.next_nodes, d.next_scores
         trie_states = table.trie_states.gather(1, current)
-    # the stopping level: the first rejection (the bonus level never accepts)
-    accepted = (~torch.stack(at["ok"], 1)).int().argmax(1)  # [B]
-    pick = accepted.view(b, 1, 1, 1)
-    ids = torch.stack([torch.stack(at[key], 1) for key in ("current", "parents", "tokens")], 2)  # [B, G+1, 3, K]
-    current, parents, tokens = ids.gather(1, pick.expand(b, 1, 3, k))[:, 0].unbind(1)
-    values = torch.stack([torch.stack(at["scores"], 1), torch.stack(at["stop_scores"], 1)], 2)  # [B, G+1, 2, K]
-    scores, stop_scores = values.gather(1, pick.expand(b, 1, 2, k))[:, 0].unbind(1)
-    complete = accepted == levels - beams.depth  # [B] nothing left to choose
+    # the stopping level: the first rejection (the bonus level never accepts); ``min`` gives the first minimum
+    accepted = torch.stack(oks, 1).min(1).indices  # [B]
+    at = constants.arange(b, logits.device), accepted
+    current, parents, tokens = torch.stack(ids, 1).view(b, -1, 3, k)[at].unbind(1)  # from [B, G + 1, 3, K]
+    scores, stop_scores = torch.stack(values, 1).view(b, -1, 2, k)[at].unbind(1)
+    complete = accepted == left  # [B] nothing left to choose
     full = complete.unsqueeze(1)
     return Verdict(
         accepted=accepted,
@@ -82,7 +82,7 @@ def decide(
         tokens=tokens,
         scores=torch.where(full, scores, stop_scores),
         complete=complete,
-        chosen=tuple(at["current"][1 : tree.levels + 1]),
+        chosen=tuple(visited[1 : tree.levels + 1]),
     )
 
 

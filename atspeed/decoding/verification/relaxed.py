@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import torch
 
-from atspeed.decoding.search.beam import gumbel, select_sample
+from atspeed.decoding import constants
+from atspeed.decoding.search.beam import perturbed, select_sample
 from atspeed.decoding.verification.verify import LevelDecision, LevelInput, match_drafted
 
 _ACCEPTED_FIRST = 1.0e4  # sort key offset between tiers: accepted > residual draws > draws from p
@@ -29,10 +30,10 @@ def candidate_draft_probs(inp: LevelInput) -> torch.Tensor:
     """q over the target's candidates [B, K * V]: the draft's probability of the same extensions."""
     g, tree = inp.level, inp.tree
     log_q = tree.candidate_log_q[g - 1]  # [B, W_{g-1}, V]
-    b, k = inp.current.shape
+    b = inp.current.shape[0]
     # current beams are level g-1 nodes of the draft's own search (rows no longer verifying hold others: clamp)
     rows = (inp.current - tree.offset(g - 1)).clamp(0, log_q.shape[1] - 1)
-    return log_q.gather(1, rows[..., None].expand(b, k, log_q.shape[2])).reshape(b, -1).exp()
+    return log_q[constants.column(b, rows.device), rows].reshape(b, -1).exp()
 
 
 def verify_level(inp: LevelInput) -> LevelDecision:
@@ -44,12 +45,13 @@ def verify_level(inp: LevelInput) -> LevelDecision:
         return LevelDecision(torch.zeros_like(inp.can_match), parents, scores, parents, tokens, scores)
     # 1. accept each drafted sequence with probability min(1, p / q)
     parent_nodes, drafted_tokens = tree.parent_nodes(g), tree.tokens[:, g - 1]  # [B, N]
-    hit = parent_nodes[:, :, None] == inp.current[:, None, :]  # [B, N, K]
-    index = hit.int().argmax(2) * vocab + drafted_tokens  # [B, N] position among the target's candidates
+    hit, beam = (parent_nodes[:, :, None] == inp.current[:, None, :]).max(2)  # [B, N]: under a current beam, which
+    index = beam * vocab + drafted_tokens  # [B, N] position among the target's candidates
     log_p = inp.cand.gather(1, index) - torch.logsumexp(inp.cand, dim=1, keepdim=True)
-    log_p = log_p.masked_fill(~hit.any(2), float("-inf"))
+    log_p = log_p.masked_fill(~hit, float("-inf"))
     u = torch.rand(parent_nodes.shape, generator=gen, device=gen.device).to(log_p.device)
-    accept = (u.log() < log_p - tree.log_q[:, g - 1]) & torch.isfinite(log_p) & inp.can_match[:, None]
+    # log p is finite, -inf, or NaN (a row of -inf candidates): "> -inf" is isfinite in one op
+    accept = (u.log() < log_p - tree.log_q[:, g - 1]) & (log_p > float("-inf")) & inp.can_match[:, None]
     accepted = torch.zeros_like(inp.cand, dtype=torch.int32).scatter_add(1, index, accept.int()) > 0  # [B, K*V]
     # 2./3. accepted candidates first (random order), then residual draws, then (when the residual has fewer
     # positive entries than beams are missing) draws from p, so a candidate the trie forbids is never taken
@@ -59,8 +61,8 @@ def verify_level(inp: LevelInput) -> LevelDecision:
     # independent): accepted candidates in random order, residual draws, draws from p; and in rows with nothing
     # drafted at this level, the bonus step's K samples from p.
     tier = torch.where(residual > 0, residual.log(), p.log() - _ACCEPTED_FIRST)
-    tier = torch.where(accepted, _ACCEPTED_FIRST, tier)
-    keys = torch.where(inp.can_match[:, None], tier, inp.cand) + gumbel(p.shape, gen, p.device)
+    tier = tier.masked_fill(accepted, _ACCEPTED_FIRST)
+    keys = perturbed(torch.where(inp.can_match[:, None], tier, inp.cand), gen)
     chosen = torch.topk(keys, k, dim=1).indices
     parents, tokens, scores = chosen // vocab, chosen % vocab, inp.cand.gather(1, chosen)
     found, nodes = match_drafted(inp, parents, tokens)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
+from atspeed.decoding import constants
 from atspeed.decoding.cache.header import Prompts
 from atspeed.decoding.cache.tree_attention import forward_tree, prompt_positions
 from atspeed.decoding.search.beam import BeamState
@@ -44,15 +45,17 @@ def verify_forward(
     """Target logits at every tree node [B, Q, V] and what each node attends [B, Q, S + R] (R nodes computed:
     all Q, or the roots and the verified ones under a budget). The K beams must have exactly one unfed token (their
     newest), which the forward takes as the roots' tokens."""
-    b, k, s = beams.visible.shape
+    b, k, device = beams.scores.shape[0], beams.scores.shape[1], beams.depth.device
     anc, root = tree.ancestry()  # [B, Q, Q], [B, Q]
-    newest = beams.sequences.gather(2, (beams.depth - 1)[:, None, None].expand(b, k, 1))[..., 0]  # [B, K]
+    rows = constants.column(b, device)
+    last = (beams.depth - 1)[:, None]  # [B, 1] the beams' newest token
+    newest = beams.sequences[rows, constants.arange(k, device), last]  # [B, K]
     tokens = torch.cat([newest, tree.tokens.reshape(b, -1)], dim=1)  # [B, Q]
-    positions = (beams.prompt_lengths + beams.depth - 1)[:, None] + tree.node_levels()[None, :]
-    past = beams.visible.gather(1, root[..., None].expand(b, tree.num_nodes, s))  # [B, Q, S]
+    positions = (beams.prompt_lengths[:, None] + last) + tree.node_levels()
+    past = beams.visible[rows, root]  # [B, Q, S]
     selection = tree.selection()
     tree_mask, tokens_r, positions_r, past_r = _select(selection, anc, tokens, positions, past)
-    logits = forward_tree(target, cache, tokens_r, positions_r, past_r, tree_mask)
+    logits = forward_tree(target, cache, tokens_r, positions_r, past_r, tree_mask, diagonal=selection is None)
     logits, anc = _unselect(selection, logits, anc)
     return logits, torch.cat([past, anc], dim=2)
 
@@ -73,14 +76,14 @@ def first_forward(
     real = prompts.mask.bool()
     seen = prompts.visible  # [B, past + P]
     anc, _ = tree.ancestry()
-    positions = (seen.long().sum(1) - 1)[:, None] + tree.node_levels()[None, :]
+    positions = (seen.long().sum(1) - 1)[:, None] + tree.node_levels()
     tokens = torch.cat([input_ids[:, -1:].expand(b, k), tree.tokens.reshape(b, -1)], dim=1)
     selection = tree.selection()
     tree_mask, tokens, positions = _select(selection, anc, tokens, positions)
     # the roots are the prompt's last position: drop them from the forward, the prompt takes their place
     nodes, node_tree, node_positions = tokens[:, k:], tree_mask[:, k:, k:], positions[:, k:]
     t = nodes.shape[1]
-    causal = torch.ones(p, p, dtype=torch.bool, device=real.device).tril()[None] & real[:, None, :]
+    causal = constants.tril(p, real.device) & real[:, None, :]
     node_prompt = real[:, None, :].expand(b, t, p)
     allowed = torch.cat(
         [torch.cat([causal, causal.new_zeros(b, p, t)], dim=2), torch.cat([node_prompt, node_tree], dim=2)], dim=1

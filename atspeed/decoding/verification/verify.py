@@ -44,8 +44,9 @@ def match_drafted(inp: LevelInput, parents: torch.Tensor, tokens: torch.Tensor) 
     """
     tree, g = inp.tree, inp.level
     vocab = inp.cand.shape[1] // inp.current.shape[1]
-    if g > tree.levels:
-        return torch.zeros_like(parents, dtype=torch.bool), torch.zeros_like(parents)
+    if g > tree.levels:  # nothing drafted: nothing found (parents are never negative)
+        return parents < 0, parents
     target_keys = inp.current.gather(1, parents) * vocab + tokens  # [B, K]
-    equal = target_keys.unsqueeze(2) == tree.node_keys(vocab)[:, g - 1].unsqueeze(1)  # [B, K, N]
-    return equal.any(2), tree.offset(g) + equal.int().argmax(2)
+    equal = target_keys.unsqueeze(2) == tree.node_keys(vocab)[:, g - 1]  # [B, K, N]
+    found, first = equal.max(2)  # ties: the first index (documented for ``max`` over a dimension)
+    return found, tree.offset(g) + first
