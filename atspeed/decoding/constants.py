@@ -62,17 +62,19 @@ def tie_steps(n: int, device: torch.device) -> torch.Tensor:
     return _made("tie_steps", n, torch.device(device))
 
 
-@functools.lru_cache(maxsize=16)
+@functools.lru_cache(maxsize=64)
+def filler(value: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """0-dim ``value`` of ``dtype`` on ``device``, for ``torch.where`` (a Python number there is made into a tensor
+    at every call: one op more)."""
+    with torch.inference_mode(False):
+        return torch.full((), value, dtype=dtype, device=torch.device(device))
+
+
 def tie_floor(device: torch.device) -> torch.Tensor:
     """0-dim float64 ``2**-1000`` on ``device``: the size ``ordered_keys`` gives a zero (hypot(v, it) = |v| else)."""
-    with torch.inference_mode(False):
-        return torch.full((), 2.0**-1000, dtype=torch.float64, device=device)
+    return filler(2.0**-1000, torch.float64, device)
 
 
-@functools.lru_cache(maxsize=16)
 def mask_values(dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """0-dim ``(0, finfo(dtype).min)`` on ``device``: an additive attention mask's two values (``torch.where`` with
-    Python numbers would make them at every call)."""
-    with torch.inference_mode(False):
-        zero = torch.zeros((), dtype=dtype, device=device)
-        return zero, torch.full((), torch.finfo(dtype).min, dtype=dtype, device=device)
+    """0-dim ``(0, finfo(dtype).min)`` on ``device``: an additive attention mask's two values."""
+    return filler(0.0, dtype, device), filler(torch.finfo(dtype).min, dtype, device)

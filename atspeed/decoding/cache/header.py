@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
+from atspeed.decoding import constants
 from atspeed.decoding.cache import kv_cache
 from atspeed.decoding.cache.tree_attention import prefill
 
@@ -74,7 +75,7 @@ class PromptHeader:
         h = ref.numel()
         if h == 0:
             return lengths.new_zeros(())
-        steps = torch.arange(h, device=input_ids.device)[None, :]
+        steps = constants.arange(h, input_ids.device)
         same = input_ids.gather(1, (start[:, None] + steps).clamp(max=p - 1)) == ref[None, :]
         same &= steps < (lengths - 1)[:, None]
         return same.long().cumprod(1).sum(1).min()
@@ -97,7 +98,7 @@ class PromptHeader:
             return Prompts(input_ids, mask)
         h, p = self.tokens.numel(), input_ids.shape[1]
         start = p - mask.long().sum(1)  # [B]
-        index = torch.arange(p - h, device=input_ids.device)[None, :]
+        index = constants.arange(p - h, input_ids.device)
         source = torch.where(index < start[:, None], index, index + h)  # padding, then the rest of the prompt
         return Prompts(input_ids.gather(1, source), mask.gather(1, source), h, self)
 

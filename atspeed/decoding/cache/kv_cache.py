@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from atspeed.decoding import constants
 
@@ -73,10 +74,15 @@ def layer_states(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]
 
 def cache_holding(states: list[tuple[torch.Tensor, torch.Tensor]], rows: int) -> DynamicCache:
     """A new cache holding ``states`` (``layer_states`` of a one-row cache) in each of ``rows`` rows; the rows share
-    the tensors' memory (``expand``) until a later write or gather copies them."""
+    the tensors' memory (``expand``) until a later write or gather copies them. The layers are set up directly
+    (``DynamicLayer`` initialised with the expanded tensors): ``update`` would copy them once more, four ops per
+    layer and request batch (~130 per batch for a 32-layer target)."""
     cache = new_cache()
-    for i, (keys, values) in enumerate(states):
-        cache.update(keys.expand(rows, -1, -1, -1), values.expand(rows, -1, -1, -1), i)
+    for keys, values in states:
+        layer = DynamicLayer()
+        layer.dtype, layer.device, layer.is_initialized = keys.dtype, keys.device, True
+        layer.keys, layer.values = keys.expand(rows, -1, -1, -1), values.expand(rows, -1, -1, -1)
+        cache.layers.append(layer)
     return cache
 
 

@@ -138,7 +138,7 @@ def prefill(
     real = attention_mask.bool()  # [B, P]
     b, p = input_ids.shape
     causal = constants.tril(p, input_ids.device)
-    allowed = causal[None] & real[:, None, :]  # [B, P, P]; pad rows keep their diagonal (see forward_tree)
+    allowed = causal & real[:, None, :]  # [B, P, P]; pad rows keep their diagonal (see forward_tree)
     allowed |= constants.eye(p, input_ids.device)
     allowed = torch.cat([real.new_ones(b, p, past), allowed], dim=2)
     return run_model(

@@ -74,10 +74,11 @@ def root_state(attention_mask: torch.Tensor, capacity: int, width: int = 1) -> B
     b = attention_mask.shape[0]
     device = attention_mask.device
     zeros = torch.zeros(b, dtype=torch.long, device=device)
-    live = torch.arange(width, device=device)[None, :].expand(b, width) == 0
+    live = (constants.arange(width, device) == 0).expand(b, width)
+    ninf, zero = (constants.filler(v, torch.float32, device) for v in (float("-inf"), 0.0))
     return BeamState(
         sequences=torch.zeros(b, width, capacity, dtype=torch.long, device=device),
-        scores=torch.zeros(b, width, device=device).masked_fill(~live, float("-inf")),
+        scores=torch.where(live, zero, ninf),
         trie_states=live.long() - 1,
         visible=attention_mask.bool()[:, None, :].expand(b, width, attention_mask.shape[1]),
         depth=zeros,

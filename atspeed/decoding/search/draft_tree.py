@@ -61,7 +61,12 @@ class TokenTree:
 
     def parent_nodes(self, level: int) -> torch.Tensor:
         """Node ids [B, N] of the parents of ``level``'s nodes (level >= 1)."""
-        return self.offset(level - 1) + self.parents[:, level - 1]
+        return self._parent_ids[:, level - 1]
+
+    @functools.cached_property
+    def _parent_ids(self) -> torch.Tensor:
+        """[B, G, N] every drafted node's parent node id (made once per tree)."""
+        return self.parents + _level_offsets(self.roots, self.width, self.levels, self.parents.device)
 
     def drafted(self, level: int) -> torch.Tensor:
         """[B, N] nodes of ``level`` that were drafted (finite) and are verified (within the budget)."""
@@ -72,8 +77,7 @@ class TokenTree:
         once per tree: every level's verification looks its nodes up by these keys, against [B, K, 1] choices)."""
         cached = self.__dict__.get("_node_keys")
         if cached is None or cached[0] != vocab:
-            offsets = _level_offsets(self.roots, self.width, self.levels, self.parents.device)
-            keys = ((self.parents + offsets) * vocab + self.tokens).masked_fill(~self._drafted, -1)[:, :, None]
+            keys = (self._parent_ids * vocab + self.tokens).masked_fill(~self._drafted, -1)[:, :, None]
             cached = self.__dict__["_node_keys"] = (vocab, keys)
         return cached[1]
 
@@ -109,9 +113,8 @@ class TokenTree:
     def ancestry(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(``anc`` [B, Q, Q] bool: node i's ancestors and itself; ``root`` [B, Q]: the level-0 beam under node i)."""
         b, q, device = self.parents.shape[0], self.num_nodes, self.parents.device
-        offsets = _level_offsets(self.roots, self.width, self.levels, device)  # [G, 1]
         roots = constants.arange(self.roots, device).expand(b, self.roots)
-        parent_of = torch.cat([roots, (self.parents + offsets).view(b, -1)], dim=1)  # [B, Q] (a root: itself)
+        parent_of = torch.cat([roots, self._parent_ids.view(b, -1)], dim=1)  # [B, Q] (a root: itself)
         node = constants.arange(q, device).expand(b, q)
         chain = [node]
         for _ in range(self.levels):  # after G steps up, every node has reached its root

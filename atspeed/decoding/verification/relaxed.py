@@ -48,10 +48,11 @@ def verify_level(inp: LevelInput) -> LevelDecision:
     hit, beam = (parent_nodes[:, :, None] == inp.current[:, None, :]).max(2)  # [B, N]: under a current beam, which
     index = beam * vocab + drafted_tokens  # [B, N] position among the target's candidates
     log_p = inp.cand.gather(1, index) - torch.logsumexp(inp.cand, dim=1, keepdim=True)
-    log_p = log_p.masked_fill(~hit, float("-inf"))
+    log_p = torch.where(hit, log_p, constants.filler(float("-inf"), log_p.dtype, log_p.device))
     u = torch.rand(parent_nodes.shape, generator=gen, device=gen.device).to(log_p.device)
-    # log p is finite, -inf, or NaN (a row of -inf candidates): "> -inf" is isfinite in one op
-    accept = (u.log() < log_p - tree.log_q[:, g - 1]) & (log_p > float("-inf")) & inp.can_match[:, None]
+    # log p = -inf (not under a current beam, or forbidden) or NaN (a row of -inf candidates) compares false; a
+    # drafted node's log q is finite (an undrafted one's parent is never a current beam, or its log p is -inf too)
+    accept = (u.log() < log_p - tree.log_q[:, g - 1]) & inp.can_match[:, None]
     accepted = torch.zeros_like(inp.cand, dtype=torch.int32).scatter_add(1, index, accept.int()) > 0  # [B, K*V]
     # 2./3. accepted candidates first (random order), then residual draws, then (when the residual has fewer
     # positive entries than beams are missing) draws from p, so a candidate the trie forbids is never taken
