@@ -81,7 +81,7 @@ def prefix_keys(sequences: torch.Tensor, depth: torch.Tensor, noise_keys: torch.
     parts = mix(sequences + _constant("positions", 0, sequences.shape[2], sequences.device)) & _LOW48  # [B, W, C]
     depth = depth[:, None] if depth.ndim == 1 else depth
     inside = column[None, None, :] < depth[..., None]  # [B, W, C]
-    return mix(torch.where(inside, parts, 0).sum(2) ^ noise_keys[:, None])
+    return mix(torch.where(inside, parts, constants.filler(0, parts.dtype, parts.device)).sum(2) ^ noise_keys[:, None])
 
 
 def keyed_gumbel(keys: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
@@ -90,6 +90,11 @@ def keyed_gumbel(keys: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
     bits = mix(keys[..., None] ^ tokens)
     u = (((bits >> 11) & ((1 << 53) - 1)).double() + 0.5) * 2.0**-53  # in (0, 1)
     return -torch.log(-torch.log(u))
+
+
+def _ninf(like: torch.Tensor) -> torch.Tensor:
+    """0-dim -inf of ``like``'s dtype and device (a cached constant: ``torch.where`` with a Python number makes one)."""
+    return constants.filler(float("-inf"), like.dtype, like.device)
 
 
 def _log1mexp(x: torch.Tensor) -> torch.Tensor:
@@ -104,7 +109,7 @@ def truncate(raw: torch.Tensor, parent: torch.Tensor) -> torch.Tensor:
     z = raw.max(2, keepdim=True).values
     keys = -torch.logaddexp(-parent[..., None], -raw + _log1mexp(raw - z))
     live = (raw > float("-inf")) & (parent > float("-inf"))[..., None]  # neither is +inf or NaN
-    return torch.where(live, keys, float("-inf"))
+    return torch.where(live, keys, _ninf(keys))
 
 
 def grid(
@@ -122,7 +127,7 @@ def grid(
     lo, hi = trie.span
     allowed = trie.mask(trie_states.reshape(-1)).view(b, w, v)[..., lo:hi]
     step = torch.log_softmax(logits[..., lo:hi].float().masked_fill(~allowed, float("-inf")), dim=-1)
-    phi = torch.where(allowed, log_probs[..., None] + step, float("-inf"))  # no NaN from rows allowing nothing
+    phi = torch.where(allowed, log_probs[..., None] + step, _ninf(step))  # no NaN from rows allowing nothing
     g = truncate(phi.double() + keyed_gumbel(prefixes, lo, hi), keys.double())
     pad = (lo, v - hi)
     return F.pad(g.float(), pad, value=float("-inf")).view(b, -1), F.pad(phi, pad, value=float("-inf")).view(b, -1)
@@ -147,7 +152,7 @@ def _step_log_probs(logits: torch.Tensor, trie_states: torch.Tensor, tokens: tor
     step = torch.log_softmax(logits[..., lo:hi].float().masked_fill(~allowed, float("-inf")), dim=-1)
     picked = step.gather(2, (tokens - lo).clamp(0, hi - lo - 1)[..., None])[..., 0]
     inside = (tokens >= lo) & (tokens < hi)
-    return torch.where(inside & (picked > float("-inf")), picked, float("-inf"))  # NaN (nothing allowed) too
+    return torch.where(inside & (picked > float("-inf")), picked, _ninf(picked))  # NaN (nothing allowed) too
 
 
 @dataclass(frozen=True)
@@ -167,7 +172,7 @@ class TreeKeys:
         phi = [beams.log_probs]
         for g in range(1, tree.levels + 1):
             parents = tree.parent_nodes(g)  # [B, N]
-            parent_logits = logits.gather(1, parents[..., None].expand(b, tree.width, logits.shape[2]))
+            parent_logits = logits[constants.column(b, logits.device), parents]
             step = _step_log_probs(parent_logits, table.trie_states.gather(1, parents), tree.tokens[:, g - 1], trie)
             phi.append(torch.cat(phi, 1).gather(1, parents) + step)
         depth = beams.depth[:, None] + tree.node_levels()  # [B, Q]
@@ -182,8 +187,7 @@ class TreeKeys:
     def new_log_probs(self, nodes: torch.Tensor, tokens: torch.Tensor, keys: torch.Tensor, grow: torch.Tensor):
         """phi [B, K] of the new beams: node ``nodes`` [B, K] + ``tokens`` (rows where ``grow`` [B]), keys ``keys``
         (-inf: a dead beam, whose phi is -inf too)."""
-        b, k = nodes.shape
-        node_logits = self.logits.gather(1, nodes[..., None].expand(b, k, self.logits.shape[2]))
+        node_logits = self.logits[constants.column(nodes.shape[0], nodes.device), nodes]
         step = _step_log_probs(node_logits, self.table.trie_states.gather(1, nodes), tokens, self.trie)
         phi = self.log_probs.gather(1, nodes) + torch.where(grow[:, None], step, 0.0)
-        return torch.where(keys > float("-inf"), phi, float("-inf"))
+        return torch.where(keys > float("-inf"), phi, _ninf(phi))
