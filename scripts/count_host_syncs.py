@@ -1,7 +1,7 @@
 """Host syncs and eager ops per target forward of each decoder, counted (not timed) on tiny seeded Llamas.
 
     python scripts/count_host_syncs.py --out runs/bench/host_syncs.json
-    python scripts/count_host_syncs.py --layers 8 4 --batch-sizes 1   # the per-layer cost of the caches
+    python scripts/count_host_syncs.py --layers 32 2 --batch-sizes 1   # a 7B's depth: each cache layer costs ops
 
 The world of the decoding tests (``tests/unit/decoding_helpers.speculative_world``: 3,000 random items, 30-token
 prompts), fp32 on the CPU: the counts do not depend on the machine's speed. Each row decodes one batch to learn the

@@ -70,6 +70,11 @@ def filler(value: float, dtype: torch.dtype, device: torch.device) -> torch.Tens
         return torch.full((), value, dtype=dtype, device=torch.device(device))
 
 
+def ninf(like: torch.Tensor) -> torch.Tensor:
+    """0-dim -inf of ``like``'s dtype on its device (``torch.where(mask, x, ninf(x))``)."""
+    return filler(float("-inf"), like.dtype, like.device)
+
+
 def tie_floor(device: torch.device) -> torch.Tensor:
     """0-dim float64 ``2**-1000`` on ``device``: the size ``ordered_keys`` gives a zero (hypot(v, it) = |v| else)."""
     return filler(2.0**-1000, torch.float64, device)

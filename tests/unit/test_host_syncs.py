@@ -104,7 +104,7 @@ def test_a_llama_sized_vocabulary_masks_from_the_identifier_span_without_read_ba
 
 
 # per target call outside the models: eager ops (views included: each costs the host a dispatch) and the kernel
-# launches among them; the keyed decoders hash their noise (~760 ops), the recursive sampler walks the drafts one by
+# launches among them; the keyed decoders hash their noise (~730 ops), the recursive sampler walks the drafts one by
 # one (~4,700)
 OP_LIMIT = {"beam": (60, 45), "spec_strict": (300, 240), "spec_relaxed": (300, 240)}
 

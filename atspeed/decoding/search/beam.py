@@ -144,16 +144,21 @@ def select_top(cand: torch.Tensor, width: int, vocab: int) -> tuple[torch.Tensor
     return index // vocab, index % vocab, cand.gather(1, index)
 
 
-def gumbel(shape: torch.Size, generator: torch.Generator, device: torch.device) -> torch.Tensor:
-    """Standard Gumbel noise from ``generator`` (draws on the generator's device, then moves)."""
+def _log_exponential(shape: torch.Size, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    """log(-log u), u uniform from ``generator`` (drawn on the generator's device, then moved): minus a standard
+    Gumbel variable."""
     u = torch.rand(shape, generator=generator, device=generator.device).to(device)
-    return -torch.log(-torch.log(u.clamp(min=1e-20, max=1.0 - 1e-7)))
+    return torch.log(-torch.log(u.clamp(min=1e-20, max=1.0 - 1e-7)))
+
+
+def gumbel(shape: torch.Size, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    """Standard Gumbel noise from ``generator``."""
+    return -_log_exponential(shape, generator, device)
 
 
 def perturbed(scores: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """``scores`` plus standard Gumbel noise (the same draws and values as ``scores + gumbel(...)``, one op less)."""
-    u = torch.rand(scores.shape, generator=generator, device=generator.device).to(scores.device)
-    return scores - torch.log(-torch.log(u.clamp(min=1e-20, max=1.0 - 1e-7)))
+    return scores - _log_exponential(scores.shape, generator, scores.device)
 
 
 def select_sample(

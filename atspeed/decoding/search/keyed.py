@@ -92,11 +92,6 @@ def keyed_gumbel(keys: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
     return -torch.log(-torch.log(u))
 
 
-def _ninf(like: torch.Tensor) -> torch.Tensor:
-    """0-dim -inf of ``like``'s dtype and device (a cached constant: ``torch.where`` with a Python number makes one)."""
-    return constants.filler(float("-inf"), like.dtype, like.device)
-
-
 def _log1mexp(x: torch.Tensor) -> torch.Tensor:
     """log(1 - exp(x)) for x <= 0 in float64 (-inf at 0). One branch: below -log 2, where log1p(-exp(x)) would be
     the accurate form, this one's absolute error stays under 1e-16, far below anything the keys compare."""
@@ -109,7 +104,7 @@ def truncate(raw: torch.Tensor, parent: torch.Tensor) -> torch.Tensor:
     z = raw.max(2, keepdim=True).values
     keys = -torch.logaddexp(-parent[..., None], -raw + _log1mexp(raw - z))
     live = (raw > float("-inf")) & (parent > float("-inf"))[..., None]  # neither is +inf or NaN
-    return torch.where(live, keys, _ninf(keys))
+    return torch.where(live, keys, constants.ninf(keys))
 
 
 def grid(
@@ -127,7 +122,7 @@ def grid(
     lo, hi = trie.span
     allowed = trie.mask(trie_states.reshape(-1)).view(b, w, v)[..., lo:hi]
     step = torch.log_softmax(logits[..., lo:hi].float().masked_fill(~allowed, float("-inf")), dim=-1)
-    phi = torch.where(allowed, log_probs[..., None] + step, _ninf(step))  # no NaN from rows allowing nothing
+    phi = torch.where(allowed, log_probs[..., None] + step, constants.ninf(step))  # no NaN from rows allowing nothing
     g = truncate(phi.double() + keyed_gumbel(prefixes, lo, hi), keys.double())
     pad = (lo, v - hi)
     return F.pad(g.float(), pad, value=float("-inf")).view(b, -1), F.pad(phi, pad, value=float("-inf")).view(b, -1)
@@ -152,7 +147,7 @@ def _step_log_probs(logits: torch.Tensor, trie_states: torch.Tensor, tokens: tor
     step = torch.log_softmax(logits[..., lo:hi].float().masked_fill(~allowed, float("-inf")), dim=-1)
     picked = step.gather(2, (tokens - lo).clamp(0, hi - lo - 1)[..., None])[..., 0]
     inside = (tokens >= lo) & (tokens < hi)
-    return torch.where(inside & (picked > float("-inf")), picked, _ninf(picked))  # NaN (nothing allowed) too
+    return torch.where(inside & (picked > float("-inf")), picked, constants.ninf(picked))  # NaN (nothing allowed) too
 
 
 @dataclass(frozen=True)
@@ -190,4 +185,4 @@ class TreeKeys:
         node_logits = self.logits[constants.column(nodes.shape[0], nodes.device), nodes]
         step = _step_log_probs(node_logits, self.table.trie_states.gather(1, nodes), tokens, self.trie)
         phi = self.log_probs.gather(1, nodes) + torch.where(grow[:, None], step, 0.0)
-        return torch.where(keys > float("-inf"), phi, _ninf(phi))
+        return torch.where(keys > float("-inf"), phi, constants.ninf(phi))

@@ -48,7 +48,7 @@ def verify_level(inp: LevelInput) -> LevelDecision:
     hit, beam = (parent_nodes[:, :, None] == inp.current[:, None, :]).max(2)  # [B, N]: under a current beam, which
     index = beam * vocab + drafted_tokens  # [B, N] position among the target's candidates
     log_p = inp.cand.gather(1, index) - torch.logsumexp(inp.cand, dim=1, keepdim=True)
-    log_p = torch.where(hit, log_p, constants.filler(float("-inf"), log_p.dtype, log_p.device))
+    log_p = torch.where(hit, log_p, constants.ninf(log_p))
     u = torch.rand(parent_nodes.shape, generator=gen, device=gen.device).to(log_p.device)
     # log p = -inf (not under a current beam, or forbidden) or NaN (a row of -inf candidates) compares false; a
     # drafted node's log q is finite (an undrafted one's parent is never a current beam, or its log p is -inf too)

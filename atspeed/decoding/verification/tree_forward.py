@@ -45,7 +45,7 @@ def verify_forward(
     """Target logits at every tree node [B, Q, V] and what each node attends [B, Q, S + R] (R nodes computed:
     all Q, or the roots and the verified ones under a budget). The K beams must have exactly one unfed token (their
     newest), which the forward takes as the roots' tokens."""
-    b, k, device = beams.scores.shape[0], beams.scores.shape[1], beams.depth.device
+    (b, k), device = beams.scores.shape, beams.depth.device
     anc, root = tree.ancestry()  # [B, Q, Q], [B, Q]
     rows = constants.column(b, device)
     last = (beams.depth - 1)[:, None]  # [B, 1] the beams' newest token
